@@ -1,0 +1,94 @@
+"""The ``guestagent`` command. Each capability adds its sub-commands through
+``register(subparsers)`` in ``guestagent/<capability>/cli.py``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from guestagent import __version__
+
+# Capabilities whose ``cli`` module adds sub-commands, in help order.
+CAPABILITIES = (
+    "guestagent.metadata.cli",
+    "guestagent.metadata.emulator.cli",
+    "guestagent.credentials.cli",
+    "guestagent.daemon.cli",
+    "guestagent.userdata.cli",
+    "guestagent.configcli",
+)
+
+EXIT_OK, EXIT_ABSENT, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class UsageError(Exception):
+    """Bad arguments or settings: exit 2 with a one-line message."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="guestagent", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"guestagent {__version__}")
+    parser.add_argument("--config", help="settings file (default /etc/guestagent/agent.toml)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in CAPABILITIES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    return run_handler(handler, args)
+
+
+def run_handler(handler: Handler, args: argparse.Namespace) -> int:
+    """Turn the project's known errors into one line on stderr and the documented exit code."""
+    from guestagent.config import ConfigError
+    from guestagent.metadata.errors import MetadataError
+
+    try:
+        return handler(args)
+    except (ConfigError, UsageError) as exc:
+        return fail(EXIT_USAGE, str(exc))
+    except MetadataError as exc:
+        return fail(EXIT_UNAVAILABLE, str(exc))
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+def fail(code: int, message: str) -> int:
+    print(f"guestagent: {message}", file=sys.stderr)
+    return code
+
+
+def load_settings(args: argparse.Namespace) -> Any:
+    from guestagent import config
+
+    return config.load(getattr(args, "config", None))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

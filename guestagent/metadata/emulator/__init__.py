@@ -1,0 +1,1 @@
+"""guestagent.metadata.emulator."""
