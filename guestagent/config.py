@@ -124,6 +124,12 @@ def _build_section(
         try:
             validate()
         except ValueError as exc:
+            # Name where the bad value came from: the env variable or the file.
+            key = str(exc).split(":", 1)[0]
+            env_key = f"{ENV_PREFIX}{section}_{key}".upper()
+            origin = f"{env_key} ({section}.{key})" if env_key in env else None
+            if origin:
+                raise ConfigError(f"{origin}: {str(exc).split(':', 1)[1].strip()}") from exc
             raise ConfigError(f"{source}: {section}.{exc}") from exc
     return obj
 

@@ -7,6 +7,7 @@ DEBUG. Tests can police this choke point by patching :data:`RUNNER`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -80,7 +81,5 @@ def run(
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

@@ -1,0 +1,93 @@
+"""Test foundation: the network guard and the metadata emulator fixture.
+
+Tests are hermetic: any connection to a non-loopback address (100.100.100.200 included)
+fails the test loudly, whatever library makes it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+
+pytest_plugins: list[str] = []
+
+
+class NetworkEscape(AssertionError):
+    """A test tried to reach beyond loopback."""
+
+
+def _loopback(address: Any) -> bool:
+    if not isinstance(address, tuple) or not address:
+        return True  # AF_UNIX paths, netlink and friends stay on this machine
+    host = str(address[0]).split("%", 1)[0]
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_connect = socket.socket.connect
+    real_connect_ex = socket.socket.connect_ex
+
+    def connect(self: socket.socket, address: Any) -> None:
+        if self.family in (socket.AF_INET, socket.AF_INET6) and not _loopback(address):
+            raise NetworkEscape(f"test tried to connect to {address!r}: only loopback is allowed")
+        return real_connect(self, address)
+
+    def connect_ex(self: socket.socket, address: Any) -> int:
+        if self.family in (socket.AF_INET, socket.AF_INET6) and not _loopback(address):
+            raise NetworkEscape(f"test tried to connect to {address!r}: only loopback is allowed")
+        return real_connect_ex(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No test reads the machine's /etc/guestagent or inherits GUESTAGENT_* from the shell."""
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("GUESTAGENT_"):
+            monkeypatch.delenv(key)
+    empty = tmp_path / "agent.toml"
+    empty.touch()
+    monkeypatch.setenv("GUESTAGENT_CONFIG", str(empty))
+
+
+@pytest.fixture
+def emulator() -> Iterator[Any]:
+    """A running metadata emulator with the built-in scenario, on free loopback ports."""
+    from guestagent.metadata.emulator import Emulator
+
+    with Emulator().start() as emu:
+        yield emu
+
+
+@pytest.fixture
+def emulator_factory() -> Iterator[Any]:
+    """Start emulators with a given scenario (object, or a name under tests/data/scenarios)."""
+    from guestagent.metadata.emulator import Emulator, load_scenario
+
+    started: list[Any] = []
+
+    def make(scenario: Any = None, **kwargs: Any) -> Any:
+        if isinstance(scenario, str):
+            scenario = load_scenario(DATA / "scenarios" / scenario)
+        emu = Emulator(scenario, **kwargs).start()
+        started.append(emu)
+        return emu
+
+    yield make
+    for emu in started:
+        emu.stop()
