@@ -91,4 +91,8 @@ def load_settings(args: argparse.Namespace) -> Any:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the importable module so ``python -m guestagent.cli`` and the capability
+    # modules share one ``UsageError`` class (``__main__`` would be a second copy).
+    from guestagent.cli import main as _main
+
+    sys.exit(_main())

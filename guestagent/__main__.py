@@ -1,0 +1,7 @@
+"""``python -m guestagent``."""
+
+import sys
+
+from guestagent.cli import main
+
+sys.exit(main())

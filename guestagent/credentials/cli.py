@@ -1,0 +1,298 @@
+"""``guestagent credentials show|env|serve|check``."""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import signal
+import socket
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from guestagent.cli import EXIT_ABSENT, EXIT_OK, EXIT_UNAVAILABLE, UsageError, load_settings
+from guestagent.metadata.models import RoleCredentials, mask, parse_time
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "credentials", help="the RAM role's STS credentials, served locally",
+        description="The instance RAM role's credentials: rotation, local server, files.",
+    )
+    sub = parser.add_subparsers(dest="credentials_command", metavar="ACTION")
+    parser.set_defaults(handler=lambda _a: _usage(parser))
+
+    show = sub.add_parser("show", help="the current set, secrets masked")
+    _source_args(show)
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.set_defaults(handler=cmd_show)
+
+    env = sub.add_parser("env", help="print export lines (secrets in clear; warns on stderr)")
+    _source_args(env)
+    env.set_defaults(handler=cmd_env)
+
+    serve = sub.add_parser("serve", help="run rotation and the local server in the foreground")
+    serve.set_defaults(handler=cmd_serve)
+
+    check = sub.add_parser("check", help="end-to-end probe: metadata service, socket, TCP")
+    check.set_defaults(handler=cmd_check)
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _source_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--from", dest="source", choices=("auto", "socket", "metadata"), default="auto",
+        help="read from the agent's socket or straight from the metadata service "
+        "(auto: the socket when it exists)",
+    )
+
+
+class LocalError(Exception):
+    """The local server answered with an error (status, code, message)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.unix_path)
+        self.sock = sock
+
+
+def local_get(
+    conn: http.client.HTTPConnection, path: str, token: str | None = None
+) -> dict[str, Any]:
+    headers = {"Authorization": token} if token else {}
+    try:
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        body = resp.read()
+    except OSError as exc:
+        raise LocalError(0, f"credential server unreachable: {exc.strerror or exc}") from None
+    finally:
+        conn.close()
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise LocalError(resp.status, f"credential server sent non-JSON ({resp.status})") from None
+    if resp.status != 200:
+        message = doc.get("message", "") if isinstance(doc, dict) else ""
+        raise LocalError(resp.status, f"credential server: {resp.status} {message}".strip())
+    if not isinstance(doc, dict):
+        raise LocalError(resp.status, "credential server sent a non-object")
+    return doc
+
+
+def _prefix(settings: Any) -> str:
+    return f"/{settings.path_secret}" if settings.path_secret else ""
+
+
+def _token(settings: Any) -> str | None:
+    if settings.token_file is None:
+        return None
+    try:
+        return str(settings.token_file.read_text().strip())
+    except OSError as exc:
+        raise UsageError(f"{settings.token_file}: cannot read token: {exc.strerror}") from None
+
+
+def _fetch(args: argparse.Namespace) -> tuple[RoleCredentials, str, str]:
+    """(credentials, role, where from) per ``--from``."""
+    settings = load_settings(args)
+    cs = settings.credentials
+    use_socket = args.source == "socket" or (args.source == "auto" and cs.socket_path.exists())
+    if use_socket:
+        conn = _UnixConnection(str(cs.socket_path), 5.0)
+        try:
+            doc = local_get(conn, _prefix(cs) + "/v1/credentials/alibaba", _token(cs))
+            health = local_get(
+                _UnixConnection(str(cs.socket_path), 5.0), _prefix(cs) + "/v1/health"
+            )
+        except LocalError as exc:
+            if exc.status == 404:
+                raise Absent(str(exc)) from None
+            raise Unavailable(str(exc)) from None
+        creds = RoleCredentials.parse(json.dumps(doc), str(cs.socket_path))
+        return creds, str(health.get("role", "")), str(cs.socket_path)
+    from guestagent.metadata.client import MetadataClient
+
+    client = MetadataClient(settings.metadata)
+    try:
+        role = cs.role or next(iter(sorted(client.ram_role_names())), "")
+        if not role:
+            raise Absent("no RAM role is attached to this instance")
+        found = client.ram_credentials(role)
+        if found is None:
+            raise Absent(f"RAM role {role!r} is not attached to this instance")
+        return found, role, "metadata service"
+    finally:
+        client.close()
+
+
+class Absent(Exception):
+    pass
+
+
+class Unavailable(Exception):
+    pass
+
+
+def _guard(fn: Any, args: argparse.Namespace) -> int:
+    try:
+        return int(fn(args))
+    except Absent as exc:
+        print(f"guestagent: {exc}", file=sys.stderr)
+        return EXIT_ABSENT
+    except Unavailable as exc:
+        print(f"guestagent: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    return _guard(_show, args)
+
+
+def _show(args: argparse.Namespace) -> int:
+    creds, role, where = _fetch(args)
+    left = int((creds.expiration - datetime.now(UTC)).total_seconds())
+    doc = {
+        "role": role,
+        "access_key_id": creds.masked_key_id(),
+        "access_key_secret": mask(creds.access_key_secret, 0),
+        "security_token": mask(creds.security_token, 0)[:12] + "...",
+        "expiration": creds.expiration.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "last_updated": creds.last_updated.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "expires_in": left,
+        "from": where,
+    }
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        width = max(map(len, doc))
+        for key, value in doc.items():
+            print(f"{key:<{width}}  {value}")
+    return EXIT_OK
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    return _guard(_env, args)
+
+
+def _env(args: argparse.Namespace) -> int:
+    from guestagent.credentials.credfiles import env_lines
+
+    creds, _role, _where = _fetch(args)
+    print(
+        "guestagent: warning: these lines hold live secrets; they expire at "
+        f"{creds.expiration:%Y-%m-%dT%H:%M:%SZ} and are not refreshed. Prefer "
+        "ALIBABA_CLOUD_CREDENTIALS_URI or AWS_CONTAINER_CREDENTIALS_FULL_URI.",
+        file=sys.stderr,
+    )
+    sys.stdout.write(env_lines(creds, export=True))
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from guestagent.credentials.service import CredentialService
+    from guestagent.metadata.client import MetadataClient
+
+    settings = load_settings(args)
+    client = MetadataClient(settings.metadata)
+    try:
+        service = CredentialService(settings, client)
+    except ValueError as exc:
+        raise UsageError(f"credentials: {exc}") from None
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        service.start(stop)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"credentials: cannot listen: {exc}") from None
+    where = str(settings.credentials.socket_path)
+    if service.server is not None and service.server.tcp_address:
+        host, port = service.server.tcp_address
+        where += f" and http://{host}:{port}"
+    print(f"guestagent: serving credentials on {where} (Ctrl-C stops)", file=sys.stderr)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        service.close()
+        client.close()
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Probe each hop and print one verdict line per hop, then an overall verdict."""
+    from guestagent.metadata.client import MetadataClient
+    from guestagent.metadata.errors import MetadataError
+
+    settings = load_settings(args)
+    cs = settings.credentials
+    results: list[tuple[str, bool, str]] = []
+    worst = EXIT_OK
+    key_id = None
+    client = MetadataClient(settings.metadata)
+    try:
+        role = cs.role or next(iter(sorted(client.ram_role_names())), "")
+        creds = client.ram_credentials(role) if role else None
+        if creds is None:
+            results.append(("metadata", False, "no RAM role attached"))
+            worst = EXIT_ABSENT
+        else:
+            key_id = creds.access_key_id
+            left = (creds.expiration - datetime.now(UTC)).total_seconds()
+            results.append(("metadata", True, f"role {role}, {creds.masked_key_id()}, "
+                                                f"expires in {int(left)}s"))
+    except MetadataError as exc:
+        results.append(("metadata", False, str(exc)))
+        worst = EXIT_UNAVAILABLE
+    finally:
+        client.close()
+
+    targets: list[tuple[str, http.client.HTTPConnection]] = [
+        (f"socket {cs.socket_path}", _UnixConnection(str(cs.socket_path), 5.0))
+    ]
+    if cs.tcp_enabled:
+        targets.append((f"tcp {cs.tcp_host}:{cs.tcp_port}",
+                        http.client.HTTPConnection(cs.tcp_host, cs.tcp_port, timeout=5.0)))
+    for name, conn in targets:
+        started = time.monotonic()
+        try:
+            doc = local_get(conn, _prefix(cs) + "/v1/credentials/aws", _token(cs))
+            expires = parse_time(str(doc.get("Expiration")), name)
+            left = (expires - datetime.now(UTC)).total_seconds()
+            same = key_id is None or doc.get("AccessKeyId") == key_id
+            ms = (time.monotonic() - started) * 1000
+            ok = left > cs.safety_margin
+            detail = f"{mask(str(doc.get('AccessKeyId')))}, expires in {int(left)}s, {ms:.1f} ms"
+            if not same:
+                detail += " (differs from the service's current set: rotation in progress?)"
+            results.append((name, ok, detail))
+            if not ok:
+                worst = max(worst, EXIT_UNAVAILABLE)
+        except (LocalError, ValueError) as exc:
+            results.append((name, False, str(exc)))
+            absent = getattr(exc, "status", 0) == 404
+            worst = max(worst, EXIT_ABSENT if absent else EXIT_UNAVAILABLE)
+    for name, ok, detail in results:
+        print(f"{'ok  ' if ok else 'FAIL'}  {name}: {detail}")
+    print("verdict: " + ("credentials are served and fresh" if worst == EXIT_OK
+                         else "credentials are NOT served correctly"))
+    return worst

@@ -1,0 +1,161 @@
+"""Who may fetch credentials, and from which source.
+
+A :class:`Consumer` is one endpoint: the processes allowed to use it (uids/gids; root
+always), its secrets (an ``Authorization`` token and/or a capability path prefix) and the
+credential source it serves. The host endpoint is the default consumer; a later task
+launcher mints one scoped consumer per task or container with :meth:`Registry.mint`
+(its own token, its own path, its own allowed uids and source) and removes it afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from guestagent.credentials.peers import Peer
+from guestagent.credentials.rotation import Snapshot
+
+
+class Source(Protocol):
+    """Where a consumer's credentials come from (a :class:`Rotator` or a task's own)."""
+
+    @property
+    def snapshot(self) -> Snapshot: ...
+
+    def kick(self) -> None: ...
+
+
+def digest(secret: str | bytes) -> bytes:
+    return hashlib.sha256(secret.encode() if isinstance(secret, str) else secret).digest()
+
+
+@dataclass(frozen=True)
+class Consumer:
+    name: str
+    source: Source = field(repr=False, compare=False)
+    uids: frozenset[int] = frozenset()
+    gids: frozenset[int] = frozenset()
+    # Only digests are kept, so a dump of the registry reveals no secret.
+    token_digest: bytes | None = field(default=None, repr=False)
+    capability: str | None = field(default=None, repr=False)
+    hint: str = ""  # how to be allowed, for the 403 message
+
+    def permits(self, peer: Peer) -> bool:
+        if peer.uid is None:
+            return False
+        if peer.uid == 0 or peer.uid in self.uids:
+            return True
+        return (peer.gid is not None and peer.gid in self.gids) or bool(peer.groups & self.gids)
+
+    def token_ok(self, presented: bytes | None) -> bool:
+        if self.token_digest is None:
+            return True
+        if presented is None:
+            return False
+        return hmac.compare_digest(digest(bearer(presented)), self.token_digest)
+
+
+def bearer(value: bytes) -> bytes:
+    """``Authorization`` as AWS SDKs send it (the bare token) or as ``Bearer <token>``."""
+    value = value.strip()
+    if value[:7].lower() == b"bearer ":
+        return value[7:].strip()
+    return value
+
+
+@dataclass(frozen=True)
+class Minted:
+    """The secrets of a freshly minted consumer: hand them to the task, keep them nowhere."""
+
+    consumer: Consumer
+    token: str = field(repr=False)
+    path: str = field(repr=False)  # prefix to put before /v1/credentials/...
+
+
+class Registry:
+    """Consumers by capability path and by token digest; lookups are lock-free reads."""
+
+    def __init__(self, default: Consumer) -> None:
+        self.default = default
+        self._lock = threading.Lock()
+        self._by_capability: dict[str, Consumer] = {}
+        self._by_token: dict[bytes, Consumer] = {}
+        self._named: dict[str, Consumer] = {}
+        if default.capability:
+            self._by_capability[default.capability] = default
+
+    def __len__(self) -> int:
+        return len(self._named) + 1
+
+    def add(self, consumer: Consumer) -> None:
+        if not consumer.capability and consumer.token_digest is None:
+            raise ValueError(f"consumer {consumer.name!r}: needs a token or a capability path")
+        with self._lock:
+            if consumer.name in self._named:
+                raise ValueError(f"consumer {consumer.name!r} already exists")
+            by_cap = dict(self._by_capability)
+            by_tok = dict(self._by_token)
+            if consumer.capability:
+                by_cap[consumer.capability] = consumer
+            elif consumer.token_digest is not None:
+                by_tok[consumer.token_digest] = consumer
+            # Swap whole dicts so the server's reads never need the lock.
+            self._by_capability, self._by_token = by_cap, by_tok
+            self._named = {**self._named, consumer.name: consumer}
+
+    def mint(
+        self,
+        name: str,
+        source: Source,
+        *,
+        uids: Iterable[int] = (),
+        gids: Iterable[int] = (),
+        with_path: bool = True,
+    ) -> Minted:
+        """A new scoped consumer with a random token (and path); returns its secrets once."""
+        token = secrets.token_urlsafe(32)
+        path = secrets.token_urlsafe(24) if with_path else ""
+        consumer = Consumer(
+            name=name,
+            source=source,
+            uids=frozenset(uids),
+            gids=frozenset(gids),
+            token_digest=digest(token),
+            capability=path or None,
+            hint=f"scoped endpoint {name!r}",
+        )
+        self.add(consumer)
+        return Minted(consumer, token, f"/{path}" if path else "")
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            consumer = self._named.get(name)
+            if consumer is None:
+                return
+            self._by_capability = {
+                k: v for k, v in self._by_capability.items() if v is not consumer
+            }
+            self._by_token = {k: v for k, v in self._by_token.items() if v is not consumer}
+            self._named = {k: v for k, v in self._named.items() if k != name}
+
+    def names(self) -> list[str]:
+        return sorted(self._named)
+
+    def resolve(self, path: bytes, authorization: bytes | None) -> tuple[Consumer, bytes]:
+        """The consumer a request addresses, and the path left after its capability prefix."""
+        if len(path) > 1:
+            end = path.find(b"/", 1)
+            first = path[1:end] if end > 0 else path[1:]
+            consumer = self._by_capability.get(first.decode("latin-1"))
+            if consumer is not None:
+                return consumer, path[end:] if end > 0 else b"/"
+        if authorization is not None and self._by_token:
+            consumer = self._by_token.get(digest(bearer(authorization)))
+            if consumer is not None:
+                return consumer, path
+        return self.default, path

@@ -1,0 +1,106 @@
+"""Who is on the other end of a local connection: uid, gid and supplementary groups.
+
+Unix sockets carry the peer's credentials (``SO_PEERCRED``). For loopback TCP the kernel's
+connection table maps the client's port to its process (``psutil``); that walk is costly,
+so the server does it once per connection, off the event loop.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import struct
+from dataclasses import dataclass, field
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+_PEERCRED = struct.Struct("3i")
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A client process. ``uid`` is None when it could not be identified (then ``why``)."""
+
+    address: str
+    uid: int | None = None
+    gid: int | None = None
+    groups: frozenset[int] = field(default_factory=frozenset)
+    pid: int | None = None
+    why: str = ""
+
+    def describe(self) -> str:
+        if self.uid is None:
+            return f"{self.address} (unidentified: {self.why})"
+        return f"{self.address} uid={self.uid} gid={self.gid} pid={self.pid}"
+
+
+def unix_peer(sock: socket.socket) -> Peer:
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    except OSError as exc:
+        return Peer("unix", why=f"SO_PEERCRED failed: {exc.strerror}")
+    pid, uid, gid = _PEERCRED.unpack(raw)
+    return Peer("unix", uid, gid, _supplementary(pid), pid or None)
+
+
+def tcp_peer(local: tuple[str, int], remote: tuple[str, int]) -> Peer:
+    """Identify the process owning the client end of a loopback TCP connection."""
+    address = f"{remote[0]}:{remote[1]}"
+    if not is_loopback(remote[0]):
+        return Peer(address, why="not a loopback address")
+    try:
+        conns = psutil.net_connections(kind="tcp")
+    except (psutil.Error, OSError) as exc:
+        return Peer(address, why=f"cannot read the connection table: {exc}")
+    want_l = (_norm(remote[0]), remote[1])
+    want_r = (_norm(local[0]), local[1])
+    for conn in conns:
+        if not conn.laddr or not conn.raddr or conn.pid is None:
+            continue
+        if (_norm(conn.laddr.ip), conn.laddr.port) == want_l and (
+            _norm(conn.raddr.ip),
+            conn.raddr.port,
+        ) == want_r:
+            return _process_peer(address, conn.pid)
+    return Peer(address, why="no local process owns this connection")
+
+
+def _process_peer(address: str, pid: int) -> Peer:
+    try:
+        proc = psutil.Process(pid)
+        uid = proc.uids().effective
+        gid = proc.gids().effective
+    except (psutil.Error, OSError) as exc:
+        return Peer(address, pid=pid, why=f"process {pid} vanished: {exc}")
+    return Peer(address, uid, gid, _supplementary(pid), pid)
+
+
+def _supplementary(pid: int) -> frozenset[int]:
+    # Best effort: a process that already exited still has its uid/gid from the kernel.
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Groups:"):
+                    return frozenset(int(g) for g in line.split()[1:])
+    except (OSError, ValueError):
+        pass
+    return frozenset()
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+def _norm(host: str) -> str:
+    if host.startswith("::ffff:"):
+        return host[7:]
+    return host

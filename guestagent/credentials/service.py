@@ -1,0 +1,154 @@
+"""The credential service as the daemon runs it: rotator + local server + files."""
+
+from __future__ import annotations
+
+import logging
+import pwd
+import secrets
+import threading
+from pathlib import Path
+from typing import Any
+
+from guestagent.config import Settings
+from guestagent.credentials.consumers import Consumer, Registry, digest
+from guestagent.credentials.credfiles import CredentialFiles, resolve_owner
+from guestagent.credentials.rotation import Rotator
+from guestagent.credentials.server import CredentialServer, resolve_group
+from guestagent.credentials.settings import CredentialSettings
+from guestagent.daemon.service import Service
+from guestagent.files import atomic_write
+from guestagent.metadata.client import MetadataClient
+
+log = logging.getLogger(__name__)
+
+
+class CredentialService(Service):
+    name = "credentials"
+
+    def __init__(self, settings: Settings, client: MetadataClient) -> None:
+        self.settings = settings.credentials
+        self.client = client
+        self.rotator = Rotator(self.settings, client.ram_role_names, client.ram_credentials)
+        self.files = CredentialFiles(self.settings)
+        self.registry = Registry(host_consumer(self.settings, self.rotator))
+        self.server: CredentialServer | None = None
+        self._rotating: threading.Thread | None = None
+
+    def start(self, stop: threading.Event) -> CredentialServer:
+        """Listen, then rotate in a thread until ``stop``; for callers that own the loop."""
+        s = self.settings
+        if self.files.enabled:
+            self.rotator.subscribe(self.files)
+        server = CredentialServer(
+            self.registry,
+            socket_path=s.socket_path,
+            socket_mode=s.socket_mode,
+            socket_gid=resolve_group(s.socket_group) if s.socket_group else None,
+            tcp=(s.tcp_host, s.tcp_port) if s.tcp_enabled else None,
+            request_wait=s.request_wait,
+        )
+        self.rotator.subscribe(lambda _snap: server.published())
+        server.start()
+        self.server = server
+        self._rotating = threading.Thread(
+            target=self.rotator.run, args=(stop,), name="credentials-rotator", daemon=True
+        )
+        self._rotating.start()
+        return server
+
+    def run(self, stop: threading.Event) -> None:
+        self.start(stop)
+        try:
+            stop.wait()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        if self._rotating is not None:
+            # A refresh in flight is bounded by the client's timeout and retries.
+            self._rotating.join(timeout=5.0)
+
+    def status(self) -> dict[str, Any]:
+        snap = self.rotator.snapshot
+        out: dict[str, Any] = {
+            "state": snap.state,
+            "role": snap.role,
+            "generation": snap.generation,
+            "consumers": len(self.registry),
+        }
+        if snap.credentials is not None:
+            out["access_key_id"] = snap.credentials.masked_key_id()
+            out["expiration"] = snap.credentials.expiration.isoformat()
+        if snap.error:
+            out["error"] = snap.error
+        if self.server is not None:
+            out["requests"] = self.server.requests
+            out["refused"] = self.server.refused
+            out["socket"] = str(self.settings.socket_path)
+            if self.server.tcp_address:
+                host, port = self.server.tcp_address
+                out["tcp"] = f"http://{host}:{port}"
+        return out
+
+    def healthy(self) -> bool:
+        # Healthy while the service can still serve, or while the fault is outside us
+        # (no role attached is the user's choice, not our failure).
+        snap = self.rotator.snapshot
+        rotating = self._rotating is None or self._rotating.is_alive()
+        return rotating and snap.state in ("ok", "pending", "absent")
+
+
+def host_consumer(settings: CredentialSettings, source: Rotator) -> Consumer:
+    """The instance-wide endpoint, from the settings' allow-list and secrets."""
+    uids = frozenset(_uid(u) for u in settings.allow_users)
+    gids = frozenset(resolve_group(g) for g in settings.allow_groups)
+    token_digest = None
+    if settings.token_file is not None:
+        token_digest = digest(load_or_create_token(settings.token_file, settings.token_owner))
+    hint = (
+        "ask the administrator to add the user, or a group of it, to "
+        "credentials.allow_users / credentials.allow_groups"
+    )
+    return Consumer(
+        name="host",
+        source=source,
+        uids=uids,
+        gids=gids,
+        token_digest=token_digest,
+        capability=settings.path_secret or None,
+        hint=hint,
+    )
+
+
+def load_or_create_token(path: Path, owner: str = "") -> str:
+    """The endpoint token: read from its 0600 file, created with a random one if missing."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        uid, gid = resolve_owner(owner)
+        token = secrets.token_urlsafe(32)
+        atomic_write(path, token + "\n", mode=0o600, uid=uid, gid=gid)
+        log.info("created credential endpoint token file %s", path)
+        return token
+    if st.st_mode & 0o077:
+        raise ValueError(f"{path}: token file must be mode 0600 (is {st.st_mode & 0o777:o})")
+    token = path.read_text().strip()
+    if len(token) < 16:
+        raise ValueError(f"{path}: token too short (want at least 16 characters)")
+    return token
+
+
+def _uid(name: str) -> int:
+    if name.isdigit():
+        return int(name)
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        raise ValueError(f"unknown user {name!r}") from None
+
+
+__all__ = ["CredentialService", "host_consumer", "load_or_create_token"]
+

@@ -1,0 +1,376 @@
+"""``guestagent run``: the long-running daemon.
+
+The main thread only waits and reacts: signals (SIGTERM/SIGINT stop, SIGHUP reload), the
+systemd watchdog, a spot notice (the drain runs in its own thread so the watchdog keeps
+being fed), and the end of a drain. Everything else runs in supervised service threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import threading
+import time
+from datetime import UTC, datetime
+from types import FrameType
+from typing import Any
+
+import psutil
+
+from guestagent import __version__, config
+from guestagent.config import Settings
+from guestagent.daemon import control
+from guestagent.daemon.lock import DaemonLock
+from guestagent.daemon.notify import Notifier
+from guestagent.daemon.registry import Context, ServiceSpec, build
+from guestagent.daemon.service import Service
+from guestagent.daemon.supervisor import Supervisor
+from guestagent.metadata.client import MetadataClient
+from guestagent.spot.drain import Drain, Notice, iso_ms, load_report
+
+log = logging.getLogger(__name__)
+
+IDLE_TICK = 30.0  # main-loop wake-up when nothing asks for one (cheap: one select call)
+DRAIN_TICK = 0.1
+HOOK_KILL_SLACK = 0.2  # process.run's own timeout normally fires first
+KILL_GRACE = 1.0  # after killing an overrunning hook, time left to the drain to wind down
+
+
+class _Waker:
+    """A self-pipe: safe to poke from signal handlers and other threads alike."""
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self.w, b"x")
+
+    def wait(self, timeout: float) -> None:
+        ready, _, _ = select.select([self.r], [], [], max(timeout, 0.0))
+        if ready:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self.r, 512):
+                    pass
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.w)
+
+
+class Daemon:
+    def __init__(self, settings: Settings, config_path: str | None = None) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.notifier = Notifier()
+        self.supervisor = Supervisor(
+            backoff=settings.daemon.restart_backoff,
+            backoff_max=settings.daemon.restart_backoff_max,
+            reset_after=settings.daemon.restart_reset,
+            error_period=settings.daemon.error_log_period,
+        )
+        self.started_at = datetime.now(UTC)
+        self.phase = "starting"
+        self._waker = _Waker()
+        self._specs: dict[str, ServiceSpec] = {}
+        self._stop_signal: int | None = None
+        self._reload = False
+        self._notice: Notice | None = None
+        self._drain: Drain | None = None
+        self._drain_thread: threading.Thread | None = None
+        self._hard_deadline: float | None = None
+        self._last_status = ""
+        self.client: MetadataClient | None = None
+        self.ctx: Context | None = None
+
+    # -- life cycle -------------------------------------------------------------------
+    def run(self) -> int:
+        d = self.settings.daemon
+        for directory in (d.state_dir, d.run_dir):
+            directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+        lock = DaemonLock(d.state_dir, d.run_dir)
+        lock.acquire()
+        server: control.ControlServer | None = None
+        try:
+            self.client = MetadataClient(self.settings.metadata)
+            self.ctx = Context(self.settings, self.client, self._on_notice)
+            for spec, service in build(self.ctx):
+                self._specs[service.name] = spec
+                self.supervisor.add(service)
+            server = control.ControlServer(d.run_dir / control.SOCKET_NAME, self.status)
+            server.start()
+            self._install_signals()
+            self.supervisor.start()
+            self.phase = "running"
+            log.warning("guestagent %s running: %s", __version__, ", ".join(self.supervisor.names))
+            self.notifier.ready(self._status_line())
+            return self._loop()
+        finally:
+            if server is not None:
+                server.close()
+            if self.client is not None:
+                self.client.close()
+            lock.release()
+            self.notifier.close()
+            self._waker.close()
+
+    def _install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+        signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._stop_signal = signum
+        self._waker.wake()
+
+    def _on_hup(self, signum: int, frame: FrameType | None) -> None:
+        self._reload = True
+        self._waker.wake()
+
+    def _on_notice(self, notice: Notice) -> None:
+        # Called from the spot thread; the main loop starts the drain.
+        if self._notice is None:
+            self._notice = notice
+            self._waker.wake()
+
+    def _loop(self) -> int:
+        interval = self.notifier.watchdog_interval
+        next_ping = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if interval is not None and now >= next_ping:
+                self.notifier.watchdog()
+                next_ping = now + interval
+            if self._notice is not None and self._drain is None:
+                self._start_drain(self._notice)
+            if self._reload:
+                self._reload = False
+                self._reload_settings()
+            if self._stop_signal is not None:
+                if self._drain_thread is None:
+                    return self._shutdown(f"signal {signal.Signals(self._stop_signal).name}")
+                self._interrupt_drain()
+            if self._drain_thread is not None:
+                if not self._drain_thread.is_alive():
+                    if self.settings.spot.exit_after_drain or self._stop_signal is not None:
+                        return self._finish_after_drain()
+                elif self._hard_deadline is not None and now >= self._hard_deadline:
+                    return self._abandon_drain()
+                else:
+                    self._enforce_hooks_deadline(now)
+            self._refresh_status()
+            timeout = IDLE_TICK
+            if interval is not None:
+                timeout = min(timeout, max(next_ping - time.monotonic(), 0.0))
+            if self._drain is not None:
+                timeout = min(timeout, DRAIN_TICK)  # watch the drain's deadlines closely
+            self._waker.wait(timeout)
+
+    # -- spot drain -------------------------------------------------------------------
+    def _start_drain(self, notice: Notice) -> None:
+        assert self.ctx is not None
+        ctx = self.ctx
+
+        def stop_new_work() -> None:
+            ctx.draining.set()
+            self.supervisor.freeze()
+
+        def drain_services(deadline: float, on_step: Any) -> None:
+            self.supervisor.drain(deadline, on_step)
+
+        self.phase = "draining"
+        self.notifier.status(f"draining: spot termination at {notice.key}")
+        self._drain = Drain(notice, self.settings.spot, self.settings.daemon.state_dir,
+                            stop_new_work=stop_new_work, drain_services=drain_services)
+        drain = self._drain
+
+        def body() -> None:
+            try:
+                drain.run()
+            finally:
+                self._waker.wake()
+
+        self._drain_thread = threading.Thread(target=body, name="drain", daemon=True)
+        self._drain_thread.start()
+
+    def _interrupt_drain(self) -> None:
+        """SIGTERM during a drain: keep draining, but finish within the stop budget."""
+        if self._hard_deadline is not None or self._drain is None:
+            return
+        budget = self.settings.daemon.stop_timeout
+        grace = min(KILL_GRACE, budget / 4)
+        self._hard_deadline = time.monotonic() + budget - grace
+        self._drain.shorten(self._hard_deadline)
+        log.warning("stop asked during the drain: finishing within %.1fs", budget)
+        self.notifier.stopping("stopping: drain cut to the stop budget")
+
+    def _enforce_hooks_deadline(self, now: float) -> None:
+        """A hook started before SIGTERM brought the deadline forward still has its old
+        timeout: kill it once the (new) hooks deadline has passed."""
+        drain = self._drain
+        if drain is None or drain.step != "hooks" or now < drain.hooks_deadline + HOOK_KILL_SLACK:
+            return
+        killed = _kill_child_groups()
+        if killed:
+            log.error("killed %d hook(s) still running at the drain's hooks deadline", killed)
+
+    def _abandon_drain(self) -> int:
+        """The drain overran its (shortened) deadline: kill the hook in flight and go."""
+        killed = _kill_child_groups()
+        if killed:
+            log.error("killed %d overrunning hook(s) at the stop deadline", killed)
+        assert self._drain_thread is not None
+        self._drain_thread.join(KILL_GRACE)
+        return self._finish_after_drain()
+
+    def _finish_after_drain(self) -> int:
+        self.phase = "stopping"
+        self.notifier.stopping("stopping: drain done")
+        deadline = time.monotonic() + self.settings.daemon.stop_timeout
+        if self._hard_deadline is not None:
+            deadline = min(deadline, self._hard_deadline + KILL_GRACE)
+        self.supervisor.stop(deadline)
+        log.warning("guestagent exits after the spot drain")
+        return 0
+
+    # -- plain stop -------------------------------------------------------------------
+    def _shutdown(self, why: str) -> int:
+        self.phase = "stopping"
+        log.warning("stopping (%s)", why)
+        self.notifier.stopping(f"stopping ({why})")
+        deadline = time.monotonic() + self.settings.daemon.stop_timeout
+        assert self.ctx is not None
+        self.ctx.draining.set()
+        self.supervisor.freeze()
+        self.supervisor.drain(deadline)
+        stuck = self.supervisor.stop(deadline)
+        log.warning("guestagent stopped%s", f" ({', '.join(stuck)} did not)" if stuck else "")
+        return 0
+
+    # -- reload -----------------------------------------------------------------------
+    def _reload_settings(self) -> None:
+        if self._drain is not None or self.ctx is None:
+            log.warning("SIGHUP ignored: draining")
+            return
+        self.notifier.reloading()
+        try:
+            new = config.load(self.config_path)
+        except config.ConfigError as exc:
+            log.error("reload failed, keeping the running settings: %s", exc)
+            self.notifier.ready(self._status_line())
+            return
+        old = self.settings
+        changed = {n for n in ("metadata", "credentials", "daemon", "spot", "userdata")
+                   if getattr(old, n) != getattr(new, n)}
+        if (old.daemon.state_dir, old.daemon.run_dir) != (new.daemon.state_dir,
+                                                          new.daemon.run_dir):
+            log.warning("daemon.state_dir/run_dir changes take effect at the next start")
+        configure_logging(new.daemon.log_level)
+        self.settings = new
+        self.ctx.settings = new
+        old_client = None
+        if "metadata" in changed:
+            old_client, self.client = self.client, MetadataClient(new.metadata)
+            self.ctx.client = self.client
+        rebuilt = []
+        for name, spec in list(self._specs.items()):
+            if not changed & set(spec.sections):
+                continue
+            service = spec.factory(self.ctx)
+            if service is None:
+                log.warning("service %s disabled: takes effect at the next start", name)
+                continue
+            self.supervisor.replace(service, new.daemon.stop_timeout)
+            rebuilt.append(name)
+        if old_client is not None:
+            old_client.close()
+        log.warning("settings reloaded; changed: %s; restarted: %s",
+                    ", ".join(sorted(changed)) or "nothing", ", ".join(rebuilt) or "none")
+        self.notifier.ready(self._status_line())
+
+    # -- status -----------------------------------------------------------------------
+    def status(self, request: dict[str, Any]) -> dict[str, Any]:
+        command = request.get("command", "status")
+        if command == "ping":
+            return {"ok": True, "pid": os.getpid()}
+        if command != "status":
+            raise ValueError(f"unknown command {command!r}")
+        services = self.supervisor.snapshot()
+        spot: dict[str, Any] = {"state": "disabled"}
+        for entry in services:
+            if entry["name"] == "spot":
+                spot = dict(entry.get("details", {}))
+        drain = self._drain.report if self._drain is not None else load_report(
+            self.settings.daemon.state_dir)
+        if drain is not None:
+            spot["drain"] = {k: v for k, v in drain.items() if k not in ("hooks", "services")}
+            spot["drain"]["hooks"] = drain.get("hooks", [])
+        if self._drain is not None:
+            spot["state"] = "drained" if drain and drain.get("completed") else "draining"
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "started_at": iso_ms(self.started_at),
+            "uptime": round((datetime.now(UTC) - self.started_at).total_seconds(), 1),
+            "phase": self.phase,
+            "healthy": all(s["healthy"] for s in services),
+            "services": services,
+            "credentials": _credentials_facts(services),
+            "spot": spot,
+        }
+
+    def _status_line(self) -> str:
+        services = self.supervisor.snapshot()
+        bad = [s["name"] for s in services if not s["healthy"]]
+        text = f"{self.phase}: {len(services)} services"
+        return text + (f", unhealthy: {', '.join(bad)}" if bad else ", all healthy")
+
+    def _refresh_status(self) -> None:
+        if not self.notifier.enabled:
+            return
+        line = self._status_line()
+        if line != self._last_status:
+            self._last_status = line
+            self.notifier.status(line)
+
+
+def _credentials_facts(services: list[dict[str, Any]]) -> dict[str, Any]:
+    """The credential service's own report, with the last refresh under a stable key."""
+    for entry in services:
+        if entry["name"] == "credentials":
+            details = dict(entry.get("details", {}))
+            for key in ("last_refresh", "last_refreshed", "refreshed_at", "last_update"):
+                if key in details:
+                    details.setdefault("last_refresh", details[key])
+                    break
+            return details
+    return {"state": "disabled"}
+
+
+def _kill_child_groups() -> int:
+    """SIGKILL the process groups of our direct children (hooks run in their own group)."""
+    killed = 0
+    for child in psutil.Process().children():
+        with contextlib.suppress(ProcessLookupError, PermissionError, psutil.Error):
+            if os.getpgid(child.pid) == child.pid:
+                os.killpg(child.pid, signal.SIGKILL)
+                killed += 1
+    return killed
+
+
+def configure_logging(level: str) -> None:
+    logging.getLogger().setLevel(level.upper())
+
+
+def run_daemon(settings: Settings, config_path: str | None, verbose: int = 0) -> int:
+    if not verbose:
+        configure_logging(settings.daemon.log_level)
+    return Daemon(settings, config_path).run()
+
+
+__all__ = ["Daemon", "Service", "run_daemon"]
+
+

@@ -1,0 +1,162 @@
+"""Which services the daemon runs, in which order.
+
+The order is explicit (``order``; lower starts first, stops and drains last), so a later
+capability plugs in with one :func:`register` call: credentials start early and drain late
+because tasks and output uploads need them until the very end.
+
+A built-in whose module is not installed (a slimmer build) or whose section says
+``enabled = false`` is simply left out; ``daemon.extra_services`` adds "module:factory"
+entries from outside the package.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from guestagent.daemon.service import Service
+
+if TYPE_CHECKING:
+    from guestagent.config import Settings
+    from guestagent.metadata.client import MetadataClient
+    from guestagent.spot.drain import Notice
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Context:
+    """What a service factory may use. Services share one metadata client."""
+
+    settings: Settings
+    client: MetadataClient
+    request_drain: Callable[[Notice], None]
+    # Set once the instance drains: take no new work.
+    draining: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.settings.daemon.state_dir
+
+    @property
+    def run_dir(self) -> Path:
+        return self.settings.daemon.run_dir
+
+
+Factory = Callable[[Context], Service | None]
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    order: int
+    factory: Factory
+    # Settings sections whose change (SIGHUP) rebuilds the service.
+    sections: tuple[str, ...] = ()
+
+
+_SPECS: dict[str, ServiceSpec] = {}
+EXTRA_ORDER = 60  # extras go after credentials, before the watchers
+
+
+def register(spec: ServiceSpec) -> None:
+    _SPECS[spec.name] = spec
+
+
+def specs(settings: Settings) -> list[ServiceSpec]:
+    """The enabled specs, built-in and extra, in start order."""
+    chosen = [s for s in _SPECS.values() if s.name not in settings.daemon.disabled_services]
+    for i, entry in enumerate(settings.daemon.extra_services):
+        chosen.append(ServiceSpec(entry, EXTRA_ORDER + i, _extra(entry), ("daemon",)))
+    return sorted(chosen, key=lambda s: s.order)
+
+
+def build(ctx: Context) -> list[tuple[ServiceSpec, Service]]:
+    out = []
+    for spec in specs(ctx.settings):
+        service = spec.factory(ctx)
+        if service is None:
+            log.info("service %s: not enabled", spec.name)
+            continue
+        out.append((spec, service))
+    return out
+
+
+def _extra(entry: str) -> Factory:
+    module_name, _, attr = entry.partition(":")
+
+    def factory(ctx: Context) -> Service | None:
+        try:
+            make = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"daemon.extra_services: cannot load {entry!r}: {exc}") from None
+        result = make(ctx)
+        if result is not None and not isinstance(result, Service):
+            raise ValueError(f"daemon.extra_services: {entry!r} did not return a Service")
+        return result
+
+    return factory
+
+
+def _optional(module: str, attr: str) -> Any:
+    """A class of a capability that may not be part of this build."""
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except ModuleNotFoundError as exc:
+        if exc.name and module.startswith(exc.name):
+            return None
+        raise
+    except AttributeError:
+        return None
+
+
+# -- the built-ins ------------------------------------------------------------------------
+
+def _firstboot(ctx: Context) -> Service | None:
+    if not ctx.settings.userdata.enabled:
+        return None
+    cls = _optional("guestagent.userdata", "FirstBootService")
+    return None if cls is None else cls(ctx.settings, ctx.client)
+
+
+def _metadata(ctx: Context) -> Service | None:
+    from guestagent.daemon.metawatch import MetadataWatch
+
+    return MetadataWatch(ctx.client, ctx.settings.daemon.metadata_check_interval)
+
+
+def _credentials(ctx: Context) -> Service | None:
+    if not ctx.settings.credentials.enabled:
+        return None
+    cls = _optional("guestagent.credentials", "CredentialService")
+    return None if cls is None else cls(ctx.settings, ctx.client)
+
+
+def _maintenance(ctx: Context) -> Service | None:
+    if not (ctx.settings.spot.enabled and ctx.settings.spot.maintenance_enabled):
+        return None
+    from guestagent.spot.maintenance import MaintenanceWatcher
+
+    return MaintenanceWatcher(ctx.client, ctx.settings.spot, ctx.state_dir, ctx.draining,
+                              ctx.settings.daemon.error_log_period)
+
+
+def _spot(ctx: Context) -> Service | None:
+    if not ctx.settings.spot.enabled:
+        return None
+    from guestagent.spot.watcher import SpotWatcher
+
+    return SpotWatcher(ctx.client, ctx.settings.spot, ctx.state_dir, ctx.request_drain,
+                       ctx.settings.daemon.error_log_period)
+
+
+register(ServiceSpec("firstboot", 10, _firstboot, ("userdata", "metadata")))
+register(ServiceSpec("metadata", 20, _metadata, ("metadata", "daemon")))
+register(ServiceSpec("credentials", 30, _credentials, ("credentials", "metadata")))
+register(ServiceSpec("maintenance", 80, _maintenance, ("spot", "metadata")))
+register(ServiceSpec("spot", 90, _spot, ("spot", "metadata")))

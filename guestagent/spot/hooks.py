@@ -1,0 +1,120 @@
+"""Run the executables of a hook directory (``spot.d``, ``maintenance.d``) in name order.
+
+Each hook gets its own timeout, never more than what is left before the deadline; its output
+is logged line by line; one failing or hanging hook never stops the next.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import stat
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from guestagent import process
+
+log = logging.getLogger(__name__)
+
+MAX_LOGGED_LINES = 200  # per stream: a chatty hook must not flood the journal
+
+
+@dataclass(frozen=True)
+class HookResult:
+    name: str
+    returncode: int | None
+    seconds: float
+    timed_out: bool = False
+    error: str | None = None  # could not start, or skipped (deadline passed)
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out and self.error is None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "seconds": round(self.seconds, 3), "ok": self.ok}
+
+
+def list_hooks(directory: Path) -> list[Path]:
+    """Executable regular files of ``directory`` in name order (missing dir: none).
+
+    Editor backups and packaging leftovers are ignored so a half-edited hook never runs."""
+    try:
+        entries = sorted(directory.iterdir(), key=lambda p: p.name)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        log.warning("cannot list hooks in %s: %s", directory, exc)
+        return []
+    hooks = []
+    for path in entries:
+        name = path.name
+        if name.startswith(".") or name.endswith(("~", ".dpkg-old", ".dpkg-new", ".rpmnew",
+                                                  ".rpmsave", ".disabled", ".swp")):
+            continue
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        if not os.access(path, os.X_OK):
+            log.warning("hook %s is not executable: skipped", path)
+            continue
+        hooks.append(path)
+    return hooks
+
+
+def run_hooks(
+    directory: Path,
+    env: Mapping[str, str],
+    timeout: float,
+    deadline: Callable[[], float] = lambda: math.inf,
+    kind: str = "hook",
+) -> list[HookResult]:
+    """Run every hook of ``directory`` with ``env`` added to the agent's environment.
+
+    ``deadline`` is read before each hook (a ``time.monotonic()`` value) so a deadline that
+    moves earlier meanwhile (SIGTERM during a drain) is honoured by the hooks still to run.
+    """
+    results = []
+    full_env = {**os.environ, **env}
+    for hook in list_hooks(directory):
+        remaining = deadline() - time.monotonic()
+        if remaining <= 0:
+            log.warning("%s %s skipped: the deadline has passed", kind, hook.name)
+            results.append(HookResult(hook.name, None, 0.0, error="skipped: deadline passed"))
+            continue
+        limit = min(timeout, remaining)
+        log.info("running %s %s (timeout %.1fs)", kind, hook.name, limit)
+        began = time.monotonic()
+        try:
+            res = process.run([str(hook)], timeout=limit, env=full_env, cwd="/")
+        except process.ProcessError as exc:
+            log.error("%s %s could not start: %s", kind, hook.name, exc)
+            results.append(HookResult(hook.name, None, time.monotonic() - began, error=str(exc)))
+            continue
+        _log_output(kind, hook.name, "stdout", res.stdout)
+        _log_output(kind, hook.name, "stderr", res.stderr)
+        result = HookResult(hook.name, res.returncode, res.seconds, res.timed_out)
+        if res.timed_out:
+            log.error("%s %s killed after its %.1fs timeout", kind, hook.name, limit)
+        elif res.returncode != 0:
+            log.error("%s %s exited %s after %.2fs", kind, hook.name, res.returncode, res.seconds)
+        else:
+            log.info("%s %s done in %.2fs", kind, hook.name, res.seconds)
+        results.append(result)
+    return results
+
+
+def _log_output(kind: str, name: str, stream: str, data: bytes) -> None:
+    lines = data.decode(errors="replace").splitlines()
+    for line in lines[:MAX_LOGGED_LINES]:
+        log.info("%s %s %s: %s", kind, name, stream, line)
+    if len(lines) > MAX_LOGGED_LINES:
+        log.info("%s %s %s: (%d more lines not logged)", kind, name, stream,
+                 len(lines) - MAX_LOGGED_LINES)

@@ -1,0 +1,3 @@
+from harness import agent_factory
+
+__all__ = ["agent_factory"]

@@ -1,0 +1,170 @@
+"""The real daemon process against the emulator: notices, drains, deadlines, faults."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from harness import write_hook
+from probes import events
+
+from guestagent.spot.drain import load_report
+
+
+def wait_for(cond: Any, timeout: float = 10.0, step: float = 0.05) -> Any:
+    end = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        assert time.monotonic() < end, "condition not met in time"
+        time.sleep(step)
+
+
+def test_notice_runs_hooks_in_order_drains_services_and_exits_0(
+    agent_factory: Any, emulator: Any, tmp_path: Path
+) -> None:
+    out = tmp_path / "hooks.out"
+    hooks = tmp_path / "agent" / "spot.d"
+    write_hook(hooks, "20-flush", f'echo "flush $GUESTAGENT_TERMINATION_TIME" >> {out}')
+    write_hook(hooks, "10-stop-app", f'echo "stop-app $GUESTAGENT_TERMINATION_TIME" >> {out}')
+    write_hook(hooks, "30-fail", "echo failing; exit 1")
+    agent = agent_factory(extra=["probes:first", "probes:second"])
+    emulator.schedule_termination(0.3, 6)
+    scheduled = time.time() + 0.3
+    assert agent.wait(15) == 0
+    exited = time.time()
+
+    report = load_report(agent.state_dir)
+    assert report is not None and report["completed"] and report["deadline_held"]
+    tt = report["termination_time"]
+    assert out.read_text().splitlines() == [f"stop-app {tt}", f"flush {tt}"]
+    assert [h["name"] for h in report["hooks"]] == ["10-stop-app", "20-flush", "30-fail"]
+    assert report["hooks"][2]["returncode"] == 1
+    assert [s["step"] for s in report["steps"]] == ["stop-new-work", "hooks", "services"]
+    # Drained in reverse start order, after new work stopped, before being stopped.
+    ev = [e for e in events(agent.workdir / "probe") if e[0] in ("first", "second")]
+    assert ev[2:] == [("second", "drain draining=True"), ("first", "drain draining=True"),
+                      ("second", "stop"), ("first", "stop")]
+    # Seen within a poll or two of appearing, and out well before the termination time.
+    seen = _ts(report["seen_at"])
+    assert seen - scheduled < 1.5
+    assert exited < _ts(report["deadline"])
+
+
+def test_hanging_hook_is_killed_and_drain_ends_in_time(
+    agent_factory: Any, emulator: Any, tmp_path: Path
+) -> None:
+    out = tmp_path / "hooks.out"
+    hooks = tmp_path / "agent" / "spot.d"
+    write_hook(hooks, "10-hang", f"echo started >> {out}; sleep 120; echo finished >> {out}")
+    write_hook(hooks, "20-after", f"echo after >> {out}")
+    agent = agent_factory(extra=["probes:first"], spot={"hook_timeout": 1.0})
+    emulator.schedule_termination(0, 8)
+    began = time.monotonic()
+    assert agent.wait(15) == 0
+    assert time.monotonic() - began < 5
+    report = load_report(agent.state_dir)
+    assert report is not None and report["deadline_held"]
+    assert report["hooks"][0]["timed_out"] and report["hooks"][1]["ok"]
+    assert out.read_text().splitlines() == ["started", "after"]
+    assert ("first", "drain draining=True") in events(agent.workdir / "probe")
+
+
+def test_hook_longer_than_the_deadline_is_cut_at_the_deadline(
+    agent_factory: Any, emulator: Any, tmp_path: Path
+) -> None:
+    write_hook(tmp_path / "agent" / "spot.d", "10-slow", "sleep 120")
+    agent = agent_factory(spot={"hook_timeout": 60.0, "deadline_margin": 1.0})
+    emulator.schedule_termination(0, 4)
+    assert agent.wait(15) == 0
+    report = load_report(agent.state_dir)
+    assert report is not None
+    assert report["hooks"][0]["timed_out"]
+    assert report["completed"] and report["deadline_held"]
+    assert time.time() < _ts(report["termination_time"])
+
+
+def test_metadata_failing_in_the_notice_window(agent_factory: Any, emulator: Any) -> None:
+    agent = agent_factory()
+    path = "meta-data/instance/spot/termination-time"
+    rule = emulator.add_fault(path, "status", status=500)
+    emulator.schedule_termination(0, 30)
+    spot = wait_for(lambda: agent.status()["spot"].get("failing") and agent.status()["spot"])
+    # An error is not a notice: still running, still polling, reported unhealthy.
+    assert spot["state"] == "watching" and spot["errors"] >= 1
+    assert agent.running() and not agent.status()["healthy"]
+    emulator.remove_fault(rule)
+    emulator.add_fault(path, "reset", count=2)
+    emulator.add_fault(path, "latency", latency=0.3, count=2)
+    assert agent.wait(20) == 0
+    report = load_report(agent.state_dir)
+    assert report is not None and report["completed"] and report["deadline_held"]
+
+
+def test_sigterm_in_the_middle_of_a_drain(agent_factory: Any, emulator: Any,
+                                          tmp_path: Path) -> None:
+    out = tmp_path / "hooks.out"
+    hooks = tmp_path / "agent" / "spot.d"
+    write_hook(hooks, "10-slow", f"echo started >> {out}; sleep 120; echo finished >> {out}")
+    write_hook(hooks, "20-never", f"echo never >> {out}")
+    agent = agent_factory(extra=["probes:first"], spot={"hook_timeout": 100.0},
+                          daemon={"stop_timeout": 2.0})
+    emulator.schedule_termination(0, 200)
+    wait_for(lambda: out.exists())
+    began = time.monotonic()
+    agent.send(signal.SIGTERM)
+    assert agent.wait(10) == 0
+    assert time.monotonic() - began < 3.0  # within the 2 s stop budget (+ process exit)
+    report = load_report(agent.state_dir)
+    assert report is not None and report["interrupted"] and report["completed"]
+    assert report["hooks"][0]["timed_out"] or report["hooks"][0]["returncode"] == -9
+    assert report["hooks"][1]["error"] == "skipped: deadline passed"
+    time.sleep(0.2)
+    assert out.read_text().splitlines() == ["started"]  # the hook was killed, not orphaned
+
+
+def test_notice_is_handled_once_and_not_again_after_restart(
+    agent_factory: Any, emulator: Any, tmp_path: Path
+) -> None:
+    out = tmp_path / "hooks.out"
+    write_hook(tmp_path / "agent" / "spot.d", "10-count", f"echo ran >> {out}")
+    agent = agent_factory(spot={"exit_after_drain": False})
+    emulator.schedule_termination(0, 60)
+    wait_for(lambda: (load_report(agent.state_dir) or {}).get("completed"))
+    polls = agent.status()["spot"]["polls"]
+    wait_for(lambda: agent.status()["spot"]["polls"] >= polls + 5)
+    assert agent.running()
+    assert out.read_text() == "ran\n"
+    assert agent.stop() == 0
+    again = agent_factory(spot={"exit_after_drain": False})
+    polls = wait_for(lambda: again.status()["spot"]["polls"] >= 5)
+    assert polls and out.read_text() == "ran\n"
+
+
+def test_maintenance_event_runs_hooks_once(agent_factory: Any, emulator: Any,
+                                           tmp_path: Path) -> None:
+    out = tmp_path / "maint.out"
+    write_hook(tmp_path / "agent" / "maintenance.d", "10-note",
+               f'echo "$GUESTAGENT_EVENT_ID $GUESTAGENT_EVENT_CODE" >> {out}')
+    agent = agent_factory()
+    event_id = emulator.add_maintenance_event("SystemMaintenance.Reboot", 600)
+    wait_for(lambda: out.exists())
+    m = wait_for(lambda: agent.service("maintenance")["details"]["hooks_run"] == 1)
+    assert m
+    assert agent.stop() == 0
+    again = agent_factory()
+    wait_for(lambda: again.service("maintenance")["details"]["last_poll"])
+    time.sleep(0.5)
+    assert out.read_text() == f"{event_id} SystemMaintenance.Reboot\n"
+    state = json.loads((agent.state_dir / "spot" / "maintenance.json").read_text())
+    assert state["handled"] == [event_id]
+
+
+def _ts(text: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
