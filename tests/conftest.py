@@ -7,6 +7,7 @@ fails the test loudly, whatever library makes it.
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,13 +51,15 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+    # Python subprocesses (the agent, its CLI) load the same guard through sitecustomize.
+    guard = str(Path(__file__).parent / "guard")
+    current = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", guard + (os.pathsep + current if current else ""))
 
 
 @pytest.fixture(autouse=True)
 def _isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No test reads the machine's /etc/guestagent or inherits GUESTAGENT_* from the shell."""
-    import os
-
     for key in list(os.environ):
         if key.startswith("GUESTAGENT_"):
             monkeypatch.delenv(key)

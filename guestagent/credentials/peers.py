@@ -1,14 +1,18 @@
 """Who is on the other end of a local connection: uid, gid and supplementary groups.
 
 Unix sockets carry the peer's credentials (``SO_PEERCRED``). For loopback TCP the kernel's
-connection table maps the client's port to its process (``psutil``); that walk is costly,
-so the server does it once per connection, off the event loop.
+connection table (``/proc/net/tcp{,6}``) maps the client's port to the uid owning its
+socket; groups then come from the user database. When the table has no answer, ``psutil``
+walks every process's descriptors to find the owner (slow: tens of ms). Either way the
+server does this once per connection, off the event loop.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+import pwd
 import socket
 import struct
 from dataclasses import dataclass, field
@@ -55,6 +59,9 @@ def tcp_peer(local: tuple[str, int], remote: tuple[str, int]) -> Peer:
         conns = psutil.net_connections(kind="tcp")
     except (psutil.Error, OSError) as exc:
         return Peer(address, why=f"cannot read the connection table: {exc}")
+    uid = _uid_from_table(remote, local)
+    if uid is not None:
+        return _user_peer(address, uid)
     want_l = (_norm(remote[0]), remote[1])
     want_r = (_norm(local[0]), local[1])
     for conn in conns:
@@ -66,6 +73,43 @@ def tcp_peer(local: tuple[str, int], remote: tuple[str, int]) -> Peer:
         ) == want_r:
             return _process_peer(address, conn.pid)
     return Peer(address, why="no local process owns this connection")
+
+
+def _uid_from_table(remote: tuple[str, int], local: tuple[str, int]) -> int | None:
+    """The uid owning the client socket ``remote`` connected to ``local``, from /proc/net."""
+    try:
+        client, server = _hex_endpoint(remote), _hex_endpoint(local)
+    except ValueError:
+        return None
+    table = "/proc/net/tcp" if len(client) == 13 else "/proc/net/tcp6"
+    try:
+        with open(table, encoding="ascii") as fh:
+            next(fh, None)
+            for line in fh:
+                fields = line.split()
+                if len(fields) > 7 and fields[1] == client and fields[2] == server:
+                    return int(fields[7])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _hex_endpoint(endpoint: tuple[str, int]) -> str:
+    """``/proc/net/tcp`` notation: address bytes as host-order 32-bit words in hex, port."""
+    packed = ipaddress.ip_address(_norm(endpoint[0])).packed
+    words = [packed[i : i + 4] for i in range(0, len(packed), 4)]
+    text = "".join(f"{int.from_bytes(w, 'little'):08X}" for w in words)
+    return f"{text}:{endpoint[1]:04X}"
+
+
+def _user_peer(address: str, uid: int) -> Peer:
+    # The socket's owner is the process's effective uid; its groups are the user's.
+    try:
+        entry = pwd.getpwuid(uid)
+    except KeyError:
+        return Peer(address, uid, None, frozenset())
+    groups = frozenset(os.getgrouplist(entry.pw_name, entry.pw_gid))
+    return Peer(address, uid, entry.pw_gid, groups)
 
 
 def _process_peer(address: str, pid: int) -> Peer:

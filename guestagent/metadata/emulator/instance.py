@@ -128,8 +128,13 @@ class Emulator:
     def stop(self) -> None:
         self._stopping.set()
         servers, self._servers = self._servers, []
+        # Shut both servers down at once: each waits up to one poll interval.
+        waiters = [threading.Thread(target=server.shutdown) for server in servers]
+        for waiter in waiters:
+            waiter.start()
+        for waiter in waiters:
+            waiter.join()
         for server in servers:
-            server.shutdown()
             server.close_connections()
             server.server_close()
         for thread in self._threads:

@@ -1,0 +1,39 @@
+"""The hermetic guard itself: leaving loopback fails loudly, in-process and in subprocesses."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from guestagent.metadata.client import MetadataClient
+
+
+def test_in_process_connection_to_metadata_address_fails_loudly() -> None:
+    with socket.socket() as s, pytest.raises(AssertionError, match="only loopback"):
+        s.connect(("100.100.100.200", 80))
+
+
+def test_default_client_never_reaches_the_real_service() -> None:
+    client = MetadataClient()
+    with pytest.raises(AssertionError, match="100.100.100.200"):
+        client.instance_id()
+
+
+def test_subprocess_agent_is_guarded_too() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "guestagent.cli", "metadata", "get", "meta-data/instance-id"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert out.returncode == 3
+    assert "test guard" in out.stderr and "100.100.100.200" in out.stderr
+
+
+def test_loopback_is_allowed() -> None:
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        with socket.create_connection(srv.getsockname(), timeout=1) as conn:
+            assert conn.getpeername() == srv.getsockname()
