@@ -318,7 +318,7 @@ class Daemon:
             "phase": self.phase,
             "healthy": all(s["healthy"] for s in services),
             "services": services,
-            "credentials": _credentials_facts(services),
+            "credentials": _credentials_facts(services, self.ctx),
             "spot": spot,
         }
 
@@ -337,15 +337,13 @@ class Daemon:
             self.notifier.status(line)
 
 
-def _credentials_facts(services: list[dict[str, Any]]) -> dict[str, Any]:
-    """The credential service's own report, with the last refresh under a stable key."""
+def _credentials_facts(services: list[dict[str, Any]], ctx: Context | None) -> dict[str, Any]:
+    """The credential service's own report plus when the daemon saw the last new set."""
     for entry in services:
         if entry["name"] == "credentials":
             details = dict(entry.get("details", {}))
-            for key in ("last_refresh", "last_refreshed", "refreshed_at", "last_update"):
-                if key in details:
-                    details.setdefault("last_refresh", details[key])
-                    break
+            if ctx is not None:
+                details.setdefault("last_refresh", ctx.facts.get("credentials.last_refresh"))
             return details
     return {"state": "disabled"}
 

@@ -16,6 +16,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,8 @@ class Context:
     request_drain: Callable[[Notice], None]
     # Set once the instance drains: take no new work.
     draining: threading.Event = field(default_factory=threading.Event)
+    # Facts the daemon keeps about services for ``guestagent status`` (no secrets).
+    facts: dict[str, Any] = field(default_factory=dict)
 
     @property
     def state_dir(self) -> Path:
@@ -133,8 +136,22 @@ def _metadata(ctx: Context) -> Service | None:
 def _credentials(ctx: Context) -> Service | None:
     if not ctx.settings.credentials.enabled:
         return None
-    cls = _optional("guestagent.credentials", "CredentialService")
-    return None if cls is None else cls(ctx.settings, ctx.client)
+    cls = _optional("guestagent.credentials.service", "CredentialService")
+    if cls is None:
+        return None
+    service: Service = cls(ctx.settings, ctx.client)
+    rotator = getattr(service, "rotator", None)
+    if rotator is not None:
+        def published(snapshot: Any) -> None:
+            # A new credential set (not just a state change) is a refresh.
+            key = getattr(snapshot, "credentials", None)
+            if key is not None and key is not ctx.facts.get("credentials.set"):
+                ctx.facts["credentials.set"] = key
+                ctx.facts["credentials.last_refresh"] = datetime.now(UTC).strftime(
+                    "%Y-%m-%dT%H:%M:%SZ")
+
+        rotator.subscribe(published)
+    return service
 
 
 def _maintenance(ctx: Context) -> Service | None:

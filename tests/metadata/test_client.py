@@ -217,3 +217,14 @@ def test_bad_paths_refused_before_any_request(emulator: Any) -> None:
     for path in ("meta-data/../x", "meta-data/a b", "meta-data/\n"):
         with pytest.raises(ValueError, match="bad metadata path"):
             c.get(path)
+
+
+def test_token_renewed_before_it_expires(emulator: Any) -> None:
+    emulator.set_token_required(True)
+    c = client_for(emulator, cache_ttl=0, token_ttl=2)
+    c.instance_id()
+    time.sleep(2.3)  # past the token's life: the client must have renewed, not hit a 401
+    c.instance_id()
+    statuses = [r[2] for r in emulator.requests_log]
+    assert 401 not in statuses
+    assert len([r for r in emulator.requests_log if r[1] == "PUT"]) == 2
