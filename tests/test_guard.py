@@ -18,7 +18,7 @@ def test_in_process_connection_to_metadata_address_fails_loudly() -> None:
 
 def test_default_client_never_reaches_the_real_service() -> None:
     client = MetadataClient()
-    with pytest.raises(AssertionError, match="100.100.100.200"):
+    with pytest.raises(AssertionError, match=r"100\.100\.100\.200"):
         client.instance_id()
 
 

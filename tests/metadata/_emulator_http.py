@@ -40,9 +40,12 @@ def token(url: str, ttl: int = 60) -> str:
     return body.decode()
 
 
-def control(emu: Any, method: str, path: str, payload: Any = None,
-            raw: bytes | None = None) -> tuple[int, Any]:
-    body = raw if raw is not None else (json.dumps(payload).encode() if payload is not None else None)
+def control(
+    emu: Any, method: str, path: str, payload: Any = None, raw: bytes | None = None
+) -> tuple[int, Any]:
+    body = (
+        raw if raw is not None else (json.dumps(payload).encode() if payload is not None else None)
+    )
     status, data = request(emu.control_url, path, method, body=body)
     try:
         return status, json.loads(data)

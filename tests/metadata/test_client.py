@@ -201,7 +201,7 @@ def test_thread_safety(emulator: Any) -> None:
         try:
             for _ in range(30):
                 assert c.instance_id()
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=work) for _ in range(8)]

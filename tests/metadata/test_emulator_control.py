@@ -35,14 +35,18 @@ def test_state_and_credentials(emulator: Any) -> None:
 
 
 def test_faults_over_control(emulator: Any) -> None:
-    status, body = control(emulator, "POST", "/faults",
-                           {"path": "meta-data/instance-id", "kind": "status", "status": 500,
-                            "count": 2})
+    status, body = control(
+        emulator,
+        "POST",
+        "/faults",
+        {"path": "meta-data/instance-id", "kind": "status", "status": 500, "count": 2},
+    )
     assert status == 200 and body["id"]
     assert [get(emulator.url, LEAF)[0] for _ in range(3)] == [500, 500, 200]
     control(emulator, "POST", "/faults", {"path": "*", "kind": "latency", "latency": 0.01})
-    rule = control(emulator, "POST", "/faults", {"path": "meta-data/region-id", "kind": "body",
-                                                 "body": "x"})[1]["id"]
+    rule = control(
+        emulator, "POST", "/faults", {"path": "meta-data/region-id", "kind": "body", "body": "x"}
+    )[1]["id"]
     assert len(control(emulator, "GET", "/state")[1]["faults"]) == 2
     assert control(emulator, "DELETE", f"/faults/{rule}")[0] == 200
     assert control(emulator, "DELETE", f"/faults/{rule}")[0] == 404
@@ -76,8 +80,12 @@ def test_other_endpoints(emulator: Any) -> None:
     control(emulator, "POST", "/role", {"name": "Builder"})
     assert get(url, "/latest/meta-data/ram/security-credentials/") == (200, "Builder")
 
-    event = control(emulator, "POST", "/maintenance",
-                    {"code": "SystemMaintenance.Redeploy", "not_before_in": 60})[1]["id"]
+    event = control(
+        emulator,
+        "POST",
+        "/maintenance",
+        {"code": "SystemMaintenance.Redeploy", "not_before_in": 60},
+    )[1]["id"]
     assert event in get(url, "/latest/maintenance/active-system-events")[1]
     control(emulator, "DELETE", "/maintenance")
     assert get(url, "/latest/maintenance/active-system-events")[0] == 404
@@ -90,22 +98,26 @@ def test_other_endpoints(emulator: Any) -> None:
     assert get(url, LEAF) == (200, "i-bp1control0000000001")
 
 
-@pytest.mark.parametrize(("method", "path", "payload", "raw", "code"), [
-    ("POST", "/faults", None, b"{not json", "BadJson"),
-    ("POST", "/faults", None, b"[1, 2]", "BadJson"),
-    ("POST", "/faults", {"path": "x", "kind": "status", "colour": "red"}, None, "UnknownField"),
-    ("POST", "/faults", {"kind": "status"}, None, "MissingField"),
-    ("POST", "/faults", {"path": "x", "kind": "status", "status": "500"}, None, "InvalidField"),
-    ("POST", "/faults", {"path": "x", "kind": "nope"}, None, "InvalidValue"),
-    ("POST", "/token", {"required": 1}, None, "InvalidField"),
-    ("POST", "/spot", {"in_seconds": True}, None, "InvalidField"),
-    ("POST", "/spot", {"in_seconds": -1}, None, "InvalidValue"),
-    ("POST", "/time-scale", {"scale": 0}, None, "InvalidValue"),
-    ("POST", "/instance-id", {"id": "web-1"}, None, "InvalidValue"),
-    ("DELETE", "/faults", None, b"garbage", "BadJson"),
-])
-def test_control_errors(emulator: Any, method: str, path: str, payload: Any, raw: bytes | None,
-                        code: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "path", "payload", "raw", "code"),
+    [
+        ("POST", "/faults", None, b"{not json", "BadJson"),
+        ("POST", "/faults", None, b"[1, 2]", "BadJson"),
+        ("POST", "/faults", {"path": "x", "kind": "status", "colour": "red"}, None, "UnknownField"),
+        ("POST", "/faults", {"kind": "status"}, None, "MissingField"),
+        ("POST", "/faults", {"path": "x", "kind": "status", "status": "500"}, None, "InvalidField"),
+        ("POST", "/faults", {"path": "x", "kind": "nope"}, None, "InvalidValue"),
+        ("POST", "/token", {"required": 1}, None, "InvalidField"),
+        ("POST", "/spot", {"in_seconds": True}, None, "InvalidField"),
+        ("POST", "/spot", {"in_seconds": -1}, None, "InvalidValue"),
+        ("POST", "/time-scale", {"scale": 0}, None, "InvalidValue"),
+        ("POST", "/instance-id", {"id": "web-1"}, None, "InvalidValue"),
+        ("DELETE", "/faults", None, b"garbage", "BadJson"),
+    ],
+)
+def test_control_errors(
+    emulator: Any, method: str, path: str, payload: Any, raw: bytes | None, code: str
+) -> None:
     status, body = control(emulator, method, path, payload, raw=raw)
     assert status == 400 and body["code"] == code and body["message"]
 
@@ -125,8 +137,10 @@ def test_control_port_is_loopback_only() -> None:
 # -- scenarios ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["hardened.toml", "fast-rotation.toml", "spot-soon.toml",
-                                  "flaky.toml", "single-nic.yaml"])
+@pytest.mark.parametrize(
+    "name",
+    ["hardened.toml", "fast-rotation.toml", "spot-soon.toml", "flaky.toml", "single-nic.yaml"],
+)
 def test_example_scenarios_load(name: str) -> None:
     scenario = load_scenario(DATA / name)
     assert scenario.instance.instance_id.startswith("i-")
@@ -139,7 +153,9 @@ def test_yaml_scenario(emulator_factory: Any) -> None:
     mac = "00:16:3e:00:00:01"
     assert get(emu.url, "/latest/meta-data/network/interfaces/macs/") == (200, f"{mac}/")
     assert get(emu.url, f"/latest/meta-data/network/interfaces/macs/{mac}/private-ipv4s") == (
-        200, '["192.168.0.20"]')
+        200,
+        '["192.168.0.20"]',
+    )
 
 
 def _bad(tmp_path: Path, text: str, name: str = "s.toml") -> str:
@@ -152,25 +168,28 @@ def _bad(tmp_path: Path, text: str, name: str = "s.toml") -> str:
     return message
 
 
-@pytest.mark.parametrize(("text", "needle"), [
-    ("[instance]\ncolour = 'red'\n", "instance.colour: unknown key"),
-    ("surprise = 1\n", "surprise: unknown key"),
-    ("[instance]\ninstance_id = 5\n", "instance.instance_id: must be a string"),
-    ("[instance]\ninstance_id = 'web-1'\n", "instance.instance_id: must start with 'i-'"),
-    ("[ram]\ntime_scale = 0\n", "ram.time_scale: must be > 0"),
-    ("[ram]\noverlap = 30000\n", "ram.overlap: must be shorter than validity"),
-    ("[tokens]\nrequired = 'yes'\n", "tokens.required: must be true or false"),
-    ("[spot]\nnotice_in = -1\n", "spot.notice_in: must be >= 0"),
-    ("[[faults]]\npath = 'x'\nkind = 'boom'\n", "faults[0].kind: must be one of"),
-    ("[[faults]]\nkind = 'status'\n", "faults[0].path: missing"),
-    ("[[faults]]\npath = 'x'\nkind = 'status'\nstatus = 42\n", "faults[0].status: must be"),
-    ("[[maintenance]]\nnot_before_in = 5\n", "maintenance[0].code: missing"),
-    ("[network]\ninterfaces = []\n", "network.interfaces: at least one"),
-    ("user_data_file = 'nope.sh'\n", "user_data_file: cannot read"),
-    ("user_data = 'a'\nuser_data_file = 'b'\n", "user_data_file: give user_data or"),
-    ("[ca]\ncert_file = 'ca.pem'\n", "ca.key_file: both files are needed"),
-    ("[instance\n", "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("[instance]\ncolour = 'red'\n", "instance.colour: unknown key"),
+        ("surprise = 1\n", "surprise: unknown key"),
+        ("[instance]\ninstance_id = 5\n", "instance.instance_id: must be a string"),
+        ("[instance]\ninstance_id = 'web-1'\n", "instance.instance_id: must start with 'i-'"),
+        ("[ram]\ntime_scale = 0\n", "ram.time_scale: must be > 0"),
+        ("[ram]\noverlap = 30000\n", "ram.overlap: must be shorter than validity"),
+        ("[tokens]\nrequired = 'yes'\n", "tokens.required: must be true or false"),
+        ("[spot]\nnotice_in = -1\n", "spot.notice_in: must be >= 0"),
+        ("[[faults]]\npath = 'x'\nkind = 'boom'\n", "faults[0].kind: must be one of"),
+        ("[[faults]]\nkind = 'status'\n", "faults[0].path: missing"),
+        ("[[faults]]\npath = 'x'\nkind = 'status'\nstatus = 42\n", "faults[0].status: must be"),
+        ("[[maintenance]]\nnot_before_in = 5\n", "maintenance[0].code: missing"),
+        ("[network]\ninterfaces = []\n", "network.interfaces: at least one"),
+        ("user_data_file = 'nope.sh'\n", "user_data_file: cannot read"),
+        ("user_data = 'a'\nuser_data_file = 'b'\n", "user_data_file: give user_data or"),
+        ("[ca]\ncert_file = 'ca.pem'\n", "ca.key_file: both files are needed"),
+        ("[instance\n", "not valid TOML"),
+    ],
+)
 def test_scenario_errors_name_the_key(tmp_path: Path, text: str, needle: str) -> None:
     assert needle in _bad(tmp_path, text)
 
@@ -196,7 +215,11 @@ def _serve(*args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
         [sys.executable, "-m", "guestagent.cli", "emulator", "serve", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
     )
 
 
@@ -224,21 +247,27 @@ def test_cli_bad_scenario_is_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[ram]\ntime_scale = -2\n")
     proc = _serve("--scenario", str(bad))
-    out, err = proc.communicate(timeout=20)
+    _, err = proc.communicate(timeout=20)
     assert proc.returncode == 2
     assert err.strip().count("\n") == 0 and "ram.time_scale" in err and "Traceback" not in err
 
 
 def test_cli_port_in_use_is_one_line(emulator: Any) -> None:
     proc = _serve("--port", str(emulator.port))
-    out, err = proc.communicate(timeout=20)
+    _, err = proc.communicate(timeout=20)
     assert proc.returncode == 2
     assert err.strip().count("\n") == 0 and "cannot listen" in err
 
 
 def test_module_entry_point() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "guestagent.metadata.emulator.cli", "serve",
-                          "--port", "70000"], capture_output=True, text=True, env=env, cwd=ROOT,
-                         timeout=20, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "guestagent.metadata.emulator.cli", "serve", "--port", "70000"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=20,
+        check=False,
+    )
     assert out.returncode == 2 and "--port: must be 0..65535" in out.stderr

@@ -67,8 +67,7 @@ def test_truncate(emulator: Any) -> None:
 
 def test_body(emulator: Any) -> None:
     emulator.add_fault("dynamic/instance-identity/document", "body", body='{"zone-id": 5')
-    assert get(emulator.url, "/latest/dynamic/instance-identity/document") == (
-        200, '{"zone-id": 5')
+    assert get(emulator.url, "/latest/dynamic/instance-identity/document") == (200, '{"zone-id": 5')
 
 
 def _hanging_request(emu: Any, result: dict[str, Any]) -> threading.Thread:
@@ -123,9 +122,13 @@ def test_stop_closes_keep_alive_connections() -> None:
 
 
 def test_bad_rules_are_refused(emulator: Any) -> None:
-    for kwargs in ({"kind": "explode"}, {"kind": "status", "status": 99},
-                   {"kind": "latency", "latency": -1}, {"kind": "status", "count": 0},
-                   {"kind": "status", "method": "POST"}):
+    for kwargs in (
+        {"kind": "explode"},
+        {"kind": "status", "status": 99},
+        {"kind": "latency", "latency": -1},
+        {"kind": "status", "count": 0},
+        {"kind": "status", "method": "POST"},
+    ):
         with pytest.raises(ValueError):
             emulator.add_fault("meta-data/x", **kwargs)
 

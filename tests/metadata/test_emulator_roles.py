@@ -29,8 +29,14 @@ def read(emu: Any) -> dict[str, str]:
 
 def test_document_format(emulator: Any) -> None:
     doc = read(emulator)
-    assert set(doc) == {"AccessKeyId", "AccessKeySecret", "SecurityToken", "Expiration",
-                        "LastUpdated", "Code"}
+    assert set(doc) == {
+        "AccessKeyId",
+        "AccessKeySecret",
+        "SecurityToken",
+        "Expiration",
+        "LastUpdated",
+        "Code",
+    }
     assert doc["Code"] == "Success" and doc["AccessKeyId"].startswith("STS.")
     now = time.time()
     # Real wall-clock timestamps: valid 6 h from now.
@@ -54,7 +60,9 @@ def test_rotation_timeline_with_injected_clock() -> None:
         assert parse(second["Expiration"]) == now[0] + 21600
         # ...and both are valid until the first one's expiry.
         assert [c.access_key_id for c in emu.roles.valid()] == [
-            first["AccessKeyId"], second["AccessKeyId"]]
+            first["AccessKeyId"],
+            second["AccessKeyId"],
+        ]
         now[0] += 1800
         assert [c.access_key_id for c in emu.roles.valid()] == [second["AccessKeyId"]]
         assert read(emu) == second
@@ -93,9 +101,13 @@ def test_time_scale_change_rotate_and_export(emulator: Any) -> None:
     assert third["AccessKeyId"] not in (first["AccessKeyId"], second["AccessKeyId"])
     issued = emulator.issued_credentials()
     assert [c["AccessKeyId"] for c in issued] == [
-        first["AccessKeyId"], second["AccessKeyId"], third["AccessKeyId"]]
-    assert all({"AccessKeyId", "AccessKeySecret", "SecurityToken", "Expiration"} <= set(c)
-               for c in issued)
+        first["AccessKeyId"],
+        second["AccessKeyId"],
+        third["AccessKeyId"],
+    ]
+    assert all(
+        {"AccessKeyId", "AccessKeySecret", "SecurityToken", "Expiration"} <= set(c) for c in issued
+    )
     assert emulator.current_credentials() == third
 
 
@@ -105,7 +117,10 @@ def test_issuer_hook(emulator: Any) -> None:
     emulator.rotate_credentials()
     doc = read(emulator)
     assert (doc["AccessKeyId"], doc["AccessKeySecret"], doc["SecurityToken"]) == (
-        "AKIDEXAMPLE1", "secret1", "token1")
+        "AKIDEXAMPLE1",
+        "secret1",
+        "token1",
+    )
     emulator.rotate_credentials()
     assert read(emulator)["AccessKeyId"] == "AKIDEXAMPLE2"
     emulator.set_credential_issuer(None)

@@ -44,7 +44,9 @@ def test_tokens_required(emulator: Any) -> None:
     assert get(emulator.url, LEAF, headers={TOKEN: "bogus"})[0] == 401
     good = token(emulator.url)
     assert get(emulator.url, LEAF, headers={TOKEN: good}) == (
-        200, emulator.scenario.instance.instance_id)
+        200,
+        emulator.scenario.instance.instance_id,
+    )
     emulator.revoke_tokens()
     assert get(emulator.url, LEAF, headers={TOKEN: good})[0] == 401
     emulator.set_token_required(False)
@@ -68,8 +70,9 @@ def test_hardened_scenario(emulator_factory: Any) -> None:
     tok = token(emu.url)
     assert get(emu.url, "/2016-01-01/user-data", headers={TOKEN: tok})[1].startswith("#!/bin/sh")
     # No role in this scenario: the credentials directory is absent.
-    assert get(emu.url, "/latest/meta-data/ram/security-credentials/", headers={TOKEN: tok})[
-        0] == 404
+    assert (
+        get(emu.url, "/latest/meta-data/ram/security-credentials/", headers={TOKEN: tok})[0] == 404
+    )
 
 
 def test_parse_ttl() -> None:

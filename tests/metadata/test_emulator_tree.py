@@ -18,11 +18,24 @@ from guestagent.metadata.emulator import Emulator, load_scenario
 
 DATA = Path(__file__).parents[1] / "data" / "scenarios"
 
-META_KEYS = (
-    "instance-id region-id zone-id hostname image-id serial-number owner-account-id "
-    "source-address mac network-type private-ipv4 eipv4 vpc-id vpc-cidr-block vswitch-id "
-    "vswitch-cidr-block"
-).split()
+META_KEYS = [
+    "instance-id",
+    "region-id",
+    "zone-id",
+    "hostname",
+    "image-id",
+    "serial-number",
+    "owner-account-id",
+    "source-address",
+    "mac",
+    "network-type",
+    "private-ipv4",
+    "eipv4",
+    "vpc-id",
+    "vpc-cidr-block",
+    "vswitch-id",
+    "vswitch-cidr-block",
+]
 
 
 def test_version_and_root_listings(emulator: Any) -> None:
@@ -30,8 +43,13 @@ def test_version_and_root_listings(emulator: Any) -> None:
     for version in ("latest", "2016-01-01"):
         status, body = get(emulator.url, f"/{version}/")
         assert status == 200
-        assert body.split("\n") == ["dynamic/", "maintenance/", "meta-data/", "user-data",
-                                    "vendor-data"]
+        assert body.split("\n") == [
+            "dynamic/",
+            "maintenance/",
+            "meta-data/",
+            "user-data",
+            "vendor-data",
+        ]
     # A directory asked for without its slash is listed too.
     assert get(emulator.url, "/latest/meta-data")[1] == get(emulator.url, "/latest/meta-data/")[1]
 
@@ -42,8 +60,15 @@ def test_meta_data_listing_has_every_key(emulator: Any) -> None:
     assert status == 200
     for key in META_KEYS:
         assert key in names, key
-    for sub in ("dns-conf/", "ntp-conf/", "instance/", "network/", "disks/", "public-keys/",
-                "ram/"):
+    for sub in (
+        "dns-conf/",
+        "ntp-conf/",
+        "instance/",
+        "network/",
+        "disks/",
+        "public-keys/",
+        "ram/",
+    ):
         assert sub in names, sub
     assert "all" not in names and not body.endswith("\n")
     for key in META_KEYS:
@@ -57,19 +82,32 @@ def test_leaves_follow_the_scenario(emulator: Any) -> None:
     assert get(url, "/latest/meta-data/instance-id") == (200, sc.instance.instance_id)
     assert get(url, "/2016-01-01/meta-data/region-id") == (200, "cn-hangzhou")
     assert get(url, "/latest/meta-data/dns-conf/nameservers") == (
-        200, "100.100.2.136\n100.100.2.138")
+        200,
+        "100.100.2.136\n100.100.2.138",
+    )
     assert get(url, "/latest/meta-data/ntp-conf/ntp-servers")[1].split("\n")[0] == "ntp1.aliyun.com"
     assert get(url, "/latest/meta-data/source-address")[1] == "http://mirrors.cloud.aliyuncs.com"
     assert get(url, "/latest/meta-data/instance/")[1].split("\n") == [
-        "instance-name", "instance-type", "max-netbw-egress", "max-netbw-ingress", "spot/"]
+        "instance-name",
+        "instance-type",
+        "max-netbw-egress",
+        "max-netbw-ingress",
+        "spot/",
+    ]
     assert get(url, "/latest/meta-data/instance/spot/") == (200, "termination-time")
     macs = get(url, "/latest/meta-data/network/interfaces/macs/")[1].split("\n")
     assert len(macs) == 2 and all(m.endswith("/") for m in macs)
     primary = sc.network.interfaces[0]
     base = f"/latest/meta-data/network/interfaces/macs/{primary.mac}/"
     assert get(url, base)[1].split("\n") == [
-        "gateway", "netmask", "network-interface-id", "primary-ip-address", "private-ipv4s",
-        "vpc-id", "vswitch-id"]
+        "gateway",
+        "netmask",
+        "network-interface-id",
+        "primary-ip-address",
+        "private-ipv4s",
+        "vpc-id",
+        "vswitch-id",
+    ]
     assert json.loads(get(url, base + "private-ipv4s")[1]) == primary.private_ipv4s
     assert get(url, "/latest/meta-data/mac")[1] == primary.mac
     disks = get(url, "/latest/meta-data/disks/")[1].split("\n")
@@ -77,7 +115,8 @@ def test_leaves_follow_the_scenario(emulator: Any) -> None:
     assert get(url, f"/latest/meta-data/disks/{disks[0]}id")[1].startswith("d-")
     (key_dir,) = get(url, "/latest/meta-data/public-keys/")[1].split("\n")
     assert get(url, f"/latest/meta-data/public-keys/{key_dir}openssh-key")[1].startswith(
-        "ssh-ed25519 ")
+        "ssh-ed25519 "
+    )
     assert get(url, "/latest/meta-data/ram/security-credentials/") == (200, "EcsRamRoleDemo")
     assert get(url, "/latest/vendor-data")[0] == 200
     assert get(url, "/latest/dynamic/") == (200, "instance-identity/")
@@ -142,8 +181,10 @@ def test_user_data_maintenance_values_and_instance_id(emulator: Any) -> None:
     assert get(url, "/latest/meta-data/eipv4")[0] == 404
     assert "eipv4" not in get(url, "/latest/meta-data/")[1].split("\n")
     emulator.set_value("meta-data/region-id", "cn-shanghai")
-    assert json.loads(get(url, "/latest/dynamic/instance-identity/document")[1])[
-        "region-id"] == "cn-shanghai"
+    assert (
+        json.loads(get(url, "/latest/dynamic/instance-identity/document")[1])["region-id"]
+        == "cn-shanghai"
+    )
 
     emulator.set_instance_id("i-bp1newinstance0000001")
     assert get(url, "/latest/meta-data/instance-id") == (200, "i-bp1newinstance0000001")
@@ -155,8 +196,17 @@ def test_user_data_maintenance_values_and_instance_id(emulator: Any) -> None:
 
 def test_identity_document_fields(emulator: Any) -> None:
     doc = json.loads(get(emulator.url, "/latest/dynamic/instance-identity/document")[1])
-    assert list(doc) == ["zone-id", "serial-number", "instance-id", "region-id", "private-ipv4",
-                         "owner-account-id", "mac", "image-id", "instance-type"]
+    assert list(doc) == [
+        "zone-id",
+        "serial-number",
+        "instance-id",
+        "region-id",
+        "private-ipv4",
+        "owner-account-id",
+        "mac",
+        "image-id",
+        "instance-type",
+    ]
     assert doc["instance-type"] == emulator.scenario.instance.instance_type
 
 
@@ -180,9 +230,19 @@ def test_pkcs7_verifies_with_openssl(emulator: Any, tmp_path: Path, audience: st
     (tmp_path / "sig.der").write_bytes(der)
     (tmp_path / "ca.pem").write_bytes(emulator.ca_cert_pem)
     out = subprocess.run(
-        ["openssl", "smime", "-verify", "-inform", "DER", "-in", str(tmp_path / "sig.der"),
-         "-CAfile", str(tmp_path / "ca.pem")],
-        capture_output=True, check=False,
+        [
+            "openssl",
+            "smime",
+            "-verify",
+            "-inform",
+            "DER",
+            "-in",
+            str(tmp_path / "sig.der"),
+            "-CAfile",
+            str(tmp_path / "ca.pem"),
+        ],
+        capture_output=True,
+        check=False,
     )
     assert out.returncode == 0, out.stderr
     content = json.loads(out.stdout)
@@ -191,22 +251,44 @@ def test_pkcs7_verifies_with_openssl(emulator: Any, tmp_path: Path, audience: st
         assert content.pop("audience") == audience
     assert content == document
     # A different CA does not verify it.
-    other = Emulator(load_scenario(overrides={"ca": {
-        "cert_file": str(DATA / "ca" / "other-ca.pem"), "key_file": str(DATA / "ca" / "other-ca.key")
-    }}))
+    other = Emulator(
+        load_scenario(
+            overrides={
+                "ca": {
+                    "cert_file": str(DATA / "ca" / "other-ca.pem"),
+                    "key_file": str(DATA / "ca" / "other-ca.key"),
+                }
+            }
+        )
+    )
     (tmp_path / "other.pem").write_bytes(other.ca_cert_pem)
     out = subprocess.run(
-        ["openssl", "smime", "-verify", "-inform", "DER", "-in", str(tmp_path / "sig.der"),
-         "-CAfile", str(tmp_path / "other.pem")],
-        capture_output=True, check=False,
+        [
+            "openssl",
+            "smime",
+            "-verify",
+            "-inform",
+            "DER",
+            "-in",
+            str(tmp_path / "sig.der"),
+            "-CAfile",
+            str(tmp_path / "other.pem"),
+        ],
+        capture_output=True,
+        check=False,
     )
     assert out.returncode != 0
 
 
 def test_scenario_ca_files_sign(tmp_path: Path) -> None:
-    scenario = load_scenario(overrides={"ca": {
-        "cert_file": str(DATA / "ca" / "other-ca.pem"), "key_file": str(DATA / "ca" / "other-ca.key")
-    }})
+    scenario = load_scenario(
+        overrides={
+            "ca": {
+                "cert_file": str(DATA / "ca" / "other-ca.pem"),
+                "key_file": str(DATA / "ca" / "other-ca.key"),
+            }
+        }
+    )
     with Emulator(scenario).start() as emu:
         assert emu.ca_cert_pem == (DATA / "ca" / "other-ca.pem").read_bytes()
         _, certs = _signed(emu)

@@ -1,0 +1,98 @@
+"""The daemon hosting the real capability services: credentials and first-boot user-data."""
+
+from __future__ import annotations
+
+import http.client
+import importlib
+import json
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+class UnixHTTP(http.client.HTTPConnection):
+    def __init__(self, path: Path) -> None:
+        super().__init__("localhost", timeout=5)
+        self.path = str(path)
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(5)
+        self.sock.connect(self.path)
+
+
+def fetch_credentials(sock: Path) -> dict[str, Any]:
+    conn = UnixHTTP(sock)
+    try:
+        conn.request("GET", "/v1/credentials/alibaba")
+        resp = conn.getresponse()
+        body = resp.read()
+        assert resp.status == 200, body
+        return dict(json.loads(body))
+    finally:
+        conn.close()
+
+
+def wait_for(cond: Any, timeout: float = 10.0) -> Any:
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            value = cond()
+        except (OSError, AssertionError):
+            value = None
+        if value:
+            return value
+        assert time.monotonic() < end, "condition not met in time"
+        time.sleep(0.05)
+
+
+def _has(module: str, attr: str) -> bool:
+    try:
+        return hasattr(importlib.import_module(module), attr)
+    except ImportError:
+        return False
+
+
+def test_credentials_served_and_reported(agent_factory: Any, emulator: Any) -> None:
+    agent = agent_factory(credentials={"enabled": True})
+    sock = Path(agent.config["credentials"]["socket_path"])
+    doc = wait_for(lambda: fetch_credentials(sock))
+    assert doc["Code"] == "Success"
+    assert doc["AccessKeyId"] == emulator.current_credentials()["AccessKeyId"]
+    status = agent.status()
+    creds = status["credentials"]
+    assert creds["state"] == "ok" and creds["last_refresh"]
+    assert doc["AccessKeySecret"] not in json.dumps(status)
+    assert doc["AccessKeySecret"] not in agent.log()
+
+
+def test_kill_9_then_restart_resumes_serving(agent_factory: Any) -> None:
+    agent = agent_factory(credentials={"enabled": True})
+    sock = Path(agent.config["credentials"]["socket_path"])
+    wait_for(lambda: fetch_credentials(sock))
+    os.kill(agent.pid, signal.SIGKILL)
+    agent.wait(5)
+    again = agent_factory(credentials={"enabled": True})
+    assert wait_for(lambda: fetch_credentials(sock))["Code"] == "Success"
+    assert again.status()["healthy"]
+
+
+@pytest.mark.skipif(not _has("guestagent.userdata.service", "FirstBootService"),
+                    reason="first-boot service (issue 5) not in this tree yet")
+def test_kill_9_does_not_rerun_first_boot_work(agent_factory: Any, emulator: Any,
+                                               tmp_path: Path) -> None:
+    marker = tmp_path / "firstboot.count"
+    emulator.set_user_data(f"#!/bin/sh\necho ran >> {marker}\n".encode())
+    agent = agent_factory(userdata={"enabled": True, "default_dns": False, "default_ntp": False})
+    wait_for(lambda: marker.exists())
+    wait_for(lambda: agent.service("firstboot")["state"] == "done")
+    os.kill(agent.pid, signal.SIGKILL)
+    agent.wait(5)
+    again = agent_factory(userdata={"enabled": True, "default_dns": False, "default_ntp": False})
+    wait_for(lambda: again.service("firstboot")["state"] == "done")
+    assert marker.read_text() == "ran\n"
