@@ -146,8 +146,12 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._named)
 
-    def resolve(self, path: bytes, authorization: bytes | None) -> tuple[Consumer, bytes]:
-        """The consumer a request addresses, and the path left after its capability prefix."""
+    def resolve(self, path: bytes, authorization: bytes | None) -> tuple[Consumer | None, bytes]:
+        """The consumer a request addresses, and the path left after its capability prefix.
+
+        None when the request names no reachable endpoint (the host endpoint has a
+        capability path and the request did not use it).
+        """
         if len(path) > 1:
             end = path.find(b"/", 1)
             first = path[1:end] if end > 0 else path[1:]
@@ -158,4 +162,6 @@ class Registry:
             consumer = self._by_token.get(digest(bearer(authorization)))
             if consumer is not None:
                 return consumer, path
+        if self.default.capability:
+            return None, path
         return self.default, path

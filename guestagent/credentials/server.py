@@ -230,6 +230,8 @@ class CredentialServer:
             )
         path = target.split(b"?", 1)[0]
         consumer, rest = self.registry.resolve(path, headers.get(b"authorization"))
+        if consumer is None:
+            return self._refuse(peer, 404, "NotFound", "no such endpoint", close)
         if not consumer.permits(peer):
             why = (
                 f"uid {peer.uid} may not read the instance's credentials; {consumer.hint}"
@@ -268,6 +270,7 @@ class CredentialServer:
         deadline = self.clock() + self.request_wait
         path = target.split(b"?", 1)[0]
         consumer, rest = self.registry.resolve(path, headers.get(b"authorization"))
+        assert consumer is not None  # handle() resolved it before asking to wait
         fmt = _ROUTES.get(rest, "aws")
         while True:
             left = deadline - self.clock()

@@ -363,6 +363,40 @@ def configure_logging(level: str) -> None:
     logging.getLogger().setLevel(level.upper())
 
 
+def run_once(settings: Settings, names: list[str], verbose: int = 0) -> int:
+    """Run the named one-shot services in start order, in the foreground, then exit
+    (0 when all finished). Holds the daemon lock, so it never races a running daemon."""
+    if not verbose:
+        configure_logging(settings.daemon.log_level)
+    d = settings.daemon
+    lock = DaemonLock(d.state_dir, d.run_dir)
+    lock.acquire()
+    client = MetadataClient(settings.metadata)
+    stop = threading.Event()
+    try:
+        ctx = Context(settings, client, lambda notice: None)
+        chosen = [svc for _, svc in build(ctx) if svc.name in names]
+        missing = set(names) - {svc.name for svc in chosen}
+        if missing:
+            raise ValueError(f"no such enabled service: {', '.join(sorted(missing))}")
+        for svc in chosen:
+            if not svc.oneshot:
+                raise ValueError(f"{svc.name} is not a one-shot service")
+
+        def on_term(signum: int, frame: FrameType | None) -> None:
+            stop.set()
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, on_term)
+        for svc in chosen:
+            log.info("running %s once", svc.name)
+            svc.run(stop)
+        return 0
+    finally:
+        client.close()
+        lock.release()
+
+
 def run_daemon(settings: Settings, config_path: str | None, verbose: int = 0) -> int:
     if not verbose:
         configure_logging(settings.daemon.log_level)

@@ -17,6 +17,9 @@ from guestagent.cli import EXIT_ABSENT, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, f
 def register(sub: Any) -> None:
     run = sub.add_parser("run", help="run the agent daemon (what the image's unit starts)")
     _config_arg(run)
+    run.add_argument("--once", metavar="SERVICE", action="append",
+                     help="run only this one-shot service to completion and exit "
+                          "(e.g. firstboot, for guestagent-firstboot.service)")
     run.set_defaults(handler=_run)
 
     status = sub.add_parser("status", help="ask the running daemon how it is")
@@ -37,11 +40,13 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from guestagent.daemon.agent import run_daemon
+    from guestagent.daemon.agent import run_daemon, run_once
     from guestagent.daemon.lock import AlreadyRunning
 
     settings = load_settings(args)
     try:
+        if args.once:
+            return run_once(settings, args.once, args.verbose)
         return run_daemon(settings, getattr(args, "config", None), args.verbose)
     except AlreadyRunning as exc:
         return fail(EXIT_USAGE, str(exc))

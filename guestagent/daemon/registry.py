@@ -123,7 +123,8 @@ def _optional(module: str, attr: str) -> Any:
 def _firstboot(ctx: Context) -> Service | None:
     if not ctx.settings.userdata.enabled:
         return None
-    cls = _optional("guestagent.userdata", "FirstBootService")
+    cls = _optional("guestagent.userdata.service", "FirstBootService") or _optional(
+        "guestagent.userdata", "FirstBootService")
     return None if cls is None else cls(ctx.settings, ctx.client)
 
 

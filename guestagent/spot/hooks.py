@@ -20,6 +20,8 @@ from guestagent import process
 
 log = logging.getLogger(__name__)
 
+PRIVATE_ENV = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
+                         "LISTEN_PID", "LISTEN_FDNAMES"})
 MAX_LOGGED_LINES = 200  # per stream: a chatty hook must not flood the journal
 
 
@@ -82,7 +84,9 @@ def run_hooks(
     moves earlier meanwhile (SIGTERM during a drain) is honoured by the hooks still to run.
     """
     results = []
-    full_env = {**os.environ, **env}
+    # systemd's notify/watchdog variables are the daemon's own, not for its hooks.
+    inherited = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
+    full_env = {**inherited, **env}
     for hook in list_hooks(directory):
         remaining = deadline() - time.monotonic()
         if remaining <= 0:

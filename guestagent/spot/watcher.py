@@ -74,6 +74,11 @@ class SpotWatcher(Service):
         except MetadataError as exc:
             self._error(str(exc))
             return None
+        except Exception as exc:
+            # Not even a bug here may stop the polling: a crash would mean a restart
+            # backoff, and a late notice.
+            self._error(f"{type(exc).__name__}: {exc}")
+            return None
         with self._lock:
             self.polls += 1
             self.last_poll = datetime.now(UTC)

@@ -45,8 +45,15 @@ def load(text: str | bytes, where: str = "cloud-config") -> dict[str, Any]:
     return data
 
 
+class _Dumper(yaml.SafeDumper):
+    """No ``&id001`` anchors: user-data is read by people."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def dump(data: Mapping[str, Any], comment: str = "") -> str:
-    body = yaml.safe_dump(dict(data), sort_keys=False, default_flow_style=False, width=1000)
+    body = yaml.dump(dict(data), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=1000)
     note = f"# {comment}\n" if comment else ""
     return f"{HEADER}\n{note}{body}"
 

@@ -70,7 +70,8 @@ class Emulator:
         self._spot: tuple[float, float] | None = None  # (notice at, release at), wall clock
         self._events: list[dict[str, str]] = []
         self._events_doc: bytes | None = None
-        self._pkcs7: dict[str, bytes] = {}  # signed identity by signed content
+        # Signed identity by (document, audience): signing costs a few ms.
+        self._pkcs7: dict[tuple[str, str | None], bytes] = {}
         self.request_count = 0
         self.requests_log: list[RequestRecord] = []
         self._log_lock = threading.Lock()
@@ -155,6 +156,10 @@ class Emulator:
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
+
+    def pause(self, seconds: float) -> None:
+        """Sleep for a latency fault, cut short by stop()."""
+        self._stopping.wait(seconds)
 
     @property
     def url(self) -> str:
@@ -347,14 +352,15 @@ class Emulator:
         return None
 
     def _signed_identity(self, audience: str | None) -> bytes:
-        content = self.tree.identity_json(audience)
+        current = self.tree
+        key = (current.document, audience)
         cache = self._pkcs7
-        signed = cache.get(content)
+        signed = cache.get(key)
         if signed is None:
-            signed = self.authority.sign(content.encode()).encode()
+            signed = self.authority.sign(current.identity_json(audience).encode()).encode()
             if len(cache) >= PKCS7_CACHE_LIMIT:
                 cache.clear()
-            cache[content] = signed
+            cache[key] = signed
         return signed
 
     def _build_tree(self) -> tree.Tree:

@@ -7,8 +7,8 @@ import contextlib
 import logging
 import socket
 import struct
+import sys
 import threading
-import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
@@ -54,6 +54,14 @@ class Server(ThreadingHTTPServer):
         with self._open_lock:
             self._open.discard(request)
         super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Peers (and our own reset faults) drop connections all the time: not worth a traceback.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError | TimeoutError):
+            log.debug("connection from %s dropped: %s", client_address, exc)
+        else:
+            log.exception("error serving %s", client_address)
 
     def close_connections(self) -> None:
         with self._open_lock:
@@ -178,7 +186,7 @@ class MetadataHandler(BaseHandler):
     ) -> None:
         emu = self.server.emulator
         if rule.latency > 0:
-            time.sleep(rule.latency)
+            emu.pause(rule.latency)
         kind = rule.kind
         if kind == "hang":
             while not rule.released.wait(0.05):

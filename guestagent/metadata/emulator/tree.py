@@ -131,7 +131,8 @@ class Tree:
             nodes.setdefault(path, Node(DYNAMIC, name=marker))
         if vendor_data is not None:
             nodes["vendor-data"] = Node(LEAF, vendor_data.encode())
-        nodes[IDENTITY_PATH] = Node(LEAF, self.identity_json().encode())
+        self.document = self.identity_json()
+        nodes[IDENTITY_PATH] = Node(LEAF, self.document.encode())
 
         children: dict[str, set[str]] = {}
         for path in nodes:

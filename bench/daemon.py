@@ -1,0 +1,123 @@
+"""Daemon footprint and spot latency, against the local metadata service.
+
+    python bench/daemon.py [--seconds 60] [--rounds 5]
+
+Idle: the real ``guestagent run`` with its services on (metadata watch, credential server,
+maintenance watcher, spot watcher at the production 1 s poll), measured from outside with
+psutil: RSS at the end and at its peak, CPU over the window.
+Spot: a notice is posted at a random moment of the poll cycle; "seen" is the watcher's own
+timestamp (drain.json seen_at) minus the moment the notice appeared, "drained" is the drain's
+finished_at minus the same moment. First-boot user-data stays off (it would change this
+machine).
+
+Targets (DESIGN.md): RSS <= 40 MB, CPU <= 0.5 %, notice seen <= 1.5 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import psutil
+
+from guestagent.daemon.localrun import AgentProcess, local_config
+from guestagent.metadata.emulator import Emulator
+from guestagent.spot.drain import load_report
+
+
+def config(url: str, workdir: Path) -> dict[str, dict[str, object]]:
+    cfg = local_config(url, workdir)
+    # Production cadence, not the demo's.
+    cfg["spot"].update(poll_interval=1.0, maintenance_interval=10.0, deadline_margin=30.0)
+    cfg["daemon"]["metadata_check_interval"] = 60.0
+    cfg["userdata"] = {"enabled": False}
+    hooks = workdir / "spot.d"
+    hooks.mkdir(parents=True, exist_ok=True)
+    hook = hooks / "10-note"
+    hook.write_text("#!/bin/sh\necho draining\n")
+    hook.chmod(0o755)
+    return cfg
+
+
+def idle(emu: Emulator, seconds: float) -> dict[str, float]:
+    workdir = Path(tempfile.mkdtemp(prefix="bench-daemon-"))
+    agent = AgentProcess(config(emu.url, workdir), workdir, verbose=0)
+    try:
+        agent.start()
+        names = [s["name"] for s in agent.status()["services"]]
+        proc = psutil.Process(agent.pid)
+        time.sleep(2.0)  # let start-up work (first credential fetch, imports) settle
+        before = proc.cpu_times()
+        t0 = time.monotonic()
+        peak = 0
+        while time.monotonic() - t0 < seconds:
+            peak = max(peak, proc.memory_info().rss)
+            time.sleep(min(1.0, seconds / 10))
+        after = proc.cpu_times()
+        elapsed = time.monotonic() - t0
+        rss = proc.memory_info().rss
+        cpu = (after.user - before.user + after.system - before.system) / elapsed * 100
+        assert agent.status()["healthy"], "daemon unhealthy during the idle run"
+        print(f"services: {', '.join(names)}")
+        return {"rss_mb": rss / 2**20, "peak_rss_mb": max(peak, rss) / 2**20, "cpu_pct": cpu,
+                "seconds": elapsed}
+    finally:
+        agent.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def notice_round(emu: Emulator) -> tuple[float, float]:
+    workdir = Path(tempfile.mkdtemp(prefix="bench-spot-"))
+    emu.cancel_termination()
+    agent = AgentProcess(config(emu.url, workdir), workdir, verbose=0)
+    try:
+        agent.start()
+        time.sleep(1.0 + random.random())  # a random phase of the 1 s poll
+        appeared = time.time()
+        emu.schedule_termination(0, 300)
+        code = agent.wait(60)
+        assert code == 0, f"daemon exited {code}"
+        report = load_report(agent.state_dir)
+        assert report and report["completed"] and report["deadline_held"], report
+        seen = _ts(report["seen_at"]) - appeared
+        drained = _ts(report["finished_at"]) - appeared
+        return seen, drained
+    finally:
+        agent.stop()
+        emu.cancel_termination()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _ts(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=60.0, help="idle window (default 60)")
+    parser.add_argument("--rounds", type=int, default=5, help="spot notices (default 5)")
+    args = parser.parse_args()
+    with Emulator().start() as emu:
+        fig = idle(emu, args.seconds)
+        print(f"idle over {fig['seconds']:.0f}s: RSS {fig['rss_mb']:.1f} MB "
+              f"(peak {fig['peak_rss_mb']:.1f} MB; target <= 40), "
+              f"CPU {fig['cpu_pct']:.3f} % (target <= 0.5)")
+        seen, drained = [], []
+        for _ in range(args.rounds):
+            s, d = notice_round(emu)
+            seen.append(s)
+            drained.append(d)
+        print(f"spot notice -> seen over {args.rounds} notices: mean {statistics.mean(seen):.3f}s,"
+              f" max {max(seen):.3f}s (target <= 1.5)")
+        print(f"spot notice -> drained: mean {statistics.mean(drained):.3f}s, "
+              f"max {max(drained):.3f}s (deadline: release - 30 s margin = 270 s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Who may read credentials: allow-list on both listeners, tokens, proxies, secrets kept out
+of logs, argv and files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+CLIENT = r"""
+import http.client, json, socket, sys
+kind, where, path = sys.argv[1], sys.argv[2], sys.argv[3]
+token = sys.argv[4] if len(sys.argv) > 4 else None
+if kind == "unix":
+    class C(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = socket.socket(socket.AF_UNIX); self.sock.connect(where)
+    conn = C("localhost", timeout=10)
+else:
+    host, port = where.rsplit(":", 1); conn = http.client.HTTPConnection(host, int(port), timeout=10)
+try:
+    conn.request("GET", path, headers={"Authorization": token} if token else {})
+    r = conn.getresponse(); print(json.dumps([r.status, json.loads(r.read())]))
+except OSError as e:
+    print(json.dumps([0, {"message": str(e)}]))
+"""
+
+
+def as_user(uid: int, gid: int, *args: str) -> tuple[int, dict]:
+    """Run the tiny client as another user (setpriv from util-linux), return (status, doc)."""
+    out = subprocess.run(
+        ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--init-groups", sys.executable, "-c",
+         CLIENT, *args],
+        capture_output=True, text=True, timeout=30, check=True,
+    )
+    status, doc = json.loads(out.stdout)
+    return status, doc
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    # pytest's tmp dirs are 0700 root: other users could not even reach the socket.
+    path = Path(tempfile.mkdtemp(prefix="ga-cred-"))
+    path.chmod(0o755)
+    yield path
+    subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+@pytest.fixture(scope="session")
+def test_group(test_users: dict[str, int]) -> int:
+    import grp
+
+    try:
+        gid = grp.getgrnam("ga-test").gr_gid
+    except KeyError:
+        subprocess.run(["groupadd", "--system", "ga-test"], check=True, capture_output=True)
+        gid = grp.getgrnam("ga-test").gr_gid
+    for user in test_users:
+        subprocess.run(["usermod", "-a", "-G", "ga-test", user], check=True, capture_output=True)
+    return gid
+
+
+def test_allow_list_on_unix_socket_and_tcp(credential_service, test_users, test_group,
+                                           shared_dir):
+    import pwd
+
+    svc = credential_service(
+        socket_path=shared_dir / "credentials.sock", socket_group="ga-test",
+        allow_users=["ga-test-allowed"],
+    )
+    sock = str(svc.socket_path)
+    assert oct(os.stat(sock).st_mode & 0o777) == "0o660"
+    assert os.stat(sock).st_gid == test_group
+    tcp = "%s:%s" % svc.tcp
+    for name, expect in (("ga-test-allowed", 200), ("ga-test-denied", 403)):
+        pw = pwd.getpwnam(name)
+        for kind, where in (("unix", sock), ("tcp", tcp)):
+            status, doc = as_user(pw.pw_uid, pw.pw_gid, kind, where, "/v1/credentials/aws")
+            assert status == expect, (name, kind, doc)
+            if expect == 403:
+                assert doc["code"] == "Forbidden"
+                assert "allow_users" in doc["message"]  # says how to be allowed
+                assert "SecretAccessKey" not in doc
+    # Root is always allowed.
+    assert svc.get("/v1/credentials/aws")[0] == 200
+    assert svc.get("/v1/credentials/aws", via="tcp")[0] == 200
+
+
+def test_allow_groups_admits_supplementary_group_members(credential_service, test_users,
+                                                          test_group, shared_dir):
+    import pwd
+
+    svc = credential_service(socket_path=shared_dir / "c.sock", socket_group="ga-test",
+                             allow_groups=["ga-test"])
+    pw = pwd.getpwnam("ga-test-denied")  # primary group is its own; ga-test is supplementary
+    assert as_user(pw.pw_uid, pw.pw_gid, "unix", str(svc.socket_path), "/v1/credentials/aws")[0] \
+        == 200
+    assert as_user(pw.pw_uid, pw.pw_gid, "tcp", "%s:%s" % svc.tcp, "/v1/credentials/aws")[0] == 200
+
+
+def test_token_is_required_when_configured(credential_service, tmp_path):
+    token_file = tmp_path / "token"
+    svc = credential_service(token_file=token_file)
+    assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+    token = token_file.read_text().strip()
+    for via in ("unix", "tcp"):
+        status, doc = svc.get("/v1/credentials/aws", via=via)
+        assert (status, doc["code"]) == (401, "Unauthorized")
+        status, doc = svc.get("/v1/credentials/aws", via=via, headers={"Authorization": "wrong"})
+        assert status == 401
+        status, doc = svc.get("/v1/credentials/aws", via=via, headers={"Authorization": token})
+        assert status == 200 and doc["AccessKeyId"].startswith("STS.")
+        status, _ = svc.get("/v1/credentials/aws", via=via,
+                            headers={"Authorization": f"Bearer {token}"})
+        assert status == 200
+
+
+def test_token_file_with_loose_mode_is_refused(credential_service, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("x" * 32)
+    token_file.chmod(0o644)
+    with pytest.raises(ValueError, match="0600"):
+        credential_service(token_file=token_file)
+
+
+def test_capability_path(credential_service):
+    secret = "cap-" + "a1b2c3d4" * 4
+    svc = credential_service(path_secret=secret)
+    assert svc.get(f"/{secret}/v1/credentials/alibaba")[0] == 200
+    # Without the secret path the endpoint is not there at all.
+    for via in ("unix", "tcp"):
+        status, doc = svc.get("/v1/credentials/alibaba", via=via)
+        assert status == 404 and "AccessKeyId" not in doc
+        assert svc.get(f"/{secret[:-1]}x/v1/credentials/alibaba", via=via)[0] == 404
+
+
+def test_x_forwarded_for_is_refused(credential_service):
+    svc = credential_service()
+    status, doc = svc.get("/v1/credentials/aws", via="tcp",
+                          headers={"X-Forwarded-For": "10.0.0.1"})
+    assert status == 403 and "X-Forwarded-For" in doc["message"]
+
+
+def test_scoped_consumer_minted_per_task(credential_service, test_users, shared_dir):
+    import pwd
+
+    svc = credential_service(socket_path=shared_dir / "c.sock")
+    registry = svc.service.registry
+    pw = pwd.getpwnam("ga-test-allowed")
+    minted = registry.mint("task-1", svc.service.rotator, uids=[pw.pw_uid])
+    assert minted.token not in repr(minted) and minted.token not in repr(registry.names())
+    tcp = "%s:%s" % svc.tcp
+    path = f"{minted.path}/v1/credentials/aws"
+    assert as_user(pw.pw_uid, pw.pw_gid, "tcp", tcp, path, minted.token)[0] == 200
+    assert as_user(pw.pw_uid, pw.pw_gid, "tcp", tcp, path)[0] == 401  # token missing
+    assert as_user(pw.pw_uid, pw.pw_gid, "tcp", tcp, path, "nope" * 8)[0] == 401
+    # The task's user is not allowed on the host endpoint.
+    assert as_user(pw.pw_uid, pw.pw_gid, "tcp", tcp, "/v1/credentials/aws")[0] == 403
+    # Token-only consumer: the Authorization header alone selects it.
+    only_token = registry.mint("task-2", svc.service.rotator, uids=[pw.pw_uid], with_path=False)
+    assert as_user(pw.pw_uid, pw.pw_gid, "tcp", tcp, "/v1/credentials/aws", only_token.token)[0] \
+        == 200
+    registry.remove("task-1")
+    assert as_user(pw.pw_uid, pw.pw_gid, "tcp", tcp, path, minted.token)[0] in (401, 403, 404)
+
+
+def test_no_secret_in_logs_argv_or_files(credential_service, emulator, tmp_path, caplog):
+    profile = tmp_path / "home" / ".alibabacloud" / "credentials"
+    env_file = tmp_path / "etc" / "credentials.env"
+    with caplog.at_level(logging.DEBUG):
+        svc = credential_service(profile_file=profile, env_file=env_file, token_file=tmp_path / "t")
+        token = (tmp_path / "t").read_text().strip()
+        svc.get("/v1/credentials/aws", headers={"Authorization": token})
+        svc.get("/v1/credentials/aws")  # refused: logged
+        emulator.rotate_credentials()
+        svc.wait_for(lambda: len({c["AccessKeyId"] for c in emulator.issued_credentials()}) >= 2
+                     and svc.get("/v1/credentials/alibaba",
+                                 headers={"Authorization": token})[1]["AccessKeyId"]
+                     == emulator.issued_credentials()[-1]["AccessKeyId"])
+        svc.wait_for(lambda: emulator.issued_credentials()[-1]["AccessKeyId"] in profile.read_text())
+        svc.service.status()
+        repr(svc.service.rotator.snapshot)
+        logging.getLogger("probe").debug("%r %r", svc.service.rotator.snapshot, svc.service.status())
+    issued = emulator.issued_credentials()
+    secrets = [s for c in issued for s in (c["AccessKeySecret"], c["SecurityToken"])] + [token]
+    text = caplog.text + "\n".join(repr(r.args) for r in caplog.records)
+    for secret in secrets:
+        assert secret not in text
+    # The agent's own records do not even carry full key ids (masked).
+    ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("guestagent"))
+    for c in issued:
+        assert c["AccessKeyId"] not in ours
+    # argv of this process and its threads.
+    cmdline = Path(f"/proc/{os.getpid()}/cmdline").read_bytes().decode(errors="replace")
+    assert not any(s in cmdline for s in secrets)
+    # The opt-in files are 0600 and hold the current set; no other file under tmp has secrets.
+    for path in (profile, env_file):
+        assert oct(path.stat().st_mode & 0o777) == "0o600"
+    current = issued[-1]
+    assert current["AccessKeySecret"] in profile.read_text()
+    assert f"OSS_SESSION_TOKEN='{current['SecurityToken']}'" in env_file.read_text()
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and path not in (profile, env_file, tmp_path / "t"):
+            data = path.read_bytes()
+            assert not any(s.encode() in data for s in secrets), path
+    # Detach: the files go away with the role.
+    emulator.detach_role()
+    svc.wait_for(lambda: not profile.exists() and not env_file.exists())

@@ -1,0 +1,24 @@
+"""``guestagent demo`` runs end to end: local cloud, daemon, credentials, spot drain."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_demo_runs_to_a_clean_drain(tmp_path: Path) -> None:
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": root}
+    res = subprocess.run(
+        [sys.executable, "-m", "guestagent.cli", "demo", "--workdir", str(tmp_path),
+         "--release-after", "20"],
+        capture_output=True, text=True, env=env, timeout=90,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout
+    assert '"Code": "Success"' in out
+    assert "spot hook 10-stop-app: instance released at" in out
+    assert "drain: completed=True deadline_held=True" in out
+    assert "the daemon exited 0" in out
