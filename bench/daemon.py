@@ -2,7 +2,8 @@
 
     python bench/daemon.py [--seconds 60] [--rounds 5]
 
-Idle: the real ``guestagent run`` with its services on (metadata watch, credential server,
+Idle: the real daemon, started as ``guestagent run`` and as the lean
+``python -m guestagent.daemon``, with its services on (metadata watch, credential server,
 maintenance watcher, spot watcher at the production 1 s poll), measured from outside with
 psutil: RSS at the end and at its peak, CPU over the window.
 Spot: a notice is posted at a random moment of the poll cycle; "seen" is the watcher's own
@@ -45,9 +46,9 @@ def config(url: str, workdir: Path) -> dict[str, dict[str, object]]:
     return cfg
 
 
-def idle(emu: Emulator, seconds: float) -> dict[str, float]:
+def idle(emu: Emulator, seconds: float, lean: bool) -> dict[str, float]:
     workdir = Path(tempfile.mkdtemp(prefix="bench-daemon-"))
-    agent = AgentProcess(config(emu.url, workdir), workdir, verbose=0)
+    agent = AgentProcess(config(emu.url, workdir), workdir, verbose=0, lean=lean)
     try:
         agent.start()
         names = [s["name"] for s in agent.status()["services"]]
@@ -104,10 +105,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="spot notices (default 5)")
     args = parser.parse_args()
     with Emulator().start() as emu:
-        fig = idle(emu, args.seconds)
-        print(f"idle over {fig['seconds']:.0f}s: RSS {fig['rss_mb']:.1f} MB "
-              f"(peak {fig['peak_rss_mb']:.1f} MB; target <= 40), "
-              f"CPU {fig['cpu_pct']:.3f} % (target <= 0.5)")
+        for lean, entry in ((False, "guestagent run"), (True, "python -m guestagent.daemon")):
+            fig = idle(emu, args.seconds, lean)
+            print(f"idle [{entry}] over {fig['seconds']:.0f}s: RSS {fig['rss_mb']:.1f} MB "
+                  f"(peak {fig['peak_rss_mb']:.1f} MB; target <= 40), "
+                  f"CPU {fig['cpu_pct']:.3f} % (target <= 0.5)")
         seen, drained = [], []
         for _ in range(args.rounds):
             s, d = notice_round(emu)

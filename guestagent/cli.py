@@ -23,6 +23,8 @@ CAPABILITIES = (
 )
 
 EXIT_OK, EXIT_ABSENT, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+# The work ran but part of it failed (a user-data script exited non-zero, a hook failed).
+EXIT_PARTIAL = 4
 
 Handler = Callable[[argparse.Namespace], int]
 

@@ -173,8 +173,8 @@ def _show(args: argparse.Namespace) -> int:
     doc = {
         "role": role,
         "access_key_id": creds.masked_key_id(),
-        "access_key_secret": mask(creds.access_key_secret, 0),
-        "security_token": mask(creds.security_token, 0)[:12] + "...",
+        "access_key_secret": "********",
+        "security_token": f"******** ({len(creds.security_token)} characters)",
         "expiration": creds.expiration.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "last_updated": creds.last_updated.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "expires_in": left,

@@ -130,7 +130,8 @@ def load_or_create_token(path: Path, owner: str = "") -> str:
     except FileNotFoundError:
         uid, gid = resolve_owner(owner)
         token = secrets.token_urlsafe(32)
-        atomic_write(path, token + "\n", mode=0o600, uid=uid, gid=gid)
+        # No trailing newline: the AWS Go SDK rejects a token file that has one.
+        atomic_write(path, token, mode=0o600, uid=uid, gid=gid)
         log.info("created credential endpoint token file %s", path)
         return token
     if st.st_mode & 0o077:

@@ -303,7 +303,7 @@ class Daemon:
         for entry in services:
             if entry["name"] == "spot":
                 spot = dict(entry.get("details", {}))
-        drain = self._drain.report if self._drain is not None else load_report(
+        drain = self._drain.snapshot() if self._drain is not None else load_report(
             self.settings.daemon.state_dir)
         if drain is not None:
             spot["drain"] = {k: v for k, v in drain.items() if k not in ("hooks", "services")}

@@ -19,7 +19,7 @@ def register(sub: Any) -> None:
     _config_arg(run)
     run.add_argument("--once", metavar="SERVICE", action="append",
                      help="run only this one-shot service to completion and exit "
-                          "(e.g. firstboot, for guestagent-firstboot.service)")
+                          "(e.g. userdata, for guestagent-firstboot.service)")
     run.set_defaults(handler=_run)
 
     status = sub.add_parser("status", help="ask the running daemon how it is")

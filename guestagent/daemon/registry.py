@@ -173,7 +173,7 @@ def _spot(ctx: Context) -> Service | None:
                        ctx.settings.daemon.error_log_period)
 
 
-register(ServiceSpec("firstboot", 10, _firstboot, ("userdata", "metadata")))
+register(ServiceSpec("userdata", 10, _firstboot, ("userdata", "metadata")))
 register(ServiceSpec("metadata", 20, _metadata, ("metadata", "daemon")))
 register(ServiceSpec("credentials", 30, _credentials, ("credentials", "metadata")))
 register(ServiceSpec("maintenance", 80, _maintenance, ("spot", "metadata")))

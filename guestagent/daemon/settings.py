@@ -24,7 +24,7 @@ class DaemonSettings:
     # Extra services, "module:factory" each, started after the built-in ones in list order.
     # factory(context) returns a Service or None (disabled).
     extra_services: list[str] = field(default_factory=list)
-    # Built-in services to leave out (by name: firstboot, metadata, credentials, spot,
+    # Built-in services to leave out (by name: userdata, metadata, credentials, spot,
     # maintenance).
     disabled_services: list[str] = field(default_factory=list)
     # Seconds between metadata reachability checks of the "metadata" service.

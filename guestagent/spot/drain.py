@@ -84,7 +84,7 @@ class Drain:
         self.path = state_file(state_dir)
         self._stop_new_work = stop_new_work
         self._drain_services = drain_services
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # guards the deadline and the report
         self._deadline = deadline_for(notice, settings.deadline_margin)
         self._started = time.monotonic()
         self.interrupted = False
@@ -137,7 +137,7 @@ class Drain:
     # -- the sequence -----------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         began = self._started = time.monotonic()
-        self.report["started_at"] = iso_ms(datetime.now(UTC))
+        self._set(started_at=iso_ms(datetime.now(UTC)))
         log.warning(
             "spot termination at %s: draining, deadline in %.1fs",
             self.notice.key, self.deadline - began,
@@ -149,7 +149,7 @@ class Drain:
             self._step("poweroff", self._poweroff)
         ended = time.monotonic()
         held = ended <= self.deadline
-        self.report.update(
+        self._set(
             finished_at=iso_ms(datetime.now(UTC)),
             completed=True,
             deadline_held=held,
@@ -166,7 +166,7 @@ class Drain:
         return self.report
 
     def _step(self, name: str, action: Callable[[], str | None]) -> None:
-        self.report["current_step"] = name
+        self._set(current_step=name)
         self._save()
         began = time.monotonic()
         error: str | None
@@ -176,10 +176,10 @@ class Drain:
             error = f"{type(exc).__name__}: {exc}"
             log.exception("drain step %s failed", name)
         seconds = time.monotonic() - began
-        self.report["steps"].append(
-            {"step": name, "seconds": round(seconds, 3), "ok": error is None, "error": error,
-             "within_deadline": time.monotonic() <= self.deadline}
-        )
+        step = {"step": name, "seconds": round(seconds, 3), "ok": error is None, "error": error,
+                "within_deadline": time.monotonic() <= self.deadline}
+        with self._lock:
+            self.report["steps"].append(step)
         log.warning("drain step %s: %s in %.2fs (%.1fs left)", name,
                     "ok" if error is None else error, seconds, self.deadline - time.monotonic())
 
@@ -189,15 +189,16 @@ class Drain:
             self.settings.hooks_dir, env, self.settings.hook_timeout,
             deadline=lambda: self.hooks_deadline, kind="spot hook",
         )
-        self.report["hooks"] = [r.as_dict() for r in results]
+        self._set(hooks=[r.as_dict() for r in results])
         bad = [r.name for r in results if not r.ok]
         return f"hooks failed: {', '.join(bad)}" if bad else None
 
     def _services(self) -> str | None:
         def record(name: str, seconds: float, error: str | None) -> None:
-            self.report["services"].append(
-                {"name": name, "seconds": round(seconds, 3), "ok": error is None, "error": error}
-            )
+            entry = {"name": name, "seconds": round(seconds, 3), "ok": error is None,
+                     "error": error}
+            with self._lock:
+                self.report["services"].append(entry)
             self._save()
 
         self._drain_services(self.deadline, record)
@@ -211,8 +212,17 @@ class Drain:
             return f"{self.settings.poweroff_command[0]} exited {res.returncode}"
         return None
 
+    def _set(self, **fields: Any) -> None:
+        with self._lock:
+            self.report.update(fields)
+
+    def snapshot(self) -> dict[str, Any]:
+        """A copy of the report, safe to read while the drain runs."""
+        with self._lock:
+            return json.loads(json.dumps(self.report))  # type: ignore[no-any-return]
+
     def _save(self) -> None:
         try:
-            atomic_write(self.path, json.dumps(self.report, indent=2) + "\n", mode=0o644)
+            atomic_write(self.path, json.dumps(self.snapshot(), indent=2) + "\n", mode=0o644)
         except OSError as exc:
             log.error("cannot record drain progress in %s: %s", self.path, exc)

@@ -121,15 +121,22 @@ def check_script(part: parts.Part) -> None:
 
 
 def with_defaults(
-    config: Mapping[str, Any], mentioned: set[str], defaults: Defaults,
-    settings: UserdataSettings, tree: Tree,
+    config: Mapping[str, Any],
+    mentioned: set[str],
+    defaults: Defaults,
+    settings: UserdataSettings,
+    tree: Tree,
 ) -> tuple[dict[str, Any], list[str]]:
     """Metadata defaults for DNS, NTP and the mirror where the user-data (whose keys are
     ``mentioned``) is silent."""
     out = dict(config)
     mentioned = mentioned | set(out)
     used: list[str] = []
-    if settings.default_dns and defaults.nameservers and not {"resolv_conf", "manage_resolv_conf"} & mentioned:
+    if (
+        settings.default_dns
+        and defaults.nameservers
+        and not {"resolv_conf", "manage_resolv_conf"} & mentioned
+    ):
         out["manage_resolv_conf"] = True
         out["resolv_conf"] = {"nameservers": list(defaults.nameservers[:3])}
         used.append("dns")
@@ -155,16 +162,29 @@ def mirror_config(mirror: str, tree: Tree) -> dict[str, Any] | None:
         return {"apt": {"sources": {"guestagent-mirror": {"source": src}}}}
     if distro == "centos" and tree.exists("/etc/yum.repos.d"):
         url = f"{base}/centos/$releasever/os/$basearch/"
-        return {"yum_repos": {"guestagent-mirror": {"name": "ECS mirror", "baseurl": url,
-                                                    "enabled": True, "gpgcheck": False}}}
+        return {
+            "yum_repos": {
+                "guestagent-mirror": {
+                    "name": "ECS mirror",
+                    "baseurl": url,
+                    "enabled": True,
+                    "gpgcheck": False,
+                }
+            }
+        }
     log.info("mirror default: no layout known for %r; skipped", distro or "this distribution")
     return None
 
 
 class Applier:
     def __init__(
-        self, settings: UserdataSettings | None = None, *, root: str | os.PathLike[str] = "/",
-        state_dir: Path | None = None, dry_run: bool = False, run_scripts: bool = True,
+        self,
+        settings: UserdataSettings | None = None,
+        *,
+        root: str | os.PathLike[str] = "/",
+        state_dir: Path | None = None,
+        dry_run: bool = False,
+        run_scripts: bool = True,
     ) -> None:
         self.settings = settings or UserdataSettings()
         self.root = Path(root)
@@ -177,11 +197,15 @@ class Applier:
     def frequency(self, name: str, default: str = PER_INSTANCE) -> str:
         return self._freq.get(name, default)
 
-    def apply(self, data: bytes | None, instance_id: str, defaults: Defaults = Defaults()) -> Report:
+    def apply(
+        self, data: bytes | None, instance_id: str, defaults: Defaults = Defaults()
+    ) -> Report:
         sems = Semaphores(self.state_dir, instance_id)
         report = Report(instance_id)
         prepared = prepare(data, self.settings)  # refuses before anything changes
-        with Tree(self.root, dry_run=self.dry_run, backup_suffix=self.settings.backup_suffix) as tree:
+        with Tree(
+            self.root, dry_run=self.dry_run, backup_suffix=self.settings.backup_suffix
+        ) as tree:
             for part in prepared.ignored:
                 msg = f"{part.name}: Windows user-data ([bat]/[powershell]) is ignored on Linux"
                 log.warning("%s", msg)
@@ -225,7 +249,7 @@ class Applier:
     def _apply_one(self, handler: Handler, plan: Any, ctx: Context, sems: Semaphores) -> Outcome:
         freq = self.frequency(handler.name, handler.frequency)
         if sems.done(handler.name, freq):
-            return Outcome(handler.name, "handler", "skipped", f"already applied ({freq})")
+            return Outcome(handler.name, "handler", "skipped", f"{freq}: done before")
         mark = len(ctx.tree.changes)
         start = time.monotonic()
         try:
@@ -233,24 +257,31 @@ class Applier:
                 handler.apply(plan, ctx)
         except (UserdataError, OSError, process.ProcessError) as exc:
             log.error("%s failed, its files were restored: %s", handler.name, exc)
-            return Outcome(handler.name, "handler", "failed", str(exc),
-                           seconds=time.monotonic() - start)
+            return Outcome(
+                handler.name, "handler", "failed", str(exc), seconds=time.monotonic() - start
+            )
         if not self.dry_run:
             sems.mark(handler.name, freq)
         changed = len(ctx.tree.changes) > mark
-        return Outcome(handler.name, "handler", "applied" if changed else "unchanged",
-                       seconds=time.monotonic() - start)
+        return Outcome(
+            handler.name,
+            "handler",
+            "applied" if changed else "unchanged",
+            seconds=time.monotonic() - start,
+        )
 
     def _scripts(self, scripts: list[parts.Part], ctx: Context, sems: Semaphores) -> list[Outcome]:
         freq = self.frequency(SCRIPTS)
         if sems.done(SCRIPTS, freq):
-            return [Outcome(s.name, "script", "skipped", f"already run ({freq})") for s in scripts]
+            return [Outcome(s.name, "script", "skipped", f"{freq}: done before") for s in scripts]
         if self.dry_run or not self.run_scripts:
             why = "dry run" if self.dry_run else "scripts disabled"
             for s in scripts:
                 ctx.tree.note(s.name, f"would run script ({len(s.content)} bytes)")
-            return [Outcome(s.name, "script", "would-run" if self.dry_run else "skipped", why)
-                    for s in scripts]
+            return [
+                Outcome(s.name, "script", "would-run" if self.dry_run else "skipped", why)
+                for s in scripts
+            ]
         out = []
         assert ctx.run_script is not None
         for s in scripts:
@@ -277,10 +308,15 @@ class Applier:
                 env["GUESTAGENT_ROOT"] = str(tree.root)
             log.info("running %s", name)
             try:
-                res = process.run(argv, timeout=self.settings.script_timeout, env=env, cwd=str(tree.root))
+                res = process.run(
+                    argv, timeout=self.settings.script_timeout, env=env, cwd=str(tree.root)
+                )
             except process.ProcessError as exc:
                 log.error("%s: %s", name, exc)
                 return 127
+            finally:
+                # User-data may carry secrets: no copy is kept in the state directory.
+                path.unlink(missing_ok=True)
             for stream, data in (("stdout", res.stdout), ("stderr", res.stderr)):
                 lines = data.decode(errors="replace").splitlines()
                 for line in lines[-_OUTPUT_LINES:]:

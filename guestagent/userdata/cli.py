@@ -11,10 +11,12 @@ from email.mime.text import MIMEText
 from pathlib import Path
 from typing import Any
 
+from guestagent.cli import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, fail
 from guestagent.userdata import cloudconfig, parts, shell, templates
 from guestagent.userdata.errors import UserdataError
 
-EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
+# Refused user-data is bad input: exit 2, like any usage error; nothing was changed.
+EXIT_REFUSED = EXIT_USAGE
 
 
 def register(subparsers: Any) -> None:
@@ -26,8 +28,14 @@ def register(subparsers: Any) -> None:
 
     r = sub.add_parser("render", help="render a template to user-data")
     r.add_argument("template")
-    r.add_argument("--param", "-p", action="append", default=[], metavar="K=V",
-                   help="parameter (repeat; lists comma-separated; K=@FILE reads a file)")
+    r.add_argument(
+        "--param",
+        "-p",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="parameter (repeat; lists comma-separated; K=@FILE reads a file)",
+    )
     r.add_argument("--format", choices=("shell", "cloud-config"), default="cloud-config")
     r.add_argument("--base64", action="store_true", help="base64-encode the output")
     r.add_argument("-o", "--output", help="write here instead of stdout")
@@ -50,7 +58,9 @@ def register(subparsers: Any) -> None:
     a.add_argument("--file", help="apply this user-data file instead of the metadata's")
     a.add_argument("--instance-id", help="instance id for the semaphores (default: metadata)")
     a.add_argument("--no-scripts", action="store_true", help="do not run shell parts or runcmd")
-    a.add_argument("--no-defaults", action="store_true", help="no DNS/NTP/mirror defaults from metadata")
+    a.add_argument(
+        "--no-defaults", action="store_true", help="no DNS/NTP/mirror defaults from metadata"
+    )
     a.set_defaults(handler=_apply)
 
 
@@ -61,8 +71,7 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def _fail(message: str, code: int = EXIT_REFUSED) -> int:
-    print(f"guestagent: {message}", file=sys.stderr)
-    return code
+    return fail(code, message)
 
 
 def _emit(data: bytes, output: str | None) -> None:
@@ -89,8 +98,9 @@ def _list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def render_template(name: str, values: dict[str, Any] | list[str], fmt: str,
-                    directory: Path | None = None) -> str:
+def render_template(
+    name: str, values: dict[str, Any] | list[str], fmt: str, directory: Path | None = None
+) -> str:
     tpl = templates.load(name, directory)
     typed = templates.parse_params(tpl, values) if isinstance(values, list) else values
     doc = templates.render(tpl, typed)
@@ -107,7 +117,9 @@ def _render(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     data = text.encode()
     if len(data) > settings.max_size:
-        return _fail(f"rendered user-data is {len(data)} bytes, over the {settings.max_size}-byte limit")
+        return _fail(
+            f"rendered user-data is {len(data)} bytes, over the {settings.max_size}-byte limit"
+        )
     _emit(base64.b64encode(data) + b"\n" if args.base64 else data, args.output)
     return EXIT_OK
 
@@ -127,9 +139,13 @@ def combine(items: list[tuple[str, bytes]], *, compress: bool = False) -> bytes:
         msg = MIMEMultipart()
         for name, p in split:
             if p.kind == parts.WINDOWS:
-                raise UserdataError(f"{name}: Windows user-data cannot be combined with Linux parts")
+                raise UserdataError(
+                    f"{name}: Windows user-data cannot be combined with Linux parts"
+                )
             subtype = "x-shellscript" if p.kind == parts.SHELL else "cloud-config"
-            sub = MIMEText(p.content.decode("utf-8"), subtype, "utf-8")
+            text = p.content.decode("utf-8")
+            # ASCII parts stay readable (7bit); others go base64 as utf-8.
+            sub = MIMEText(text, subtype, "us-ascii" if text.isascii() else "utf-8")
             sub.add_header("Content-Disposition", "attachment", filename=Path(name).name)
             msg.attach(sub)
         out = msg.as_bytes()
@@ -165,7 +181,8 @@ def _combine(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     if len(data) > settings.max_size:
         hint = "" if args.gzip else "; try --gzip"
-        return _fail(f"combined user-data is {len(data)} bytes, over the {settings.max_size}-byte limit{hint}")
+        size, limit = len(data), settings.max_size
+        return _fail(f"combined user-data is {size} bytes, over the {limit}-byte limit{hint}")
     _emit(base64.b64encode(data) + b"\n" if args.base64 else data, args.output)
     return EXIT_OK
 
@@ -219,8 +236,13 @@ def _apply(args: argparse.Namespace) -> int:
         instance_id = args.instance_id
     if args.no_defaults:
         defaults = Defaults()
-    applier = Applier(us, root=root, state_dir=state_dir_for(root.resolve(), settings.daemon.state_dir),
-                      dry_run=args.dry_run, run_scripts=not args.no_scripts)
+    applier = Applier(
+        us,
+        root=root,
+        state_dir=state_dir_for(root.resolve(), settings.daemon.state_dir),
+        dry_run=args.dry_run,
+        run_scripts=not args.no_scripts,
+    )
     try:
         report = applier.apply(data, instance_id, defaults)
     except UserdataError as exc:
@@ -235,4 +257,4 @@ def _apply(args: argparse.Namespace) -> int:
             print(f"{o.kind} {o.name}: {o.status}{extra}")
     for o in report.failed:
         print(f"guestagent: {o.name} failed: {o.detail}", file=sys.stderr)
-    return EXIT_FAILED if report.failed else EXIT_OK
+    return EXIT_PARTIAL if report.failed else EXIT_OK

@@ -53,12 +53,16 @@ class _Dumper(yaml.SafeDumper):
 
 
 def dump(data: Mapping[str, Any], comment: str = "") -> str:
-    body = yaml.dump(dict(data), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=1000)
+    body = yaml.dump(
+        dict(data), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=1000
+    )
     note = f"# {comment}\n" if comment else ""
     return f"{HEADER}\n{note}{body}"
 
 
-def merge(base: dict[str, Any], extra: Mapping[str, Any], *, append: bool = False) -> dict[str, Any]:
+def merge(
+    base: dict[str, Any], extra: Mapping[str, Any], *, append: bool = False
+) -> dict[str, Any]:
     """cloud-init's default merge (dicts merged, later values replace); with ``append``
     lists are concatenated (``merge_how: list(append)``)."""
     out = dict(base)
@@ -95,8 +99,11 @@ def schema_errors(text: str, cloud_init: str = "cloud-init") -> list[str] | None
     if res.ok:
         return []
     out = (res.stderr + res.stdout).decode(errors="replace").replace(path, "<user-data>")
-    errors = [ln.strip() for ln in out.splitlines()
-              if ln.strip() and not ln.startswith(("Error:", "Cloud config schema deprecations"))]
+    errors = [
+        ln.strip()
+        for ln in out.splitlines()
+        if ln.strip() and not ln.startswith(("Error:", "Cloud config schema deprecations"))
+    ]
     return errors or [f"cloud-init schema exited {res.returncode}"]
 
 
@@ -106,7 +113,7 @@ def cloud_init_active(tree: Tree) -> bool:
         return False
     if tree.exists("/etc/cloud/cloud-init.disabled"):
         return False
-    if tree.root == tree.host("/") and os.path.exists("/proc/cmdline") and tree.live:
+    if tree.live and os.path.exists("/proc/cmdline"):
         try:
             with open("/proc/cmdline") as fh:
                 if "cloud-init=disabled" in fh.read():

@@ -34,9 +34,16 @@ _MIME_KINDS = {
     "text/cloud-config": CLOUD_CONFIG,
 }
 _MIME_UNSUPPORTED = {
-    "text/x-include-url", "text/x-include-once-url", "text/cloud-boothook",
-    "text/part-handler", "text/upstart-job", "text/cloud-config-archive", "text/jinja2",
-    "text/cloud-config-jsonp", "text/x-shellscript-per-boot", "text/x-shellscript-per-instance",
+    "text/x-include-url",
+    "text/x-include-once-url",
+    "text/cloud-boothook",
+    "text/part-handler",
+    "text/upstart-job",
+    "text/cloud-config-archive",
+    "text/jinja2",
+    "text/cloud-config-jsonp",
+    "text/x-shellscript-per-boot",
+    "text/x-shellscript-per-instance",
     "text/x-shellscript-per-once",
 }
 
@@ -108,7 +115,9 @@ def classify(content: bytes, name: str, mime: str = "") -> Part:
     if mime in _MIME_KINDS:
         return Part(_MIME_KINDS[mime], name, body)
     if mime in _MIME_UNSUPPORTED:
-        raise UserdataError(f"{name}: {mime} parts are not supported by guestagent (use cloud-init)")
+        raise UserdataError(
+            f"{name}: {mime} parts are not supported by guestagent (use cloud-init)"
+        )
     first = body.split(b"\n", 1)[0].strip()
     if first.startswith(b"#!"):
         return Part(SHELL, name, body)
@@ -119,9 +128,13 @@ def classify(content: bytes, name: str, mime: str = "") -> Part:
         return Part(WINDOWS, name, body)
     for prefix, what in _UNSUPPORTED_PREFIX.items():
         if first.startswith(prefix):
-            raise UserdataError(f"{name}: {what} user-data is not supported by guestagent (use cloud-init)")
+            raise UserdataError(
+                f"{name}: {what} user-data is not supported by guestagent (use cloud-init)"
+            )
     if body[:2] == b"\x1f\x8b":
-        raise UserdataError(f"{name}: gzip inside a part is not supported; gzip the whole user-data")
+        raise UserdataError(
+            f"{name}: gzip inside a part is not supported; gzip the whole user-data"
+        )
     shown = first[:40].decode("utf-8", errors="replace")
     raise UserdataError(
         f"{name}: unknown user-data type (first line {shown!r}); "
@@ -152,7 +165,11 @@ def _split_mime(data: bytes) -> list[Part]:
         if ctype in ("application/x-gzip", "application/gzip"):
             body = gunzip(body, 1048576)
             ctype = "text/plain"
-        parts.append(classify(body, name, "" if ctype in ("text/plain", "application/octet-stream") else ctype))
+        parts.append(
+            classify(
+                body, name, "" if ctype in ("text/plain", "application/octet-stream") else ctype
+            )
+        )
     if not parts:
         raise UserdataError("user-data: MIME multipart with no parts")
     return parts

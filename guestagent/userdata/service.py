@@ -42,8 +42,9 @@ class FirstBootService(Service):
     name = "userdata"
     oneshot = True
 
-    def __init__(self, settings: Settings, client: MetadataClient | None = None,
-                 root: Path = Path("/")) -> None:
+    def __init__(
+        self, settings: Settings, client: MetadataClient | None = None, root: Path = Path("/")
+    ) -> None:
         self.settings = settings
         self.client = client
         self.root = root
@@ -60,7 +61,8 @@ class FirstBootService(Service):
         try:
             data, instance_id, defaults = fetch(client, self.settings.userdata)
             applier = Applier(
-                self.settings.userdata, root=self.root,
+                self.settings.userdata,
+                root=self.root,
                 state_dir=state_dir_for(self.root, self.settings.daemon.state_dir),
             )
             self.report = applier.apply(data, instance_id, defaults)

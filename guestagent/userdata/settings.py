@@ -47,11 +47,11 @@ class UserdataSettings:
         for item in self.frequencies:
             name, sep, freq = item.partition("=")
             if not sep or not name.strip() or freq.strip() not in FREQUENCIES:
-                raise ValueError(
-                    f"frequencies: {item!r} must be HANDLER=once|per-instance|always"
-                )
+                raise ValueError(f"frequencies: {item!r} must be HANDLER=once|per-instance|always")
         if not self.backup_suffix or "/" in self.backup_suffix:
-            raise ValueError(f"backup_suffix: must be a non-empty file suffix, got {self.backup_suffix!r}")
+            raise ValueError(
+                f"backup_suffix: must be a non-empty file suffix, got {self.backup_suffix!r}"
+            )
 
     def frequency_overrides(self) -> dict[str, str]:
         out: dict[str, str] = {}

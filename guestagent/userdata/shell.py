@@ -16,8 +16,17 @@ from typing import Any
 from guestagent.userdata.errors import UserdataError
 from guestagent.userdata.handlers import accounts, dns, ntp, repos
 
-SUPPORTED = {"manage_resolv_conf", "resolv_conf", "ntp", "yum_repos", "apt", "groups", "users",
-             "disable_root", "ssh_pwauth"}
+SUPPORTED = {
+    "manage_resolv_conf",
+    "resolv_conf",
+    "ntp",
+    "yum_repos",
+    "apt",
+    "groups",
+    "users",
+    "disable_root",
+    "ssh_pwauth",
+}
 
 PRELUDE = r"""set -eu
 umask 022
@@ -67,7 +76,9 @@ acct() {
 has_entry() { grep -q "^$1:" "$R$2" 2>/dev/null; }
 ensure_group() { has_entry "$1" /etc/group || acct groupadd "$1"; }
 in_group() {
-  awk -F: -v g="$1" -v u="$2" '$1 == g { n = split($4, m, ","); for (i = 1; i <= n; i++) if (m[i] == u) f = 1 } END { exit !f }' "$R/etc/group"
+  awk -F: -v g="$1" -v u="$2" '
+    $1 == g { n = split($4, m, ","); for (i = 1; i <= n; i++) if (m[i] == u) f = 1 }
+    END { exit !f }' "$R/etc/group"
 }
 unlocked() {
   awk -F: -v u="$1" '$1 == u && $2 !~ /^[!*]/ { f = 1 } END { exit !f }' "$R/etc/shadow" 2>/dev/null
@@ -93,14 +104,16 @@ add_keys() {
 # sudo_rules LINE...: check with visudo, then install as /etc/sudoers.d/90-guestagent-users
 sudo_rules() {
   t=$(mktemp)
+  trap 'rm -f "$t"' EXIT
   if ! grep -Eq '^[#@]includedir[[:space:]]+/etc/sudoers.d' "$R/etc/sudoers" 2>/dev/null; then
-    { if [ -f "$R/etc/sudoers" ]; then cat "$R/etc/sudoers"; fi; echo '#includedir /etc/sudoers.d'; } >"$t"
-    visudo -c -q -f "$t" || { echo "guestagent: visudo refused /etc/sudoers" >&2; rm -f "$t"; exit 1; }
+    { if [ -f "$R/etc/sudoers" ]; then cat "$R/etc/sudoers"; fi
+      echo '#includedir /etc/sudoers.d'; } >"$t"
+    visudo -c -q -f "$t" || { echo "guestagent: visudo refused /etc/sudoers" >&2; exit 1; }
     put /etc/sudoers 0440 <"$t"
   fi
   [ -d "$R/etc/sudoers.d" ] || { mkdir -p "$R/etc/sudoers.d"; chmod 755 "$R/etc/sudoers.d"; }
   printf '%s\n' "$@" >"$t"
-  visudo -c -q -f "$t" || { echo "guestagent: visudo refused the sudo rules" >&2; rm -f "$t"; exit 1; }
+  visudo -c -q -f "$t" || { echo "guestagent: visudo refused the sudo rules" >&2; exit 1; }
   put /etc/sudoers.d/90-guestagent-users 0440 <"$t"
   rm -f "$t"
 }
@@ -108,8 +121,13 @@ sudo_rules() {
 sshd_set() {
   f=/etc/ssh/sshd_config
   { if [ -f "$R$f" ]; then cat "$R$f"; fi; } | awk -v kv="$*" '
-    BEGIN { n = split(kv, a, " "); for (i = 1; i < n; i += 2) { l = tolower(a[i]); k[l] = a[i]; v[l] = a[i + 1]; o[++m] = l } }
-    function flush(j) { for (j = 1; j <= m; j++) if (o[j] in k) { print k[o[j]] " " v[o[j]]; delete k[o[j]] } }
+    BEGIN {
+      n = split(kv, a, " ")
+      for (i = 1; i < n; i += 2) { l = tolower(a[i]); k[l] = a[i]; v[l] = a[i + 1]; o[++m] = l }
+    }
+    function flush(j) {
+      for (j = 1; j <= m; j++) if (o[j] in k) { print k[o[j]] " " v[o[j]]; delete k[o[j]] }
+    }
     { w = ($1 ~ /^#/) ? "" : tolower($1) }
     w == "match" && !inm { inm = 1; flush() }
     !inm && (w in k) { print k[w] " " v[w]; delete k[w]; next }
@@ -135,7 +153,11 @@ def render(doc: Mapping[str, Any], title: str = "") -> str:
     funcs: list[str] = []
     dns_plan = dns.plan_from(doc)
     if dns_plan:
-        body += ["", "# DNS", f"printf '%s\\n' {_lines(dns.render(dns_plan))} | put {dns.PATH} 0644"]
+        body += [
+            "",
+            "# DNS",
+            f"printf '%s\\n' {_lines(dns.render(dns_plan))} | put {dns.PATH} 0644",
+        ]
     ntp_plan = ntp.plan_from(doc)
     if ntp_plan:
         funcs.append(NTP_FUNC)
@@ -155,12 +177,15 @@ def _ntp(plan: ntp.NtpPlan) -> list[str]:
     return [
         f"client={q(plan.client)}",
         'if [ "$client" = auto ]; then',
-        '  if [ -e "$R/etc/chrony" ] || [ -e "$R/etc/chrony.conf" ] || [ -e "$R/usr/sbin/chronyd" ]; then client=chrony',
-        '  elif [ -e "$R/etc/ntpsec" ] || [ -e "$R/etc/ntp.conf" ] || [ -e "$R/usr/sbin/ntpd" ]; then client=ntp',
+        '  if [ -e "$R/etc/chrony" ] || [ -e "$R/etc/chrony.conf" ] ||',
+        '     [ -e "$R/usr/sbin/chronyd" ]; then client=chrony',
+        '  elif [ -e "$R/etc/ntpsec" ] || [ -e "$R/etc/ntp.conf" ] ||',
+        '     [ -e "$R/usr/sbin/ntpd" ]; then client=ntp',
         "  else client=chrony; fi",
         "fi",
         'if [ "$client" = chrony ]; then',
-        '  if [ -e "$R/etc/chrony" ]; then conf=/etc/chrony/chrony.conf; else conf=/etc/chrony.conf; fi',
+        "  conf=/etc/chrony.conf",
+        '  if [ -e "$R/etc/chrony" ]; then conf=/etc/chrony/chrony.conf; fi',
         '  units="chrony chronyd"',
         "else",
         '  if [ -e "$R/etc/ntpsec" ]; then conf=/etc/ntpsec/ntp.conf; else conf=/etc/ntp.conf; fi',
@@ -177,18 +202,25 @@ def _repos(plan: repos.ReposPlan) -> list[str]:
     out: list[str] = []
     for repo in plan.yum:
         out.append(
-            f"printf '%s\\n' {_lines(repos.render_yum(repo))} | put /etc/yum.repos.d/{repo.repo_id}.repo 0644"
+            f"printf '%s\\n' {_lines(repos.render_yum(repo))} "
+            f"| put /etc/yum.repos.d/{repo.repo_id}.repo 0644"
         )
     if any("$RELEASE" in s.line for s in plan.apt):
         out += [
-            'RELEASE=$(cat "$R/etc/os-release" 2>/dev/null || cat "$R/usr/lib/os-release" 2>/dev/null) || true',
-            "RELEASE=$(printf '%s\\n' \"$RELEASE\" | sed -n 's/^VERSION_CODENAME=//p' | tr -d '\"' | head -n 1)",
-            '[ -n "$RELEASE" ] || { echo "guestagent: apt source uses \\$RELEASE but /etc/os-release has no VERSION_CODENAME" >&2; exit 1; }',
+            'osr="$R/etc/os-release"; [ -e "$osr" ] || osr="$R/usr/lib/os-release"',
+            "RELEASE=$(sed -n 's/^VERSION_CODENAME=//p' \"$osr\" 2>/dev/null \\",
+            "  | tr -d '\"' | head -n 1)",
+            'if [ -z "$RELEASE" ]; then',
+            "  echo 'guestagent: apt source uses $RELEASE;' \\",
+            "    'no VERSION_CODENAME in /etc/os-release' >&2",
+            "  exit 1",
+            "fi",
         ]
     for src in plan.apt:
         line = '"$RELEASE"'.join(q(p) for p in src.line.split("$RELEASE"))
         out.append(
-            f"printf '%s\\n' {q(repos.HEADER)} {line} | put /etc/apt/sources.list.d/{src.filename} 0644"
+            f"printf '%s\\n' {q(repos.HEADER)} {line} "
+            f"| put /etc/apt/sources.list.d/{src.filename} 0644"
         )
     return out
 
@@ -201,15 +233,19 @@ def _accounts(plan: accounts.AccountsPlan) -> list[str]:
             out.append(f"ensure_group {q(user.primary_group)}")
         add = shlex.join(["acct", *accounts.useradd_argv(user)])
         out += [f"if has_entry {q(user.name)} /etc/passwd; then"]
-        out += [f"  in_group {q(g)} {q(user.name)} || acct usermod -a -G {q(g)} {q(user.name)}"
-                for g in user.groups] or ["  :"]
+        out += [
+            f"  in_group {q(g)} {q(user.name)} || acct usermod -a -G {q(g)} {q(user.name)}"
+            for g in user.groups
+        ] or ["  :"]
         out += ["else", f"  {add}", "fi"]
         if user.lock_passwd:
             out.append(f"if unlocked {q(user.name)}; then acct usermod -L {q(user.name)}; fi")
     for name, members in plan.groups:
         for m in members:
-            out.append(f"if has_entry {q(m)} /etc/passwd && ! in_group {q(name)} {q(m)}; then "
-                       f"acct usermod -a -G {q(name)} {q(m)}; fi")
+            out.append(
+                f"if has_entry {q(m)} /etc/passwd && ! in_group {q(name)} {q(m)}; then "
+                f"acct usermod -a -G {q(name)} {q(m)}; fi"
+            )
     for user in plan.users:
         if user.keys:
             out.append(f"add_keys {q(user.name)} " + " ".join(q(k) for k in user.keys))

@@ -104,8 +104,12 @@ def load(name: str, configured: Path | None = None) -> Template:
         if ptype not in TYPES:
             raise UserdataError(f"{path}: params.{pname}: unknown type {ptype!r}")
         params[pname] = Param(
-            pname, ptype, bool(spec.get("required", False)), spec.get("default"),
-            str(spec.get("help", "")), tuple(spec.get("choices", ())),
+            pname,
+            ptype,
+            bool(spec.get("required", False)),
+            spec.get("default"),
+            str(spec.get("help", "")),
+            tuple(spec.get("choices", ())),
         )
     body = raw.get("cloud-config")
     if not isinstance(body, dict):
@@ -122,12 +126,16 @@ def parse_params(tpl: Template, pairs: Sequence[str]) -> dict[str, Any]:
         key = key.strip()
         if not sep or key not in tpl.params:
             known = ", ".join(tpl.params)
-            raise UserdataError(f"--param {pair.split('=')[0]!r}: template {tpl.name} takes {known}")
+            raise UserdataError(
+                f"--param {pair.split('=')[0]!r}: template {tpl.name} takes {known}"
+            )
         if value.startswith("@"):
             try:
                 value = Path(value[1:]).expanduser().read_text().strip()
             except OSError as exc:
-                raise UserdataError(f"--param {key}: cannot read {value[1:]}: {exc.strerror}") from None
+                raise UserdataError(
+                    f"--param {key}: cannot read {value[1:]}: {exc.strerror}"
+                ) from None
         raw.setdefault(key, []).append(value)
     values: dict[str, Any] = {}
     for key, items in raw.items():
@@ -152,7 +160,9 @@ def check_params(tpl: Template, values: Mapping[str, Any]) -> dict[str, Any]:
         where = f"{tpl.name}: {name}"
         if name not in values or values[name] in (None, "", []):
             if p.required:
-                raise UserdataError(f"{where}: required ({p.help})" if p.help else f"{where}: required")
+                raise UserdataError(
+                    f"{where}: required ({p.help})" if p.help else f"{where}: required"
+                )
             out[name] = p.default
             if p.type == "resolv-options":
                 out[name] = _resolv_options(p.default or [], where)
@@ -213,7 +223,7 @@ def _expand(node: Any, params: Mapping[str, Any], where: str) -> Any:
             if key in ("_when", "_if"):
                 continue
             v = _expand(value, params, where)
-            if v is not None and v != "" and v != [] and v != {}:
+            if v is not None and not _empty(v):
                 k = _expand(key, params, where)
                 out[str(k)] = v
         for frag in node.get("_if", []):
@@ -229,10 +239,16 @@ def _expand(node: Any, params: Mapping[str, Any], where: str) -> Any:
         if whole:
             return _filter(params[_known(whole.group(1), params, where)], whole.group(2), where)
         return _PLACEHOLDER.sub(
-            lambda m: _as_text(_filter(params[_known(m.group(1), params, where)], m.group(2), where)),
+            lambda m: _as_text(
+                _filter(params[_known(m.group(1), params, where)], m.group(2), where)
+            ),
             node,
         )
     return node
+
+
+def _empty(value: Any) -> bool:
+    return isinstance(value, str | list | dict) and len(value) == 0
 
 
 def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -254,7 +270,7 @@ def _filter(value: Any, name: str | None, where: str) -> Any:
     if name == "path":
         if not isinstance(value, str) or not value.startswith("file:///"):
             raise UserdataError(f"{where}: want a file:///path here (an apt keyring in the image)")
-        return value[len("file://"):]
+        return value[len("file://") :]
     raise UserdataError(f"{where}: unknown filter {name!r}")
 
 

@@ -49,7 +49,10 @@ class _Saved:
 
 class Tree:
     def __init__(
-        self, root: str | os.PathLike[str] = "/", *, dry_run: bool = False,
+        self,
+        root: str | os.PathLike[str] = "/",
+        *,
+        dry_run: bool = False,
         backup_suffix: str = ".guestagent.bak",
     ) -> None:
         self.root = Path(os.path.realpath(root))
@@ -163,8 +166,14 @@ class Tree:
     # -- writes --------------------------------------------------------------------
 
     def write(
-        self, guest: str, data: bytes | str, *, mode: int = 0o644,
-        uid: int | None = None, gid: int | None = None, note: str = "",
+        self,
+        guest: str,
+        data: bytes | str,
+        *,
+        mode: int = 0o644,
+        uid: int | None = None,
+        gid: int | None = None,
+        note: str = "",
     ) -> bool:
         """Write ``guest`` atomically, keeping a backup; return False when unchanged."""
         payload = data.encode() if isinstance(data, str) else data
@@ -197,8 +206,9 @@ class Tree:
         log.info("wrote %s", guest)
         return True
 
-    def mkdir(self, guest: str, *, mode: int = 0o755, uid: int | None = None,
-              gid: int | None = None) -> None:
+    def mkdir(
+        self, guest: str, *, mode: int = 0o755, uid: int | None = None, gid: int | None = None
+    ) -> None:
         target = self.host(guest)
         if self.dry_run:
             if not target.is_dir():
@@ -315,7 +325,10 @@ def _snapshot(path: Path) -> _Saved:
     if stat.S_ISDIR(st.st_mode):
         return _Saved("dir", mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid)
     return _Saved(
-        "file", data=path.read_bytes(), mode=stat.S_IMODE(st.st_mode), uid=st.st_uid,
+        "file",
+        data=path.read_bytes(),
+        mode=stat.S_IMODE(st.st_mode),
+        uid=st.st_uid,
         gid=st.st_gid,
     )
 

@@ -20,7 +20,9 @@ def validate(data: bytes, settings: UserdataSettings) -> tuple[str, list[str]]:
     """(summary, warnings); raises UserdataError for the first problem found."""
     warnings: list[str] = []
     prepared = prepare(data, settings)
-    decoded = parts.decode(data, settings.max_size, settings.max_decoded_size) if data.strip() else b""
+    decoded = (
+        parts.decode(data, settings.max_size, settings.max_decoded_size) if data.strip() else b""
+    )
     split = parts.split(decoded) if decoded else []
     for part in split:
         if part.kind == parts.SHELL:
@@ -37,8 +39,10 @@ def validate(data: bytes, settings: UserdataSettings) -> tuple[str, list[str]]:
         ctx = Context(tree, settings)
         for handler in all_handlers():
             handler.plan(prepared.config, ctx)
-    warnings += [f"{k}: not supported by guestagent (only cloud-init applies it)"
-                 for k in prepared.unsupported_keys]
+    warnings += [
+        f"{k}: not supported by guestagent (only cloud-init applies it)"
+        for k in prepared.unsupported_keys
+    ]
     kinds = Counter(p.kind for p in split)
     summary = ", ".join(f"{n} {k}" for k, n in kinds.items()) or "empty"
     return summary, warnings

@@ -20,7 +20,7 @@ from guestagent.credentials.service import CredentialService
 from guestagent.metadata.client import MetadataClient
 
 try:  # shared real-service fixtures (also listed in tests/conftest.py's pytest_plugins)
-    from tests.fixtures.moto import moto_server, s3  # noqa: F401
+    from tests.fixtures.moto import moto_server, s3
 except ImportError:  # pragma: no cover - rootdir not on sys.path
     from fixtures.moto import moto_server, s3  # type: ignore[no-redef]  # noqa: F401
 
@@ -54,7 +54,7 @@ class Running:
 
     @property
     def tcp_url(self) -> str:
-        return "http://%s:%s" % self.tcp
+        return "http://{}:{}".format(*self.tcp)
 
     def get(self, path: str, *, via: str = "unix", headers: dict[str, str] | None = None
             ) -> tuple[int, dict[str, Any]]:
@@ -75,7 +75,9 @@ class Running:
             time.sleep(0.02)
 
     def served_key(self, via: str = "unix") -> str | None:
-        status, doc = self.get("/v1/credentials/aws", via=via)
+        token_file = self.settings.credentials.token_file
+        headers = {"Authorization": token_file.read_text().strip()} if token_file else None
+        status, doc = self.get("/v1/credentials/aws", via=via, headers=headers)
         return doc.get("AccessKeyId") if status == 200 else None
 
 

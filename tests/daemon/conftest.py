@@ -1,3 +1,3 @@
-from harness import agent_factory
+from daemon_harness import agent_factory
 
 __all__ = ["agent_factory"]

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from probes import events
+from daemon_harness import subprocess_env
+from daemon_probes import events
 
 from guestagent.daemon.localrun import to_toml
 
@@ -31,13 +32,12 @@ def cli(*args: str, config: Path | None = None) -> subprocess.CompletedProcess[s
     argv = [sys.executable, "-m", "guestagent.cli", *args]
     if config is not None:
         argv += ["--config", str(config)]
-    root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": root}
-    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=30)
+    return subprocess.run(argv, capture_output=True, text=True, env=subprocess_env(), timeout=30)
 
 
 def test_status_reports_services_in_start_order(agent_factory: Any) -> None:
-    agent = agent_factory(extra=["probes:first", "probes:second", "probes:disabled"])
+    agent = agent_factory(extra=["daemon_probes:first", "daemon_probes:second",
+                                 "daemon_probes:disabled"])
     res = cli("status", "--json", config=agent.config_path)
     assert res.returncode == 0, res.stderr
     reply = json.loads(res.stdout)
@@ -62,7 +62,7 @@ def test_status_without_daemon_exits_3(tmp_path: Path) -> None:
 
 
 def test_unhealthy_service_makes_status_fail(agent_factory: Any) -> None:
-    agent = agent_factory(extra=["probes:broken"], daemon={"error_log_period": 300.0})
+    agent = agent_factory(extra=["daemon_probes:broken"], daemon={"error_log_period": 300.0})
     svc = wait_for(lambda: (s := agent.service("broken")) and s["restarts"] >= 3 and s)
     assert svc["last_error"] == "RuntimeError: the probe is broken on purpose"
     res = cli("status", config=agent.config_path)
@@ -73,7 +73,7 @@ def test_unhealthy_service_makes_status_fail(agent_factory: Any) -> None:
 
 
 def test_flaky_service_recovers(agent_factory: Any) -> None:
-    agent = agent_factory(extra=["probes:flaky"])
+    agent = agent_factory(extra=["daemon_probes:flaky"])
     svc = wait_for(lambda: (s := agent.service("flaky")) and s["restarts"] == 2
                    and s["state"] == "running" and s)
     assert svc["healthy"]
@@ -89,7 +89,7 @@ def test_second_daemon_is_refused(agent_factory: Any) -> None:
 
 
 def test_sigterm_drains_and_stops_in_reverse_order(agent_factory: Any) -> None:
-    agent = agent_factory(extra=["probes:first", "probes:second"])
+    agent = agent_factory(extra=["daemon_probes:first", "daemon_probes:second"])
     wait_for(lambda: len(events(agent.workdir / "probe")) == 2)
     began = time.monotonic()
     agent.send(signal.SIGTERM)
@@ -102,8 +102,8 @@ def test_sigterm_drains_and_stops_in_reverse_order(agent_factory: Any) -> None:
 
 
 def test_sigterm_budget_bounds_a_slow_drain(agent_factory: Any) -> None:
-    agent = agent_factory(extra=["probes:first", "probes:second"], daemon={"stop_timeout": 1.0},
-                          env={"PROBE_SECOND_DRAIN": "30"})
+    agent = agent_factory(extra=["daemon_probes:first", "daemon_probes:second"],
+                          daemon={"stop_timeout": 1.0}, env={"PROBE_SECOND_DRAIN": "30"})
     wait_for(lambda: len(events(agent.workdir / "probe")) == 2)
     began = time.monotonic()
     agent.send(signal.SIGTERM)
@@ -112,7 +112,7 @@ def test_sigterm_budget_bounds_a_slow_drain(agent_factory: Any) -> None:
 
 
 def test_sighup_reloads_settings(agent_factory: Any) -> None:
-    agent = agent_factory(extra=["probes:first"])
+    agent = agent_factory(extra=["daemon_probes:first"])
     assert agent.status()["spot"]["poll_interval"] == 0.2
     agent.config["spot"]["poll_interval"] = 0.7
     agent.write_config()
@@ -146,9 +146,18 @@ def test_sd_notify_ready_watchdog_stopping(agent_factory: Any, tmp_path: Path) -
 
 
 def test_kill_9_then_restart_resumes(agent_factory: Any) -> None:
-    agent = agent_factory(extra=["probes:first"])
+    agent = agent_factory(extra=["daemon_probes:first"])
     os.kill(agent.pid, signal.SIGKILL)
     agent.wait(5)
-    again = agent_factory(extra=["probes:first"])  # same state and run dirs
+    again = agent_factory(extra=["daemon_probes:first"])  # same state and run dirs
     assert again.status()["healthy"]
     assert cli("status", config=again.config_path).returncode == 0
+
+
+def test_lean_entry_point_runs_the_same_daemon(agent_factory: Any) -> None:
+    agent = agent_factory(extra=["daemon_probes:first"], start=False)
+    agent.lean = True
+    agent.start()
+    assert [s["name"] for s in agent.status()["services"]] == [
+        "metadata", "first", "maintenance", "spot"]
+    assert agent.stop() == 0

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon_harness import subprocess_env
 
 
 class UnixHTTP(http.client.HTTPConnection):
@@ -49,6 +50,11 @@ def wait_for(cond: Any, timeout: float = 10.0) -> Any:
             return value
         assert time.monotonic() < end, "condition not met in time"
         time.sleep(0.05)
+
+
+# Only the user-data script runs: nothing else on this machine is changed.
+USERDATA = {"enabled": True, "default_dns": False, "default_ntp": False,
+            "defer_to_cloud_init": False}
 
 
 def _has(module: str, attr: str) -> bool:
@@ -88,11 +94,33 @@ def test_kill_9_does_not_rerun_first_boot_work(agent_factory: Any, emulator: Any
                                                tmp_path: Path) -> None:
     marker = tmp_path / "firstboot.count"
     emulator.set_user_data(f"#!/bin/sh\necho ran >> {marker}\n".encode())
-    agent = agent_factory(userdata={"enabled": True, "default_dns": False, "default_ntp": False})
+    agent = agent_factory(userdata=USERDATA)
     wait_for(lambda: marker.exists())
-    wait_for(lambda: agent.service("firstboot")["state"] == "done")
+    wait_for(lambda: agent.service("userdata")["state"] == "done")
     os.kill(agent.pid, signal.SIGKILL)
     agent.wait(5)
-    again = agent_factory(userdata={"enabled": True, "default_dns": False, "default_ntp": False})
-    wait_for(lambda: again.service("firstboot")["state"] == "done")
+    again = agent_factory(userdata=USERDATA)
+    wait_for(lambda: again.service("userdata")["state"] == "done")
+    assert marker.read_text() == "ran\n"
+
+
+@pytest.mark.skipif(not _has("guestagent.userdata.service", "FirstBootService"),
+                    reason="first-boot service (issue 5) not in this tree yet")
+def test_firstboot_unit_command_then_daemon(agent_factory: Any, emulator: Any,
+                                            tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    marker = tmp_path / "firstboot.count"
+    emulator.set_user_data(f"#!/bin/sh\necho ran >> {marker}\n".encode())
+    agent = agent_factory(userdata=USERDATA, start=False)
+    agent.write_config()
+    argv = [sys.executable, "-m", "guestagent.cli", "run", "--once", "userdata",
+            "--config", str(agent.config_path)]
+    for _ in range(2):  # what guestagent-firstboot.service runs; a rerun is a no-op
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                             env=subprocess_env())
+        assert res.returncode == 0, res.stderr
+    agent.start()
+    wait_for(lambda: agent.service("userdata")["state"] == "done")
     assert marker.read_text() == "ran\n"

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import write_hook
-from probes import events
+from daemon_harness import write_hook
+from daemon_probes import events
 
 from guestagent.spot.drain import load_report
 
@@ -32,7 +32,7 @@ def test_notice_runs_hooks_in_order_drains_services_and_exits_0(
     write_hook(hooks, "20-flush", f'echo "flush $GUESTAGENT_TERMINATION_TIME" >> {out}')
     write_hook(hooks, "10-stop-app", f'echo "stop-app $GUESTAGENT_TERMINATION_TIME" >> {out}')
     write_hook(hooks, "30-fail", "echo failing; exit 1")
-    agent = agent_factory(extra=["probes:first", "probes:second"])
+    agent = agent_factory(extra=["daemon_probes:first", "daemon_probes:second"])
     emulator.schedule_termination(0.3, 6)
     scheduled = time.time() + 0.3
     assert agent.wait(15) == 0
@@ -62,7 +62,7 @@ def test_hanging_hook_is_killed_and_drain_ends_in_time(
     hooks = tmp_path / "agent" / "spot.d"
     write_hook(hooks, "10-hang", f"echo started >> {out}; sleep 120; echo finished >> {out}")
     write_hook(hooks, "20-after", f"echo after >> {out}")
-    agent = agent_factory(extra=["probes:first"], spot={"hook_timeout": 1.0})
+    agent = agent_factory(extra=["daemon_probes:first"], spot={"hook_timeout": 1.0})
     emulator.schedule_termination(0, 8)
     began = time.monotonic()
     assert agent.wait(15) == 0
@@ -111,7 +111,7 @@ def test_sigterm_in_the_middle_of_a_drain(agent_factory: Any, emulator: Any,
     hooks = tmp_path / "agent" / "spot.d"
     write_hook(hooks, "10-slow", f"echo started >> {out}; sleep 120; echo finished >> {out}")
     write_hook(hooks, "20-never", f"echo never >> {out}")
-    agent = agent_factory(extra=["probes:first"], spot={"hook_timeout": 100.0},
+    agent = agent_factory(extra=["daemon_probes:first"], spot={"hook_timeout": 100.0},
                           daemon={"stop_timeout": 2.0})
     emulator.schedule_termination(0, 200)
     wait_for(lambda: out.exists())

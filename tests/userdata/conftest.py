@@ -11,7 +11,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from guestagent.userdata.settings import UserdataSettings
 
-CHRONY = "pool 2.debian.pool.ntp.org iburst\nsourcedir /run/chrony-dhcp\ndriftfile /var/lib/chrony/chrony.drift\n"
+CHRONY = (
+    "pool 2.debian.pool.ntp.org iburst\nsourcedir /run/chrony-dhcp\n"
+    "driftfile /var/lib/chrony/chrony.drift\n"
+)
 SSHD = (
     "Include /etc/ssh/sshd_config.d/*.conf\n#PermitRootLogin prohibit-password\n"
     "PasswordAuthentication yes\nMatch User anoncvs\n  PasswordAuthentication no\n"

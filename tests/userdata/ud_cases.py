@@ -16,7 +16,13 @@ def snapshot(root: Path, *, times: bool = False) -> dict[str, Any]:
             p = Path(dirpath) / name
             st = p.lstat()
             rel = str(p.relative_to(root))
-            data = p.read_bytes() if stat.S_ISREG(st.st_mode) else os.readlink(p) if p.is_symlink() else None
+            data = (
+                p.read_bytes()
+                if stat.S_ISREG(st.st_mode)
+                else os.readlink(p)
+                if p.is_symlink()
+                else None
+            )
             entry: tuple[Any, ...] = (data, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
             if times and stat.S_ISREG(st.st_mode):
                 entry += (st.st_mtime_ns, st.st_ino)
@@ -27,16 +33,42 @@ def snapshot(root: Path, *, times: bool = False) -> dict[str, Any]:
 def template_cases(key: str) -> dict[str, tuple[str, dict[str, Any]]]:
     """One parameter set per template (repo twice: yum and apt)."""
     return {
-        "dns": ("dns", {"nameservers": ["100.100.2.136", "100.100.2.138"],
-                        "search": ["example.internal"], "options": ["rotate", "timeout:2"]}),
+        "dns": (
+            "dns",
+            {
+                "nameservers": ["100.100.2.136", "100.100.2.138"],
+                "search": ["example.internal"],
+                "options": ["rotate", "timeout:2"],
+            },
+        ),
         "ntp": ("ntp", {"servers": ["ntp1.aliyun.com", "ntp2.aliyun.com"]}),
-        "repo-yum": ("repo", {"kind": "yum", "id": "myrepo", "name": "my repo",
-                              "baseurl": "http://mirrors.cloud.aliyuncs.com/centos/7/os/x86_64/",
-                              "gpgcheck": False}),
-        "repo-apt": ("repo", {"kind": "apt", "id": "myrepo",
-                              "baseurl": "http://mirrors.cloud.aliyuncs.com/debian",
-                              "gpgkey": "file:///usr/share/keyrings/debian-archive-keyring.gpg"}),
-        "sudo-account": ("sudo-account", {"user": "ops", "groups": ["wheel", "adm"],
-                                          "ssh_keys": [key], "disable_root": True,
-                                          "disable_password_auth": True}),
+        "repo-yum": (
+            "repo",
+            {
+                "kind": "yum",
+                "id": "myrepo",
+                "name": "my repo",
+                "baseurl": "http://mirrors.cloud.aliyuncs.com/centos/7/os/x86_64/",
+                "gpgcheck": False,
+            },
+        ),
+        "repo-apt": (
+            "repo",
+            {
+                "kind": "apt",
+                "id": "myrepo",
+                "baseurl": "http://mirrors.cloud.aliyuncs.com/debian",
+                "gpgkey": "file:///usr/share/keyrings/debian-archive-keyring.gpg",
+            },
+        ),
+        "sudo-account": (
+            "sudo-account",
+            {
+                "user": "ops",
+                "groups": ["wheel", "adm"],
+                "ssh_keys": [key],
+                "disable_root": True,
+                "disable_password_auth": True,
+            },
+        ),
     }

@@ -40,14 +40,18 @@ def plan_from(cfg: Mapping[str, Any]) -> DnsPlan | None:
         raise UserdataError("resolv_conf.nameservers: at most 3 (the resolver ignores the rest)")
     search = [
         checks.hostname(v, f"resolv_conf.searchdomains[{i}]")
-        for i, v in enumerate(checks.str_list(rc.get("searchdomains", []), "resolv_conf.searchdomains"))
+        for i, v in enumerate(
+            checks.str_list(rc.get("searchdomains", []), "resolv_conf.searchdomains")
+        )
     ]
     if len(search) > 6:
         raise UserdataError("resolv_conf.searchdomains: at most 6 domains")
     domain = checks.hostname(rc["domain"], "resolv_conf.domain") if rc.get("domain") else ""
     opts = rc.get("options", {}) or {}
     if not isinstance(opts, Mapping):
-        raise UserdataError("resolv_conf.options: must be a mapping such as {rotate: true, timeout: 2}")
+        raise UserdataError(
+            "resolv_conf.options: must be a mapping such as {rotate: true, timeout: 2}"
+        )
     options: list[str] = []
     for key, value in opts.items():
         where = f"resolv_conf.options.{key}"

@@ -35,7 +35,9 @@ class NtpPlan:
     pools: tuple[str, ...]
 
     def lines(self) -> list[str]:
-        return [f"server {s} iburst" for s in self.servers] + [f"pool {p} iburst" for p in self.pools]
+        return [f"server {s} iburst" for s in self.servers] + [
+            f"pool {p} iburst" for p in self.pools
+        ]
 
 
 def plan_from(cfg: Mapping[str, Any]) -> NtpPlan | None:
@@ -51,11 +53,17 @@ def plan_from(cfg: Mapping[str, Any]) -> NtpPlan | None:
         return None
     client = ntp.get("ntp_client", "auto") or "auto"
     if client not in CLIENTS:
-        raise UserdataError(f"ntp.ntp_client: {client!r} is not supported (use {', '.join(CLIENTS)})")
-    servers = [checks.host(v, f"ntp.servers[{i}]")
-               for i, v in enumerate(checks.str_list(ntp.get("servers", []), "ntp.servers"))]
-    pools = [checks.host(v, f"ntp.pools[{i}]")
-             for i, v in enumerate(checks.str_list(ntp.get("pools", []), "ntp.pools"))]
+        raise UserdataError(
+            f"ntp.ntp_client: {client!r} is not supported (use {', '.join(CLIENTS)})"
+        )
+    servers = [
+        checks.host(v, f"ntp.servers[{i}]")
+        for i, v in enumerate(checks.str_list(ntp.get("servers", []), "ntp.servers"))
+    ]
+    pools = [
+        checks.host(v, f"ntp.pools[{i}]")
+        for i, v in enumerate(checks.str_list(ntp.get("pools", []), "ntp.pools"))
+    ]
     if not servers and not pools:
         raise UserdataError("ntp: give at least one of servers or pools")
     return NtpPlan(client, tuple(servers), tuple(pools))
@@ -64,9 +72,17 @@ def plan_from(cfg: Mapping[str, Any]) -> NtpPlan | None:
 def choose(tree: Tree, client: str) -> tuple[str, str]:
     """(client, config path) for the tree; ``auto`` prefers an installed chrony."""
     if client == "auto":
-        if tree.exists("/etc/chrony") or tree.exists("/etc/chrony.conf") or tree.exists("/usr/sbin/chronyd"):
+        if (
+            tree.exists("/etc/chrony")
+            or tree.exists("/etc/chrony.conf")
+            or tree.exists("/usr/sbin/chronyd")
+        ):
             client = "chrony"
-        elif tree.exists("/etc/ntpsec") or tree.exists("/etc/ntp.conf") or tree.exists("/usr/sbin/ntpd"):
+        elif (
+            tree.exists("/etc/ntpsec")
+            or tree.exists("/etc/ntp.conf")
+            or tree.exists("/usr/sbin/ntpd")
+        ):
             client = "ntp"
         else:
             client = "chrony"

@@ -48,7 +48,9 @@ def _yum_value(key: str, value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise UserdataError(f"{where}: expected a string, number or boolean")
     if key in _URL_KEYS or key == "gpgkey":
-        return " ".join(checks.url(v, where, ("http", "https", "file", "ftp")) for v in value.split())
+        return " ".join(
+            checks.url(v, where, ("http", "https", "file", "ftp")) for v in value.split()
+        )
     return checks.text(value, where, max_len=256)
 
 
@@ -91,7 +93,9 @@ def check_apt_line(line: str, where: str) -> str:
                 break
         inner = " ".join(opts)[1:-1].split()
         if not inner or not all(_APT_OPTION.match(o) for o in inner):
-            raise UserdataError(f"{where}: bad options {' '.join(opts)!r} (arch=, signed-by=, trusted=)")
+            raise UserdataError(
+                f"{where}: bad options {' '.join(opts)!r} (arch=, signed-by=, trusted=)"
+            )
     if len(rest) < 2:
         raise UserdataError(f"{where}: want 'deb [options] URI suite [components]'")
     checks.url(rest[0], where, ("http", "https", "file", "ftp"))
@@ -176,4 +180,6 @@ class Repos(Handler):
             for repo in plan.yum:
                 tree.write(f"/etc/yum.repos.d/{repo.repo_id}.repo", render_yum(repo), mode=0o644)
             for src in plan.apt:
-                tree.write(f"/etc/apt/sources.list.d/{src.filename}", render_apt(src, release), mode=0o644)
+                tree.write(
+                    f"/etc/apt/sources.list.d/{src.filename}", render_apt(src, release), mode=0o644
+                )

@@ -9,7 +9,7 @@ import gzip
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from guestagent.userdata import checks
 from guestagent.userdata.errors import ApplyError, UserdataError
@@ -17,8 +17,14 @@ from guestagent.userdata.handlers import Context, Handler
 from guestagent.userdata.tree import Tree
 
 _ENCODINGS = {
-    "text": (), "b64": ("b64",), "base64": ("b64",), "gz": ("gz",), "gzip": ("gz",),
-    "gz+b64": ("b64", "gz"), "gz+base64": ("b64", "gz"), "gzip+b64": ("b64", "gz"),
+    "text": (),
+    "b64": ("b64",),
+    "base64": ("b64",),
+    "gz": ("gz",),
+    "gzip": ("gz",),
+    "gz+b64": ("b64", "gz"),
+    "gz+base64": ("b64", "gz"),
+    "gzip+b64": ("b64", "gz"),
     "gzip+base64": ("b64", "gz"),
 }
 _KEYS = {"path", "content", "source", "encoding", "owner", "permissions", "append", "defer"}
@@ -73,7 +79,9 @@ def plan_from(cfg: Mapping[str, Any], deferred: bool) -> list[FileEntry] | None:
         path = checks.abs_path(item.get("path"), f"{where}.path")
         encoding = str(item.get("encoding", "text")).lower()
         if encoding not in _ENCODINGS:
-            raise UserdataError(f"{where}.encoding: {encoding!r} is not one of {', '.join(_ENCODINGS)}")
+            raise UserdataError(
+                f"{where}.encoding: {encoding!r} is not one of {', '.join(_ENCODINGS)}"
+            )
         content = _decode(item.get("content", ""), encoding, where)
         owner = checks.text(item.get("owner", "root:root"), f"{where}.owner", max_len=65)
         user, _, group = owner.partition(":")
@@ -93,12 +101,14 @@ def lookup(tree: Tree, path: str, name: str) -> int:
         f = line.split(":")
         if len(f) >= 3 and f[0] == name:
             return int(f[2])
-    raise ApplyError(f"write_files: no {'user' if 'passwd' in path else 'group'} {name!r} in {path}")
+    raise ApplyError(
+        f"write_files: no {'user' if 'passwd' in path else 'group'} {name!r} in {path}"
+    )
 
 
 class WriteFiles(Handler):
     name = "write_files"
-    keys = ("write_files",)
+    keys: ClassVar[tuple[str, ...]] = ("write_files",)
     deferred = False
 
     def plan(self, cfg: Mapping[str, Any], ctx: Context) -> list[FileEntry] | None:

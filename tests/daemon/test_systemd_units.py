@@ -41,7 +41,7 @@ def test_service_unit_contract() -> None:
         assert line in text
     first = (UNITS / "guestagent-firstboot.service").read_text()
     for line in ("Type=oneshot", "Before=network-online.target sshd.service",
-                 f"ExecStart={BINARY} run --once firstboot"):
+                 f"ExecStart={BINARY} run --once userdata"):
         assert line in first
 
 

@@ -66,3 +66,11 @@ def agent_factory(emulator: Any, tmp_path: Path) -> Iterator[Callable[..., Agent
     yield make
     for agent in started:
         agent.kill()
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment for a ``python -m guestagent.cli`` child: this tree first, and the
+    test guard (already on PYTHONPATH) kept."""
+    root = str(Path(__file__).resolve().parents[2])
+    return {**os.environ,
+            "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}

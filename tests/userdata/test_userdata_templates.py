@@ -54,8 +54,9 @@ def test_cli_params_from_strings(ssh_key: str, tmp_path: Any) -> None:
     keyfile = tmp_path / "id.pub"
     keyfile.write_text(ssh_key + "\n")
     tpl = templates.load("sudo-account")
-    values = templates.parse_params(tpl, ["user=ops", "groups=wheel,adm", f"ssh_keys=@{keyfile}",
-                                          "nopasswd=no"])
+    values = templates.parse_params(
+        tpl, ["user=ops", "groups=wheel,adm", f"ssh_keys=@{keyfile}", "nopasswd=no"]
+    )
     doc = templates.render(tpl, values)
     user = doc["users"][0]
     assert user["ssh_authorized_keys"] == [ssh_key]
@@ -86,7 +87,11 @@ def test_apt_disabled_and_unsigned_variants() -> None:
         ("ntp", {"servers": ["ntp.example.com"], "client": "systemd"}, "one of"),
         ("repo", {"kind": "yum", "id": "x", "baseurl": "http://x/\n[evil]"}, "control"),
         ("repo", {"kind": "yum", "id": "x", "baseurl": "http://x/';reboot;'"}, "not allowed"),
-        ("repo", {"kind": "yum", "id": "../../etc/passwd", "baseurl": "http://x/"}, "repository id"),
+        (
+            "repo",
+            {"kind": "yum", "id": "../../etc/passwd", "baseurl": "http://x/"},
+            "repository id",
+        ),
         ("repo", {"kind": "apt", "id": "x", "baseurl": "http://x/", "suite": "a b"}, "valid word"),
         ("repo", {"kind": "zypper", "id": "x", "baseurl": "http://x/"}, "one of"),
         ("sudo-account", {"user": "bob;id", "ssh_keys": ["KEY"]}, "user/group name"),
@@ -94,7 +99,11 @@ def test_apt_disabled_and_unsigned_variants() -> None:
         ("sudo-account", {"user": "bob", "ssh_keys": ["ssh-rsa AAAAnotakey x"]}, "does not parse"),
         ("sudo-account", {"user": "bob", "ssh_keys": ["hello"]}, "not an OpenSSH public key"),
         ("sudo-account", {"user": "bob"}, "required"),
-        ("sudo-account", {"user": "bob", "ssh_keys": ["KEY"], "shell": "/bin/sh -c id"}, "absolute path"),
+        (
+            "sudo-account",
+            {"user": "bob", "ssh_keys": ["KEY"], "shell": "/bin/sh -c id"},
+            "absolute path",
+        ),
         ("dns", {"nameservers": ["1.1.1.1"], "bogus": "1"}, "unknown parameter"),
     ],
 )
@@ -108,7 +117,9 @@ def test_bad_parameters_are_refused(
 
 
 def test_shell_quotes_everything(ssh_key: str) -> None:
-    doc = templates.render(templates.load("sudo-account"),
-                           {"user": "ops", "ssh_keys": [ssh_key.replace("builder@example", "it's me")]})
+    doc = templates.render(
+        templates.load("sudo-account"),
+        {"user": "ops", "ssh_keys": [ssh_key.replace("builder@example", "it's me")]},
+    )
     text = shell.render(doc)
-    assert "'it'\"'\"'s me'" in text  # the comment survives, quoted
+    assert "it'\"'\"'s me'" in text  # the comment survives, quoted

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+from daemon_harness import subprocess_env
+
 
 def test_demo_runs_to_a_clean_drain(tmp_path: Path) -> None:
-    root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": root}
     res = subprocess.run(
         [sys.executable, "-m", "guestagent.cli", "demo", "--workdir", str(tmp_path),
          "--release-after", "20"],
-        capture_output=True, text=True, env=env, timeout=90,
+        capture_output=True, text=True, env=subprocess_env(), timeout=90,
     )
     assert res.returncode == 0, res.stdout + res.stderr
     out = res.stdout

@@ -1,5 +1,5 @@
 """Small services the end-to-end tests plug into the real daemon via
-``daemon.extra_services = ["probes:first", ...]``. Each appends what happens to it to
+``daemon.extra_services = ["daemon_probes:first", ...]``. Each appends what happens to it to
 ``$PROBE_DIR/events.log`` so tests can assert on the order of start, drain and stop."""
 
 from __future__ import annotations
