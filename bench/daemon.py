@@ -8,8 +8,8 @@ maintenance watcher, spot watcher at the production 1 s poll), measured from out
 psutil: RSS at the end and at its peak, CPU over the window.
 Spot: a notice is posted at a random moment of the poll cycle; "seen" is the watcher's own
 timestamp (drain.json seen_at) minus the moment the notice appeared, "drained" is the drain's
-finished_at minus the same moment. First-boot user-data stays off (it would change this
-machine).
+finished_at minus the same moment. First boot runs with no user-data (so it changes
+nothing on this machine).
 
 Targets (DESIGN.md): RSS <= 40 MB, CPU <= 0.5 %, notice seen <= 1.5 s.
 """
@@ -37,7 +37,10 @@ def config(url: str, workdir: Path) -> dict[str, dict[str, object]]:
     # Production cadence, not the demo's.
     cfg["spot"].update(poll_interval=1.0, maintenance_interval=10.0, deadline_margin=30.0)
     cfg["daemon"]["metadata_check_interval"] = 60.0
-    cfg["userdata"] = {"enabled": False}
+    # First boot on, with nothing to apply: its code is loaded and runs, this machine's
+    # DNS, NTP and accounts stay as they are.
+    cfg["userdata"] = {"enabled": True, "default_dns": False, "default_ntp": False,
+                       "defer_to_cloud_init": False}
     hooks = workdir / "spot.d"
     hooks.mkdir(parents=True, exist_ok=True)
     hook = hooks / "10-note"
@@ -105,6 +108,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="spot notices (default 5)")
     args = parser.parse_args()
     with Emulator().start() as emu:
+        emu.set_user_data(None)
         for lean, entry in ((False, "guestagent run"), (True, "python -m guestagent.daemon")):
             fig = idle(emu, args.seconds, lean)
             print(f"idle [{entry}] over {fig['seconds']:.0f}s: RSS {fig['rss_mb']:.1f} MB "

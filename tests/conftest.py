@@ -17,7 +17,8 @@ import pytest
 
 DATA = Path(__file__).parent / "data"
 
-pytest_plugins: list[str] = []
+# Shared real-service fixtures (moto server, ...); tests/ is on sys.path (rootdir conftest).
+pytest_plugins = ["fixtures.moto"]
 
 
 class NetworkEscape(AssertionError):

@@ -154,7 +154,7 @@ def mask(secret: str, keep: int = 4) -> str:
     """Show only the last few characters of an identifier-like secret."""
     if len(secret) <= keep * 2:
         return "*" * len(secret)
-    return "*" * (len(secret) - keep) + secret[-keep:]
+    return "*" * (len(secret) - keep) + (secret[-keep:] if keep else "")
 
 
 @dataclass(frozen=True)

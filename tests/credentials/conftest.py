@@ -19,11 +19,6 @@ from guestagent.config import Settings, from_mapping
 from guestagent.credentials.service import CredentialService
 from guestagent.metadata.client import MetadataClient
 
-try:  # shared real-service fixtures (also listed in tests/conftest.py's pytest_plugins)
-    from tests.fixtures.moto import moto_server, s3
-except ImportError:  # pragma: no cover - rootdir not on sys.path
-    from fixtures.moto import moto_server, s3  # type: ignore[no-redef]  # noqa: F401
-
 # The emulator at time_scale 1800: sets live 12 s, the next one appears 1 s before expiry.
 SCALE = 1800.0
 SCALED = {

@@ -9,6 +9,7 @@ shrinks the durations (validity/time_scale, overlap/time_scale).
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import string
 import threading
@@ -157,8 +158,10 @@ class RoleCredentials:
             access_key_id=key_id,
             access_key_secret=secret,
             security_token=token,
-            issued_at=now,
-            expires_at=now + self.validity / self.time_scale,
+            # Whole seconds, as published: a client working from the Expiration text then
+            # sees the very moment the set stops being valid, not up to 1 s later.
+            issued_at=float(math.floor(now)),
+            expires_at=float(math.floor(now + self.validity / self.time_scale)),
         )
         self._issued.append(current)
         self._document = current.document()
