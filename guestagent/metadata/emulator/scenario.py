@@ -201,7 +201,7 @@ def load_scenario(
 def _parse(text: str, source: str, fmt: str) -> dict[str, Any]:
     if fmt == "yaml":
         try:
-            import yaml  # type: ignore[import-untyped]
+            import yaml
         except ImportError as exc:
             raise ScenarioError(f"{source}: YAML scenarios need PyYAML; use TOML") from exc
         try:
