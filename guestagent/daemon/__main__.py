@@ -23,6 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     parser.add_argument("--once", metavar="SERVICE", action="append",
                         help="run only this one-shot service to completion and exit")
+    parser.add_argument("--in-daemon", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose > 1 else logging.INFO,

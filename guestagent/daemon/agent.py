@@ -25,7 +25,7 @@ from guestagent.config import Settings
 from guestagent.daemon import control
 from guestagent.daemon.lock import DaemonLock
 from guestagent.daemon.notify import Notifier
-from guestagent.daemon.registry import Context, ServiceSpec, build
+from guestagent.daemon.registry import Context, ServiceSpec, build, specs
 from guestagent.daemon.service import Service
 from guestagent.daemon.supervisor import Supervisor
 from guestagent.metadata.client import MetadataClient
@@ -96,7 +96,8 @@ class Daemon:
         server: control.ControlServer | None = None
         try:
             self.client = MetadataClient(self.settings.metadata)
-            self.ctx = Context(self.settings, self.client, self._on_notice)
+            self.ctx = Context(self.settings, self.client, self._on_notice,
+                               config_path=self.config_path, inline_oneshots=False)
             for spec, service in build(self.ctx):
                 self._specs[service.name] = spec
                 self.supervisor.add(service)
@@ -363,19 +364,24 @@ def configure_logging(level: str) -> None:
     logging.getLogger().setLevel(level.upper())
 
 
-def run_once(settings: Settings, names: list[str], verbose: int = 0) -> int:
-    """Run the named one-shot services in start order, in the foreground, then exit
-    (0 when all finished). Holds the daemon lock, so it never races a running daemon."""
+def run_once(settings: Settings, names: list[str], verbose: int = 0,
+             in_daemon: bool = False) -> int:
+    """Run the named one-shot services in start order, in the foreground, then exit: 0 when
+    all finished well, 4 when one reports part of its work failed. Holds the daemon lock so
+    it never races a running daemon, unless it is that daemon's own child (``in_daemon``)."""
     if not verbose:
         configure_logging(settings.daemon.log_level)
     d = settings.daemon
     lock = DaemonLock(d.state_dir, d.run_dir)
-    lock.acquire()
+    if not in_daemon:
+        lock.acquire()
     client = MetadataClient(settings.metadata)
     stop = threading.Event()
     try:
         ctx = Context(settings, client, lambda notice: None)
-        chosen = [svc for _, svc in build(ctx) if svc.name in names]
+        # Only the named ones are even built: constructors of the others may have effects.
+        built = [spec.factory(ctx) for spec in specs(settings) if spec.name in names]
+        chosen = [svc for svc in built if svc is not None]
         missing = set(names) - {svc.name for svc in chosen}
         if missing:
             raise ValueError(f"no such enabled service: {', '.join(sorted(missing))}")
@@ -391,7 +397,7 @@ def run_once(settings: Settings, names: list[str], verbose: int = 0) -> int:
         for svc in chosen:
             log.info("running %s once", svc.name)
             svc.run(stop)
-        return 0
+        return 0 if all(svc.healthy() for svc in chosen) else 4
     finally:
         client.close()
         lock.release()

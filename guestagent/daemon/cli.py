@@ -20,6 +20,7 @@ def register(sub: Any) -> None:
     run.add_argument("--once", metavar="SERVICE", action="append",
                      help="run only this one-shot service to completion and exit "
                           "(e.g. userdata, for guestagent-firstboot.service)")
+    run.add_argument("--in-daemon", action="store_true", help=argparse.SUPPRESS)
     run.set_defaults(handler=_run)
 
     status = sub.add_parser("status", help="ask the running daemon how it is")
@@ -46,7 +47,8 @@ def _run(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     try:
         if args.once:
-            return run_once(settings, args.once, args.verbose)
+            return run_once(settings, args.once, args.verbose,
+                            getattr(args, "in_daemon", False))
         return run_daemon(settings, getattr(args, "config", None), args.verbose)
     except AlreadyRunning as exc:
         return fail(EXIT_USAGE, str(exc))

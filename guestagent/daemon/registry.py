@@ -41,6 +41,10 @@ class Context:
     draining: threading.Event = field(default_factory=threading.Event)
     # Facts the daemon keeps about services for ``guestagent status`` (no secrets).
     facts: dict[str, Any] = field(default_factory=dict)
+    # The settings file the daemon was started with (for child processes).
+    config_path: str | None = None
+    # False in the daemon: heavy one-shots run as child processes (see daemon/child.py).
+    inline_oneshots: bool = True
 
     @property
     def state_dir(self) -> Path:
@@ -123,9 +127,16 @@ def _optional(module: str, attr: str) -> Any:
 def _firstboot(ctx: Context) -> Service | None:
     if not ctx.settings.userdata.enabled:
         return None
-    cls = _optional("guestagent.userdata.service", "FirstBootService") or _optional(
-        "guestagent.userdata", "FirstBootService")
-    return None if cls is None else cls(ctx.settings, ctx.client)
+    cls = _optional("guestagent.userdata.service", "FirstBootService")
+    if cls is None:
+        return None
+    if not ctx.inline_oneshots:
+        from guestagent.daemon.child import ChildOneshot
+
+        # Bounded: scripts have their own timeout; several may run, plus the templates.
+        timeout = 3 * ctx.settings.userdata.script_timeout + 60
+        return ChildOneshot(cls.name, ctx.config_path, timeout)
+    return cls(ctx.settings, ctx.client)  # type: ignore[no-any-return]
 
 
 def _metadata(ctx: Context) -> Service | None:

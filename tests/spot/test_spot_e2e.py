@@ -168,3 +168,16 @@ def _ts(text: str) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def test_final_action_runs_last(agent_factory: Any, emulator: Any, tmp_path: Path) -> None:
+    out = tmp_path / "order.out"
+    write_hook(tmp_path / "agent" / "spot.d", "10-hook", f"echo hook >> {out}")
+    agent = agent_factory(spot={"final_action": "poweroff",
+                                "poweroff_command": ["sh", "-c", f"echo poweroff >> {out}"]})
+    emulator.schedule_termination(0, 8)
+    assert agent.wait(15) == 0
+    assert out.read_text().splitlines() == ["hook", "poweroff"]
+    report = load_report(agent.state_dir)
+    assert report is not None
+    assert [s["step"] for s in report["steps"]][-1] == "poweroff" and report["deadline_held"]
