@@ -12,15 +12,18 @@ from typing import Any
 
 from guestagent import __version__
 
-# Capabilities whose ``cli`` module adds sub-commands, in help order.
-CAPABILITIES = (
-    "guestagent.metadata.cli",
-    "guestagent.metadata.emulator.cli",
-    "guestagent.credentials.cli",
-    "guestagent.daemon.cli",
-    "guestagent.userdata.cli",
-    "guestagent.configcli",
-)
+# Which module adds each top-level command. Only the chosen command's module is imported,
+# so ``guestagent run`` does not carry the emulator's or user-data's imports for months.
+COMMANDS = {
+    "metadata": "guestagent.metadata.cli",
+    "emulator": "guestagent.metadata.emulator.cli",
+    "credentials": "guestagent.credentials.cli",
+    "run": "guestagent.daemon.cli",
+    "status": "guestagent.daemon.cli",
+    "demo": "guestagent.daemon.cli",
+    "userdata": "guestagent.userdata.cli",
+    "config": "guestagent.configcli",
+}
 
 EXIT_OK, EXIT_ABSENT, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 # The work ran but part of it failed (a user-data script exited non-zero, a hook failed).
@@ -33,25 +36,37 @@ class UsageError(Exception):
     """Bad arguments or settings: exit 2 with a one-line message."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="guestagent", description=__doc__)
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="guestagent",
+        description="The in-instance agent for custom ECS images, and its local cloud.",
+    )
     parser.add_argument("--version", action="version", version=f"guestagent {__version__}")
     parser.add_argument("--config", help="settings file (default /etc/guestagent/agent.toml)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in CAPABILITIES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        module.register(sub)
+    chosen = _command(sys.argv[1:] if argv is None else argv)
+    modules = [COMMANDS[chosen]] if chosen in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    for name in modules:
+        importlib.import_module(name).register(sub)
     return parser
 
 
+def _command(argv: Sequence[str]) -> str | None:
+    """The top-level command word in ``argv`` (skipping global options and their values)."""
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == "--config":
+            skip = True
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],

@@ -1,4 +1,4 @@
-"""A one-shot service run as a child process (``python -m guestagent.daemon --once NAME``).
+"""A one-shot service run as a child process (``python -m guestagent run --once NAME``).
 
 First boot imports a lot (templates, YAML, crypt, MIME) and runs once: in a child, none of
 it stays resident in a daemon that lives for months.
@@ -31,7 +31,7 @@ class ChildOneshot(Service):
     def __init__(self, name: str, config_path: str | None, timeout: float) -> None:
         self.name = name
         self.timeout = timeout
-        self.argv = [sys.executable, "-m", "guestagent.daemon", "--once", name, "--in-daemon"]
+        self.argv = [sys.executable, "-m", "guestagent", "run", "--once", name, "--in-daemon"]
         if config_path:
             self.argv += ["--config", config_path]
         self.returncode: int | None = None
