@@ -6,7 +6,6 @@ import argparse
 import http.client
 import json
 import signal
-import socket
 import sys
 import threading
 import time
@@ -14,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from guestagent.cli import EXIT_ABSENT, EXIT_OK, EXIT_UNAVAILABLE, UsageError, load_settings
+from guestagent.credentials.local import LocalError, UnixHTTPConnection, local_get
 from guestagent.metadata.models import RoleCredentials, mask, parse_time
 
 
@@ -54,50 +54,6 @@ def _source_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-class LocalError(Exception):
-    """The local server answered with an error (status, code, message)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self.unix_path)
-        self.sock = sock
-
-
-def local_get(
-    conn: http.client.HTTPConnection, path: str, token: str | None = None
-) -> dict[str, Any]:
-    headers = {"Authorization": token} if token else {}
-    try:
-        conn.request("GET", path, headers=headers)
-        resp = conn.getresponse()
-        body = resp.read()
-    except OSError as exc:
-        raise LocalError(0, f"credential server unreachable: {exc.strerror or exc}") from None
-    finally:
-        conn.close()
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        raise LocalError(resp.status, f"credential server sent non-JSON ({resp.status})") from None
-    if resp.status != 200:
-        message = doc.get("message", "") if isinstance(doc, dict) else ""
-        raise LocalError(resp.status, f"credential server: {resp.status} {message}".strip())
-    if not isinstance(doc, dict):
-        raise LocalError(resp.status, "credential server sent a non-object")
-    return doc
-
-
 def _prefix(settings: Any) -> str:
     return f"/{settings.path_secret}" if settings.path_secret else ""
 
@@ -117,11 +73,11 @@ def _fetch(args: argparse.Namespace) -> tuple[RoleCredentials, str, str]:
     cs = settings.credentials
     use_socket = args.source == "socket" or (args.source == "auto" and cs.socket_path.exists())
     if use_socket:
-        conn = _UnixConnection(str(cs.socket_path), 5.0)
+        conn = UnixHTTPConnection(str(cs.socket_path), 5.0)
         try:
             doc = local_get(conn, _prefix(cs) + "/v1/credentials/alibaba", _token(cs))
             health = local_get(
-                _UnixConnection(str(cs.socket_path), 5.0), _prefix(cs) + "/v1/health"
+                UnixHTTPConnection(str(cs.socket_path), 5.0), _prefix(cs) + "/v1/health"
             )
         except LocalError as exc:
             if exc.status == 404:
@@ -267,7 +223,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         client.close()
 
     targets: list[tuple[str, http.client.HTTPConnection]] = [
-        (f"socket {cs.socket_path}", _UnixConnection(str(cs.socket_path), 5.0))
+        (f"socket {cs.socket_path}", UnixHTTPConnection(str(cs.socket_path), 5.0))
     ]
     if cs.tcp_enabled:
         targets.append((f"tcp {cs.tcp_host}:{cs.tcp_port}",

@@ -132,15 +132,9 @@ def _fetch(sock: Path) -> dict[str, str] | None:
         res = process.run([curl, "-sS", "--unix-socket", str(sock), url], timeout=10)
         text = res.text() if res.ok else ""
     else:
-        import http.client
-        import socket
+        from guestagent.credentials.local import UnixHTTPConnection
 
-        class Conn(http.client.HTTPConnection):
-            def connect(self) -> None:
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.sock.connect(str(sock))
-
-        conn = Conn("localhost", timeout=10)
+        conn = UnixHTTPConnection(str(sock), 10.0)
         conn.request("GET", "/v1/credentials/alibaba")
         text = conn.getresponse().read().decode()
         conn.close()

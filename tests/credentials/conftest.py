@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import subprocess
 import threading
 import time
@@ -16,6 +15,7 @@ from typing import Any
 import pytest
 
 from guestagent.config import Settings, from_mapping
+from guestagent.credentials.local import UnixHTTPConnection
 from guestagent.credentials.service import CredentialService
 from guestagent.metadata.client import MetadataClient
 
@@ -76,19 +76,8 @@ class Running:
         return doc.get("AccessKeyId") if status == 200 else None
 
 
-class _Unix(http.client.HTTPConnection):
-    def __init__(self, path: Path) -> None:
-        super().__init__("localhost", timeout=10)
-        self.path = str(path)
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(10)
-        self.sock.connect(self.path)
-
-
 def unix_connection(path: Path) -> http.client.HTTPConnection:
-    return _Unix(path)
+    return UnixHTTPConnection(str(path), 10.0)
 
 
 @pytest.fixture

@@ -14,18 +14,9 @@ from typing import Any
 
 from daemon_harness import subprocess_env
 from daemon_probes import events
+from polling import wait_for
 
 from guestagent.daemon.localrun import to_toml
-
-
-def wait_for(cond: Any, timeout: float = 10.0, step: float = 0.05) -> Any:
-    end = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        assert time.monotonic() < end, "condition not met in time"
-        time.sleep(step)
 
 
 def cli(*args: str, config: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -2,33 +2,22 @@
 
 from __future__ import annotations
 
-import http.client
 import importlib
 import json
 import os
 import signal
-import socket
-import time
 from pathlib import Path
 from typing import Any
 
+import polling
 import pytest
 from daemon_harness import subprocess_env
 
-
-class UnixHTTP(http.client.HTTPConnection):
-    def __init__(self, path: Path) -> None:
-        super().__init__("localhost", timeout=5)
-        self.path = str(path)
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(5)
-        self.sock.connect(self.path)
+from guestagent.credentials.local import UnixHTTPConnection
 
 
 def fetch_credentials(sock: Path) -> dict[str, Any]:
-    conn = UnixHTTP(sock)
+    conn = UnixHTTPConnection(str(sock), 5.0)
     try:
         conn.request("GET", "/v1/credentials/alibaba")
         resp = conn.getresponse()
@@ -40,16 +29,7 @@ def fetch_credentials(sock: Path) -> dict[str, Any]:
 
 
 def wait_for(cond: Any, timeout: float = 10.0) -> Any:
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            value = cond()
-        except (OSError, AssertionError):
-            value = None
-        if value:
-            return value
-        assert time.monotonic() < end, "condition not met in time"
-        time.sleep(0.05)
+    return polling.wait_for(cond, timeout, tolerate=(OSError, AssertionError))
 
 
 # Only the user-data script runs: nothing else on this machine is changed.

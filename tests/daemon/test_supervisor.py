@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
 
 import pytest
+from polling import wait_for
 
 from guestagent.daemon.service import Service
 from guestagent.daemon.supervisor import ErrorThrottle, Supervisor
@@ -43,13 +43,6 @@ class Once(Service):
 
     def run(self, stop: threading.Event) -> None:
         self.runs += 1
-
-
-def wait_for(cond: Any, timeout: float = 5.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, "condition not met in time"
-        time.sleep(0.01)
 
 
 def test_start_order_then_reverse_drain_and_stop() -> None:

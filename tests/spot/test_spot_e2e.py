@@ -10,18 +10,9 @@ from typing import Any
 
 from daemon_harness import write_hook
 from daemon_probes import events
+from polling import wait_for
 
 from guestagent.spot.drain import load_report
-
-
-def wait_for(cond: Any, timeout: float = 10.0, step: float = 0.05) -> Any:
-    end = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        assert time.monotonic() < end, "condition not met in time"
-        time.sleep(step)
 
 
 def test_notice_runs_hooks_in_order_drains_services_and_exits_0(
