@@ -176,7 +176,10 @@ def test_no_secret_in_logs_argv_or_files(credential_service, emulator, tmp_path,
     profile = tmp_path / "home" / ".alibabacloud" / "credentials"
     env_file = tmp_path / "etc" / "credentials.env"
     with caplog.at_level(logging.DEBUG):
-        svc = credential_service(profile_file=profile, env_file=env_file, token_file=tmp_path / "t")
+        # Unscaled (6 h sets): only the explicit rotation below changes the set, so the
+        # files and "the newest issued set" cannot drift apart under a slow machine.
+        svc = credential_service(scaled=False, poll_interval=0.2, profile_file=profile,
+                                 env_file=env_file, token_file=tmp_path / "t")
         token = (tmp_path / "t").read_text().strip()
         svc.get("/v1/credentials/aws", headers={"Authorization": token})
         svc.get("/v1/credentials/aws")  # refused: logged
