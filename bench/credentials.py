@@ -56,12 +56,15 @@ def _agent(url: str, sock: str, q: mp.Queue) -> None:  # type: ignore[type-arg]
     stop.wait()
 
 
-def _wrk(url: str, seconds: float, clients: int) -> dict[str, float] | None:
+def _wrk(url: str, seconds: float, clients: int, *, close: bool = False
+         ) -> dict[str, float] | None:
     exe = shutil.which("wrk")
     if exe is None:
         return None
+    # One wrk thread: a second one only takes a core from the server on a 2-core machine.
+    extra = ["-H", "Connection: close"] if close else []
     out = subprocess.run(
-        [exe, "-t2", f"-c{clients}", f"-d{int(seconds)}s", "--latency", url],
+        [exe, "-t1", f"-c{clients}", f"-d{int(seconds)}s", "--latency", *extra, url],
         capture_output=True, text=True, timeout=seconds + 30,
     ).stdout
 
@@ -112,10 +115,14 @@ def main() -> None:
         res = loadgen.run(target, path, clients=args.clients, seconds=args.seconds,
                           workers=args.workers)
         rows.append((name, "loadgen", res.summary()))
-    wrk_runs = [("tcp", f"http://{host}:{port}/v1/credentials/aws"),
-                ("emulator (metadata service)", f"{url}{emu_path}")]
-    for name, target in wrk_runs:
-        w = _wrk(target, args.seconds, args.clients)
+    # Clients that open a connection per request (curl, SDKs without a pool) pay for
+    # the connection and the peer lookup each time: measured with Connection: close.
+    wrk_runs = [("tcp", f"http://{host}:{port}/v1/credentials/aws", False),
+                ("emulator (metadata service)", f"{url}{emu_path}", False),
+                ("tcp, new connection each", f"http://{host}:{port}/v1/credentials/aws", True),
+                ("emulator, new connection each", f"{url}{emu_path}", True)]
+    for name, target, close in wrk_runs:
+        w = _wrk(target, args.seconds, args.clients, close=close)
         if w is not None:
             rows.append((name, "wrk", w))
     rss = psutil.Process(agent.pid).memory_info().rss
