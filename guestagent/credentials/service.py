@@ -6,18 +6,20 @@ import logging
 import pwd
 import secrets
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from guestagent.config import Settings
 from guestagent.credentials.consumers import Consumer, Registry, digest
 from guestagent.credentials.credfiles import CredentialFiles, resolve_owner
-from guestagent.credentials.rotation import Rotator
+from guestagent.credentials.rotation import Rotator, Snapshot
 from guestagent.credentials.server import CredentialServer, resolve_group
 from guestagent.credentials.settings import CredentialSettings
 from guestagent.daemon.service import Service
 from guestagent.files import atomic_write
 from guestagent.metadata.client import MetadataClient
+from guestagent.metadata.models import RoleCredentials, format_time
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,15 @@ class CredentialService(Service):
         self.registry = Registry(host_consumer(self.settings, self.rotator))
         self.server: CredentialServer | None = None
         self._rotating: threading.Thread | None = None
+        self._last_set: RoleCredentials | None = None
+        self.last_refresh: datetime | None = None
+        self.rotator.subscribe(self._note_refresh)
+
+    def _note_refresh(self, snap: Snapshot) -> None:
+        # A new credential set (not just a state change) is a refresh.
+        if snap.credentials is not None and snap.credentials is not self._last_set:
+            self._last_set = snap.credentials
+            self.last_refresh = datetime.now(UTC)
 
     def start(self, stop: threading.Event) -> CredentialServer:
         """Listen, then rotate in a thread until ``stop``; for callers that own the loop."""
@@ -82,6 +93,8 @@ class CredentialService(Service):
         if snap.credentials is not None:
             out["access_key_id"] = snap.credentials.masked_key_id()
             out["expiration"] = snap.credentials.expiration.isoformat()
+        if self.last_refresh is not None:
+            out["last_refresh"] = format_time(self.last_refresh)
         if snap.error:
             out["error"] = snap.error
         if self.server is not None:

@@ -319,7 +319,7 @@ class Daemon:
             "phase": self.phase,
             "healthy": all(s["healthy"] for s in services),
             "services": services,
-            "credentials": _credentials_facts(services, self.ctx),
+            "credentials": _credentials_facts(services),
             "spot": spot,
         }
 
@@ -338,14 +338,11 @@ class Daemon:
             self.notifier.status(line)
 
 
-def _credentials_facts(services: list[dict[str, Any]], ctx: Context | None) -> dict[str, Any]:
-    """The credential service's own report plus when the daemon saw the last new set."""
+def _credentials_facts(services: list[dict[str, Any]]) -> dict[str, Any]:
+    """The credential service's own report (state, expiry, last refresh)."""
     for entry in services:
         if entry["name"] == "credentials":
-            details = dict(entry.get("details", {}))
-            if ctx is not None:
-                details.setdefault("last_refresh", ctx.facts.get("credentials.last_refresh"))
-            return details
+            return dict(entry.get("details", {}))
     return {"state": "disabled"}
 
 

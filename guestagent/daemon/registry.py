@@ -16,7 +16,6 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,8 +38,6 @@ class Context:
     request_drain: Callable[[Notice], None]
     # Set once the instance drains: take no new work.
     draining: threading.Event = field(default_factory=threading.Event)
-    # Facts the daemon keeps about services for ``guestagent status`` (no secrets).
-    facts: dict[str, Any] = field(default_factory=dict)
     # The settings file the daemon was started with (for child processes).
     config_path: str | None = None
     # False in the daemon: heavy one-shots run as child processes (see daemon/child.py).
@@ -152,17 +149,6 @@ def _credentials(ctx: Context) -> Service | None:
     if cls is None:
         return None
     service: Service = cls(ctx.settings, ctx.client)
-    rotator = getattr(service, "rotator", None)
-    if rotator is not None:
-        def published(snapshot: Any) -> None:
-            # A new credential set (not just a state change) is a refresh.
-            key = getattr(snapshot, "credentials", None)
-            if key is not None and key is not ctx.facts.get("credentials.set"):
-                ctx.facts["credentials.set"] = key
-                ctx.facts["credentials.last_refresh"] = datetime.now(UTC).strftime(
-                    "%Y-%m-%dT%H:%M:%SZ")
-
-        rotator.subscribe(published)
     return service
 
 
