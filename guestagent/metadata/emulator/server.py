@@ -35,6 +35,9 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
+    # socketserver's default backlog of 5 drops SYNs under connection churn (clients that
+    # open a connection per request), which shows up as 1 s retransmit stalls.
+    request_queue_size = 128
 
     def __init__(
         self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], emulator: Emulator
