@@ -223,27 +223,22 @@ def test_pkcs7_carries_the_ca_certificate(emulator: Any) -> None:
     assert certs == [ca]
 
 
+def _openssl_verify(signature: Path, ca: Path) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        ["openssl", "smime", "-verify", "-inform", "DER", "-in", str(signature),
+         "-CAfile", str(ca)],
+        capture_output=True,
+        check=False,
+    )
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
 @pytest.mark.parametrize("audience", [None, "sts.aliyuncs.com"])
 def test_pkcs7_verifies_with_openssl(emulator: Any, tmp_path: Path, audience: str | None) -> None:
     der, _ = _signed(emulator, f"?audience={audience}" if audience else "")
     (tmp_path / "sig.der").write_bytes(der)
     (tmp_path / "ca.pem").write_bytes(emulator.ca_cert_pem)
-    out = subprocess.run(
-        [
-            "openssl",
-            "smime",
-            "-verify",
-            "-inform",
-            "DER",
-            "-in",
-            str(tmp_path / "sig.der"),
-            "-CAfile",
-            str(tmp_path / "ca.pem"),
-        ],
-        capture_output=True,
-        check=False,
-    )
+    out = _openssl_verify(tmp_path / "sig.der", tmp_path / "ca.pem")
     assert out.returncode == 0, out.stderr
     content = json.loads(out.stdout)
     document = json.loads(get(emulator.url, "/latest/dynamic/instance-identity/document")[1])
@@ -262,21 +257,7 @@ def test_pkcs7_verifies_with_openssl(emulator: Any, tmp_path: Path, audience: st
         )
     )
     (tmp_path / "other.pem").write_bytes(other.ca_cert_pem)
-    out = subprocess.run(
-        [
-            "openssl",
-            "smime",
-            "-verify",
-            "-inform",
-            "DER",
-            "-in",
-            str(tmp_path / "sig.der"),
-            "-CAfile",
-            str(tmp_path / "other.pem"),
-        ],
-        capture_output=True,
-        check=False,
-    )
+    out = _openssl_verify(tmp_path / "sig.der", tmp_path / "other.pem")
     assert out.returncode != 0
 
 
