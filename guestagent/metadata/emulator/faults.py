@@ -7,46 +7,36 @@ rule covers ``latest`` and ``2016-01-01`` alike. Latency is in seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from guestagent.metadata.emulator.scenario import check_fault
+from guestagent.metadata.emulator.scenario import FaultSpec
 
 
 @dataclass
 class FaultRule:
+    """A live rule: its spec, how many more requests it applies to, and its release."""
+
     id: str
-    path: str
-    kind: str
-    status: int = 500
-    latency: float = 0.0
-    count: int | None = None
-    method: str | None = None
-    body: str | None = None
+    spec: FaultSpec
+    remaining: int | None
     # Set when the rule is cleared: releases requests hanging on it.
     released: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def matches(self, full_path: str, rel_path: str | None, method: str) -> bool:
-        if self.method is not None and self.method != method:
+        spec = self.spec
+        if spec.method is not None and spec.method != method:
             return False
-        target = full_path if self.path.startswith("/") or rel_path is None else rel_path
-        if self.path.endswith("*"):
-            return target.startswith(self.path[:-1])
-        return target.rstrip("/") == self.path.rstrip("/")
+        target = full_path if spec.path.startswith("/") or rel_path is None else rel_path
+        if spec.path.endswith("*"):
+            return target.startswith(spec.path[:-1])
+        return target.rstrip("/") == spec.path.rstrip("/")
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "path": self.path,
-            "kind": self.kind,
-            "status": self.status,
-            "latency": self.latency,
-            "count": self.count,
-            "method": self.method,
-            "body": self.body,
-        }
+        return {"id": self.id, **dataclasses.asdict(self.spec), "count": self.remaining}
 
 
 class FaultSet:
@@ -59,35 +49,16 @@ class FaultSet:
         self._hangs: list[FaultRule] = []
         self._ids = itertools.count(1)
 
-    def add(
-        self,
-        path: str,
-        kind: str,
-        *,
-        status: int = 500,
-        latency: float = 0.0,
-        count: int | None = None,
-        method: str | None = None,
-        body: str | None = None,
-    ) -> str:
-        problem = check_fault(
-            path, kind, status=status, latency=latency, count=count, method=method
-        )
+    def add(self, spec: FaultSpec) -> str:
+        problem = spec.problem()
         if problem:
             raise ValueError(problem)
+        if spec.method:
+            spec = dataclasses.replace(spec, method=spec.method.upper())
         with self._lock:
-            rule = FaultRule(
-                id=f"fault-{next(self._ids)}",
-                path=path,
-                kind=kind,
-                status=status,
-                latency=latency,
-                count=count,
-                method=method.upper() if method else None,
-                body=body,
-            )
+            rule = FaultRule(f"fault-{next(self._ids)}", spec, spec.count)
             self._rules.append(rule)
-            if kind == "hang":
+            if spec.kind == "hang":
                 self._hangs.append(rule)
         return rule.id
 
@@ -98,9 +69,9 @@ class FaultSet:
         with self._lock:
             for rule in self._rules:
                 if rule.matches(full_path, rel_path, method):
-                    if rule.count is not None:
-                        rule.count -= 1
-                        if rule.count <= 0:
+                    if rule.remaining is not None:
+                        rule.remaining -= 1
+                        if rule.remaining <= 0:
                             self._rules.remove(rule)
                     return rule
         return None

@@ -24,7 +24,7 @@ from guestagent.metadata.emulator import tree
 from guestagent.metadata.emulator.ca import Authority
 from guestagent.metadata.emulator.faults import FaultSet
 from guestagent.metadata.emulator.roles import Issuer, RoleCredentials, utc_text
-from guestagent.metadata.emulator.scenario import Scenario, load_scenario
+from guestagent.metadata.emulator.scenario import FaultSpec, Scenario, load_scenario
 from guestagent.metadata.emulator.server import VERSIONS, MetadataHandler, Server
 from guestagent.metadata.emulator.tokens import TokenStore
 
@@ -82,15 +82,7 @@ class Emulator:
         if ram.role is not None:
             self.attach_role(ram.role)
         for fault in self.scenario.faults:
-            self.add_fault(
-                fault.path,
-                fault.kind,
-                status=fault.status,
-                latency=fault.latency,
-                count=fault.count,
-                method=fault.method,
-                body=fault.body,
-            )
+            self.faults.add(fault)
         for event in self.scenario.maintenance:
             self.add_maintenance_event(event.code, event.not_before_in, event_id=event.event_id)
 
@@ -198,9 +190,7 @@ class Emulator:
         body: str | None = None,
     ) -> str:
         """Add a fault rule (latency in seconds); returns its id. ValueError if invalid."""
-        return self.faults.add(
-            path, kind, status=status, latency=latency, count=count, method=method, body=body
-        )
+        return self.faults.add(FaultSpec(path, kind, status, latency, count, method, body))
 
     def remove_fault(self, rule_id: str) -> bool:
         return self.faults.remove(rule_id)

@@ -133,6 +133,8 @@ class SpotSpec:
 
 @dataclass(frozen=True)
 class FaultSpec:
+    """One fault rule as a scenario, the control API or a test describes it."""
+
     path: str
     kind: str
     status: int = 500
@@ -140,6 +142,22 @@ class FaultSpec:
     count: int | None = None
     method: str | None = None
     body: str | None = None
+
+    def problem(self) -> str | None:
+        """What is wrong with the rule (as ``"key: reason"``), or None when it is fine."""
+        if not self.path:
+            return "path: must not be empty"
+        if self.kind not in FAULT_KINDS:
+            return f"kind: must be one of {', '.join(FAULT_KINDS)}, got {self.kind!r}"
+        if not 100 <= self.status <= 599:
+            return f"status: must be 100..599, got {self.status}"
+        if self.latency < 0:
+            return f"latency: must be >= 0, got {self.latency}"
+        if self.count is not None and self.count < 1:
+            return f"count: must be >= 1, got {self.count}"
+        if self.method is not None and self.method.upper() not in ("GET", "PUT"):
+            return f"method: must be GET or PUT, got {self.method!r}"
+        return None
 
 
 @dataclass(frozen=True)
@@ -490,31 +508,6 @@ def _user_data(top: _Table, base_dir: Path | None) -> bytes | None:
     return inline.encode() if inline is not None else None
 
 
-def check_fault(
-    path: str,
-    kind: str,
-    *,
-    status: int = 500,
-    latency: float = 0.0,
-    count: int | None = None,
-    method: str | None = None,
-) -> str | None:
-    """What is wrong with a fault rule (as ``"key: reason"``), or None when it is fine."""
-    if not path:
-        return "path: must not be empty"
-    if kind not in FAULT_KINDS:
-        return f"kind: must be one of {', '.join(FAULT_KINDS)}, got {kind!r}"
-    if not 100 <= status <= 599:
-        return f"status: must be 100..599, got {status}"
-    if latency < 0:
-        return f"latency: must be >= 0, got {latency}"
-    if count is not None and count < 1:
-        return f"count: must be >= 1, got {count}"
-    if method is not None and method.upper() not in ("GET", "PUT"):
-        return f"method: must be GET or PUT, got {method!r}"
-    return None
-
-
 def _fault(rule: _Table) -> FaultSpec:
     spec = FaultSpec(
         path=rule.text("path"),
@@ -525,14 +518,7 @@ def _fault(rule: _Table) -> FaultSpec:
         method=rule.opt_text("method"),
         body=rule.opt_text("body"),
     )
-    problem = check_fault(
-        spec.path,
-        spec.kind,
-        status=spec.status,
-        latency=spec.latency,
-        count=spec.count,
-        method=spec.method,
-    )
+    problem = spec.problem()
     if problem:
         key, _, what = problem.partition(": ")
         raise rule.error(key, what)

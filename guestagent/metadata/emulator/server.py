@@ -188,9 +188,10 @@ class MetadataHandler(BaseHandler):
         self, rule: FaultRule, method: str, path: str, rel: str | None, query: str
     ) -> None:
         emu = self.server.emulator
-        if rule.latency > 0:
-            emu.pause(rule.latency)
-        kind = rule.kind
+        spec = rule.spec
+        if spec.latency > 0:
+            emu.pause(spec.latency)
+        kind = spec.kind
         if kind == "hang":
             while not rule.released.wait(0.05):
                 if emu.stopping:
@@ -208,13 +209,13 @@ class MetadataHandler(BaseHandler):
             self.connection.close()
             return
         if kind == "status":
-            body = (rule.body if rule.body is not None else _REASONS.get(rule.status, "")).encode()
-            emu.record(path, method, rule.status)
-            self.write(rule.status, body)
+            body = (spec.body if spec.body is not None else _REASONS.get(spec.status, "")).encode()
+            emu.record(path, method, spec.status)
+            self.write(spec.status, body)
             return
         if kind == "body":
             emu.record(path, method, 200)
-            self.write(200, (rule.body or "").encode())
+            self.write(200, (spec.body or "").encode())
             return
         status, body = self.answer(method, path, rel, query)
         emu.record(path, method, status)
