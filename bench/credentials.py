@@ -31,7 +31,7 @@ import loadgen
 
 
 def _emulator(q: mp.Queue) -> None:  # type: ignore[type-arg]
-    from guestagent.metadata.emulator import Emulator
+    from guestagent.localcloud.emulator import Emulator
 
     emu = Emulator().start()
     q.put((emu.url, emu.role))

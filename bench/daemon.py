@@ -29,7 +29,7 @@ from pathlib import Path
 import psutil
 
 from guestagent.daemon.localrun import AgentProcess, local_config
-from guestagent.metadata.emulator import Emulator
+from guestagent.localcloud.emulator import Emulator
 from guestagent.spot.drain import load_report
 
 

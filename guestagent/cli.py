@@ -16,7 +16,8 @@ from guestagent import __version__
 # so ``guestagent run`` does not carry the emulator's or user-data's imports for months.
 COMMANDS = {
     "metadata": "guestagent.metadata.cli",
-    "emulator": "guestagent.metadata.emulator.cli",
+    "emulator": "guestagent.localcloud.emulator.cli",
+    "localcloud": "guestagent.localcloud.cli",
     "credentials": "guestagent.credentials.cli",
     "run": "guestagent.daemon.cli",
     "status": "guestagent.daemon.cli",

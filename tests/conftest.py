@@ -72,7 +72,7 @@ def _isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 @pytest.fixture
 def emulator() -> Iterator[Any]:
     """A running metadata emulator with the built-in scenario, on free loopback ports."""
-    from guestagent.metadata.emulator import Emulator
+    from guestagent.localcloud.emulator import Emulator
 
     with Emulator().start() as emu:
         yield emu
@@ -81,7 +81,7 @@ def emulator() -> Iterator[Any]:
 @pytest.fixture
 def emulator_factory() -> Iterator[Any]:
     """Start emulators with a given scenario (object, or a name under tests/data/scenarios)."""
-    from guestagent.metadata.emulator import Emulator, load_scenario
+    from guestagent.localcloud.emulator import Emulator, load_scenario
 
     started: list[Any] = []
 

@@ -42,7 +42,7 @@ def _say(text: str) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from guestagent.metadata.emulator import Emulator
+    from guestagent.localcloud.emulator import Emulator
 
     if args.workdir:
         workdir = Path(args.workdir).resolve()

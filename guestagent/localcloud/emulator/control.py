@@ -1,5 +1,5 @@
 """Control API of the emulator: JSON over HTTP on a loopback port, mirroring the in-process
-control methods of :class:`~guestagent.metadata.emulator.instance.Emulator`.
+control methods of :class:`~guestagent.localcloud.emulator.instance.Emulator`.
 
 =======  ==================  ==========================================================
 GET      /state              summary (no secrets)
@@ -31,7 +31,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from guestagent.metadata.emulator.server import BaseHandler
+from guestagent.localcloud.emulator.server import BaseHandler
 
 Body = dict[str, Any]
 

@@ -1,6 +1,6 @@
 """``guestagent emulator serve``: run the metadata emulator until SIGINT/SIGTERM.
 
-Also runnable alone: ``python -m guestagent.metadata.emulator.cli serve``.
+Also runnable alone: ``python -m guestagent.localcloud.emulator.cli serve``.
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ def _fail(message: str) -> int:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    from guestagent.metadata.emulator.ca import CAError
-    from guestagent.metadata.emulator.instance import Emulator
-    from guestagent.metadata.emulator.scenario import ScenarioError, load_scenario
+    from guestagent.localcloud.emulator.ca import CAError
+    from guestagent.localcloud.emulator.instance import Emulator
+    from guestagent.localcloud.emulator.scenario import ScenarioError, load_scenario
 
     for name in ("port", "control_port"):
         if not 0 <= getattr(args, name) <= 65535:

@@ -9,8 +9,8 @@ from typing import Any
 
 from _emulator_http import get
 
-from guestagent.metadata.emulator import Emulator, load_scenario
-from guestagent.metadata.emulator.roles import RoleCredentials
+from guestagent.localcloud.emulator import Emulator, load_scenario
+from guestagent.localcloud.emulator.roles import RoleCredentials
 
 ROLE = "EcsRamRoleDemo"
 PATH = f"/latest/meta-data/ram/security-credentials/{ROLE}"

@@ -14,7 +14,7 @@ from _emulator_http import get, request
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 
-from guestagent.metadata.emulator import Emulator, load_scenario
+from guestagent.localcloud.emulator import Emulator, load_scenario
 
 DATA = Path(__file__).parents[1] / "data" / "scenarios"
 

@@ -20,13 +20,13 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, NamedTuple
 
-from guestagent.metadata.emulator import tree
-from guestagent.metadata.emulator.ca import Authority
-from guestagent.metadata.emulator.faults import FaultSet
-from guestagent.metadata.emulator.roles import Issuer, RoleCredentials, utc_text
-from guestagent.metadata.emulator.scenario import FaultSpec, Scenario, load_scenario
-from guestagent.metadata.emulator.server import VERSIONS, MetadataHandler, Server
-from guestagent.metadata.emulator.tokens import TokenStore
+from guestagent.localcloud.emulator import tree
+from guestagent.localcloud.emulator.ca import Authority
+from guestagent.localcloud.emulator.faults import FaultSet
+from guestagent.localcloud.emulator.roles import Issuer, RoleCredentials, utc_text
+from guestagent.localcloud.emulator.scenario import FaultSpec, Scenario, load_scenario
+from guestagent.localcloud.emulator.server import VERSIONS, MetadataHandler, Server
+from guestagent.localcloud.emulator.tokens import TokenStore
 
 # Cap on requests_log so a long benchmark run does not grow memory without bound.
 LOG_LIMIT = 100_000
@@ -91,7 +91,7 @@ class Emulator:
     def start(self) -> Emulator:
         if self._servers:
             return self
-        from guestagent.metadata.emulator.control import ControlHandler
+        from guestagent.localcloud.emulator.control import ControlHandler
 
         self._stopping.clear()
         metadata = Server((self.host, self.port), MetadataHandler, self)

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from _emulator_http import TOKEN, TTL, get, request, token
 
-from guestagent.metadata.emulator.tokens import TokenStore, parse_ttl
+from guestagent.localcloud.emulator.tokens import TokenStore, parse_ttl
 
 LEAF = "/latest/meta-data/instance-id"
 

@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from guestagent.metadata.emulator.scenario import FaultSpec
+from guestagent.localcloud.emulator.scenario import FaultSpec
 
 
 @dataclass

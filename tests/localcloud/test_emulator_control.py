@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from _emulator_http import control, get, request
 
-from guestagent.metadata.emulator import Emulator, ScenarioError, load_scenario
+from guestagent.localcloud.emulator import Emulator, ScenarioError, load_scenario
 
 DATA = Path(__file__).parents[1] / "data" / "scenarios"
 ROOT = Path(__file__).parents[2]
@@ -262,7 +262,7 @@ def test_cli_port_in_use_is_one_line(emulator: Any) -> None:
 def test_module_entry_point() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
-        [sys.executable, "-m", "guestagent.metadata.emulator.cli", "serve", "--port", "70000"],
+        [sys.executable, "-m", "guestagent.localcloud.emulator.cli", "serve", "--port", "70000"],
         capture_output=True,
         text=True,
         env=env,

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from guestagent.metadata.emulator.scenario import Scenario
+from guestagent.localcloud.emulator.scenario import Scenario
 
 LEAF, DIRECTORY, DYNAMIC = 0, 1, 2
 

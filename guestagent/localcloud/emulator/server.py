@@ -14,12 +14,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote
 
-from guestagent.metadata.emulator import tree
-from guestagent.metadata.emulator.faults import FaultRule
-from guestagent.metadata.emulator.tokens import TOKEN_HEADER, TTL_HEADER, parse_ttl
+from guestagent.localcloud.emulator import tree
+from guestagent.localcloud.emulator.faults import FaultRule
+from guestagent.localcloud.emulator.tokens import TOKEN_HEADER, TTL_HEADER, parse_ttl
 
 if TYPE_CHECKING:
-    from guestagent.metadata.emulator.instance import Emulator
+    from guestagent.localcloud.emulator.instance import Emulator
 
 log = logging.getLogger(__name__)
 

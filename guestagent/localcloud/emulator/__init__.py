@@ -4,7 +4,7 @@
 ``load_scenario`` reads the TOML file describing the emulated instance.
 """
 
-from guestagent.metadata.emulator.instance import Emulator, RequestRecord
-from guestagent.metadata.emulator.scenario import Scenario, ScenarioError, load_scenario
+from guestagent.localcloud.emulator.instance import Emulator, RequestRecord
+from guestagent.localcloud.emulator.scenario import Scenario, ScenarioError, load_scenario
 
 __all__ = ["Emulator", "RequestRecord", "Scenario", "ScenarioError", "load_scenario"]

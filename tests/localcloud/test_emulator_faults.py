@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from _emulator_http import TTL, get, request
 
-from guestagent.metadata.emulator import Emulator
+from guestagent.localcloud.emulator import Emulator
 
 LEAF = "/latest/meta-data/instance-id"
 SPOT = "/latest/meta-data/instance/spot/termination-time"

@@ -1,0 +1,91 @@
+"""``guestagent localcloud up [--with …]``: start the local cloud and print its environment."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import shlex
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 2, 3
+
+
+def register(subparsers: Any) -> None:
+    from guestagent.localcloud.components import COMPONENTS
+
+    parser = subparsers.add_parser("localcloud", help="the local cloud (emulator + stand-ins)",
+                                   description=__doc__)
+    sub = parser.add_subparsers(dest="localcloud_command", metavar="COMMAND")
+    up = sub.add_parser(
+        "up", help="start the local cloud until SIGINT/SIGTERM",
+        description="Start the metadata emulator and the stand-ins asked for, print the "
+        "environment to use them (shell `export` lines), and run until interrupted.",
+    )
+    up.add_argument("--with", dest="components", default="", metavar="NAMES",
+                    help=f"comma-separated extra components: {', '.join(COMPONENTS)}")
+    up.add_argument("--scenario", help="the emulated instance (scenario file)")
+    up.add_argument("--workdir", help="keep state here (default: a temporary directory)")
+    up.set_defaults(handler=up_command)
+    parser.set_defaults(handler=lambda args: _help(parser))
+
+
+def _help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return EXIT_USAGE
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"guestagent: {message}", file=sys.stderr)
+    return code
+
+
+def up_command(args: argparse.Namespace) -> int:
+    from guestagent.localcloud.components import Component, factory, ordered
+
+    names = [n.strip() for n in args.components.split(",") if n.strip()]
+    try:
+        chosen = ordered(names)
+    except ValueError as exc:
+        return _fail(EXIT_USAGE, str(exc))
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="guestagent-localcloud-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    env: dict[str, str] = {}
+    if args.scenario:
+        env["GUESTAGENT_LOCALCLOUD_SCENARIO"] = str(Path(args.scenario).resolve())
+    started: list[Component] = []
+    done = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        done.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for name in chosen:
+            component = factory(name)(workdir / name, dict(env))
+            try:
+                env.update(component.start())
+            except (OSError, RuntimeError, ValueError) as exc:
+                return _fail(EXIT_UNAVAILABLE, f"localcloud: {name} did not start: {exc}")
+            started.append(component)
+        env.pop("GUESTAGENT_LOCALCLOUD_SCENARIO", None)
+        for key, value in env.items():
+            print(f"export {key}={shlex.quote(value)}", flush=True)
+        print(f"# local cloud up ({', '.join(chosen)}); state in {workdir}", flush=True)
+        while not done.wait(0.5):
+            pass
+        return EXIT_OK
+    finally:
+        for component in reversed(started):
+            with contextlib.suppress(Exception):
+                component.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
