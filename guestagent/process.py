@@ -80,6 +80,92 @@ def run(
     return result
 
 
+class Child:
+    """A long-running child started by :func:`spawn`: its own process group, ended with it.
+
+    ``stop`` sends SIGTERM to the group, waits ``grace`` seconds, then SIGKILLs the group.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes], name: str) -> None:
+        self._proc = proc
+        self.name = name
+
+    def __repr__(self) -> str:  # argv may carry paths, never secrets; keep it short anyway
+        return f"Child({self.name!r}, pid={self.pid})"
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode
+
+    def poll(self) -> int | None:
+        return self._proc.poll()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """The exit code, or None if still running after ``timeout`` seconds."""
+        try:
+            return self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, sig)
+
+    def stop(self, grace: float = 5.0) -> int | None:
+        if self._proc.poll() is None:
+            self.signal(signal.SIGTERM)
+            if self.wait(grace) is None:
+                _kill_group(self._proc)
+                self.wait(grace)
+        else:
+            # The leader is gone; members of its group may not be.
+            self.signal(signal.SIGKILL)
+        return self._proc.returncode
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    name: str | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    log_path: str | os.PathLike[str] | None = None,
+    stdin: bytes | None = None,
+) -> Child:
+    """Start ``argv`` in the background in its own process group.
+
+    Output goes to ``log_path`` (appended) or is discarded: never to a pipe that nobody
+    reads. The caller ends it with :meth:`Child.stop`.
+    """
+    args = tuple(str(a) for a in argv)
+    out = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
+    try:
+        proc = subprocess.Popen(
+            args,
+            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        raise ProcessError(f"cannot start {args[0]}: {exc.strerror or exc}") from exc
+    finally:
+        if log_path is not None:
+            out.close()  # type: ignore[union-attr]
+    if stdin is not None and proc.stdin is not None:
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.write(stdin)
+        proc.stdin.close()
+    log.debug("spawned %s pid=%s", args[0], proc.pid)
+    return Child(proc, name or os.path.basename(args[0]))
+
+
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
