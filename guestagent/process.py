@@ -135,20 +135,23 @@ def spawn(
     cwd: str | None = None,
     log_path: str | os.PathLike[str] | None = None,
     stdin: bytes | None = None,
+    stderr_path: str | os.PathLike[str] | None = None,
 ) -> Child:
     """Start ``argv`` in the background in its own process group.
 
     Output goes to ``log_path`` (appended) or is discarded: never to a pipe that nobody
-    reads. The caller ends it with :meth:`Child.stop`.
+    reads; with ``stderr_path`` the error stream goes there instead (a task's two logs).
+    The caller ends it with :meth:`Child.stop`.
     """
     args = tuple(str(a) for a in argv)
     out = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
+    err = open(stderr_path, "ab") if stderr_path is not None else None  # noqa: SIM115
     try:
         proc = subprocess.Popen(
             args,
             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
             stdout=out,
-            stderr=subprocess.STDOUT,
+            stderr=err if err is not None else subprocess.STDOUT,
             env=dict(env) if env is not None else None,
             cwd=cwd,
             start_new_session=True,
@@ -158,6 +161,8 @@ def spawn(
     finally:
         if log_path is not None:
             out.close()  # type: ignore[union-attr]
+        if err is not None:
+            err.close()
     if stdin is not None and proc.stdin is not None:
         with contextlib.suppress(BrokenPipeError):
             proc.stdin.write(stdin)

@@ -170,8 +170,17 @@ def _spot(ctx: Context) -> Service | None:
                        ctx.settings.daemon.error_log_period)
 
 
+def _tasks(ctx: Context) -> Service | None:
+    factory = _optional("guestagent.tasks.service", "factory")
+    if factory is None:
+        return None
+    service: Service | None = factory(ctx)
+    return service
+
+
 register(ServiceSpec("userdata", 10, _firstboot, ("userdata", "metadata")))
 register(ServiceSpec("metadata", 20, _metadata, ("metadata", "daemon")))
 register(ServiceSpec("credentials", 30, _credentials, ("credentials", "metadata")))
+register(ServiceSpec("tasks", 70, _tasks, ("tasks", "daemon")))
 register(ServiceSpec("maintenance", 80, _maintenance, ("spot", "metadata")))
 register(ServiceSpec("spot", 90, _spot, ("spot", "metadata")))

@@ -1,0 +1,228 @@
+"""The daemon's ``tasks`` service, and the same scheduler run in the foreground by the CLI.
+
+State: ``<state_dir>/tasks/tasks.db`` (SQLite) and ``<state_dir>/tasks/jobs/<job>/``.
+The CLI hands a stored job to the daemon over ``<run_dir>/tasks.sock`` (root only; the
+request names the job id, never a secret). On start the service goes on with every job
+left Running — re-adopting the processes/containers still there; on a drain it stops
+taking instances, stops the running ones within the deadline (outputs and logs uploaded)
+and marks them Stopped with the reason, so ``submit --resume`` reruns only those.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from guestagent.daemon.service import Service
+from guestagent.tasks import jobcfg, submit
+from guestagent.tasks.errors import TaskError
+from guestagent.tasks.runner import HostRunner, Runner
+from guestagent.tasks.scheduler import Identity, Scheduler
+from guestagent.tasks.store import RUNNING, WAITING, Store
+
+if TYPE_CHECKING:
+    from guestagent.config import Settings
+    from guestagent.daemon.registry import Context
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = "tasks.sock"
+
+
+def tasks_dir(settings: Settings) -> Path:
+    return settings.daemon.state_dir / "tasks"
+
+
+def jobs_dir(settings: Settings) -> Path:
+    return tasks_dir(settings) / "jobs"
+
+
+def open_store(settings: Settings) -> Store:
+    return Store(tasks_dir(settings) / "tasks.db")
+
+
+def submit_file(settings: Settings, store: Store, path: Path,
+                flags: jobcfg.Flags) -> tuple[str, list[str]]:
+    return submit.create(store, jobs_dir(settings), path, flags, settings.tasks.max_timeout)
+
+
+def identity(settings: Settings, region: str = "", worker: str = "") -> Identity:
+    t = settings.tasks
+    region = t.region or region
+    host = t.oss_host or (f"oss-{region}-internal.aliyuncs.com" if region else "")
+    return Identity(host, region, t.cluster_id, worker or socket.gethostname())
+
+
+def runners(settings: Settings) -> dict[str, Runner]:
+    out: dict[str, Runner] = {"host": HostRunner()}
+    try:
+        from guestagent.tasks.docker import DockerRunner  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return out
+    out["docker"] = DockerRunner(settings.tasks)
+    return out
+
+
+def build(settings: Settings, store: Store, **kwargs: Any) -> Scheduler:
+    kwargs.setdefault("identity", identity(settings))
+    return Scheduler(store, settings.tasks, jobs_dir(settings), runners(settings), **kwargs)
+
+
+def run_foreground(settings: Settings, store: Store, job_id: str) -> str:
+    """Run the job here (no daemon); Ctrl-C stops it cleanly (instances end Stopped)."""
+    sched = build(settings, store)
+    result: list[str] = []
+    errors: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            result.append(sched.run(job_id))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=body, name="job", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.5)
+    except KeyboardInterrupt:
+        sched.stop(job_id, "interrupted")
+        thread.join()
+    if errors:
+        raise TaskError(f"{job_id}: {errors[0]}")
+    return result[0]
+
+
+def hand_to_daemon(settings: Settings, job_id: str, resume: bool) -> bool:
+    """Ask a running daemon to run the job; False when no daemon listens."""
+    path = settings.daemon.run_dir / SOCKET_NAME
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(10.0)
+    try:
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+        sock.sendall(json.dumps({"command": "run", "job": job_id, "resume": resume}).encode()
+                     + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    except OSError as exc:
+        raise TaskError(f"cannot reach the daemon at {path}: {exc}") from None
+    finally:
+        sock.close()
+    try:
+        reply = json.loads(data.decode())
+    except ValueError:
+        raise TaskError(f"the daemon at {path} gave a bad answer") from None
+    if "error" in reply:
+        raise TaskError(f"the daemon refused the job: {reply['error']}")
+    return True
+
+
+class TasksService(Service):
+    name = "tasks"
+
+    def __init__(self, settings: Settings, ctx: Context | None = None) -> None:
+        self.settings = settings
+        self.ctx = ctx
+        self.sched: Scheduler | None = None
+        self._threads: dict[str, threading.Thread] = {}
+        self._lock = threading.Lock()
+
+    def _identity(self) -> Identity:
+        region = worker = ""
+        if self.ctx is not None and not self.settings.tasks.region:
+            try:
+                ident = self.ctx.client.identity()
+                region, worker = ident.region_id, ident.instance_id
+            except Exception as exc:  # metadata down: the env says "" until it is back
+                log.warning("tasks: no region/instance id from metadata: %s", exc)
+        return identity(self.settings, region, worker)
+
+    def run(self, stop: threading.Event) -> None:
+        from guestagent.daemon.control import ControlServer
+
+        store = open_store(self.settings)
+        draining = self.ctx.draining if self.ctx is not None else None
+        self.sched = build(self.settings, store, identity=self._identity(), draining=draining)
+        for job_id in store.jobs_in(RUNNING):
+            log.info("tasks: going on with %s", job_id)
+            self._start(job_id)
+        server = ControlServer(self.settings.daemon.run_dir / SOCKET_NAME, self._handle,
+                               mode=0o600)
+        server.start()
+        try:
+            stop.wait()
+        finally:
+            server.close()
+            self.sched.detach()
+            store.close()
+
+    def _start(self, job_id: str) -> None:
+        assert self.sched is not None
+        sched = self.sched
+        with self._lock:
+            old = self._threads.get(job_id)
+            if old is not None and old.is_alive():
+                raise TaskError(f"{job_id} is already running")
+            thread = threading.Thread(target=self._run_job, args=(sched, job_id),
+                                      name=f"job-{job_id[-6:]}", daemon=True)
+            self._threads[job_id] = thread
+        thread.start()
+
+    @staticmethod
+    def _run_job(sched: Scheduler, job_id: str) -> None:
+        try:
+            state = sched.run(job_id)
+            log.info("tasks: %s %s", job_id, state)
+        except Exception:
+            log.exception("tasks: %s could not run", job_id)
+
+    def _handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        if request.get("command") != "run" or not isinstance(request.get("job"), str):
+            raise ValueError("want {\"command\": \"run\", \"job\": JOB}")
+        assert self.sched is not None
+        job_id = request["job"]
+        store = self.sched.store
+        try:
+            row = store.job(job_id)
+            if request.get("resume"):
+                store.reset_unfinished(job_id)
+            elif row["state"] != WAITING:
+                raise TaskError(f"{job_id} is {row['state']}: use --resume")
+            self._start(job_id)
+        except TaskError as exc:
+            return {"error": str(exc)}
+        return {"job": job_id}
+
+    def drain(self, deadline: float) -> None:
+        sched = self.sched
+        if sched is None:
+            return
+        left = deadline - time.monotonic()
+        sched.grace = max(0.5, min(self.settings.tasks.kill_grace, left / 3))
+        sched.stop_all("the instance is being released (spot termination)")
+        while sched.active() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def status(self) -> dict[str, Any]:
+        sched = self.sched
+        if sched is None:
+            return {}
+        return {"jobs_running": len(sched.active()), "parallel_limit": sched.limit}
+
+
+def factory(ctx: Context) -> Service | None:
+    if not ctx.settings.tasks.enabled:
+        return None
+    return TasksService(ctx.settings, ctx)
