@@ -26,6 +26,7 @@ def fast_config(url: str, workdir: Path) -> dict[str, dict[str, Any]]:
     # The real credential and first-boot services are switched on by the tests about them.
     cfg["credentials"]["enabled"] = False
     cfg["userdata"] = {"enabled": False}
+    cfg["tasks"] = {"enabled": False}
     return cfg
 
 
