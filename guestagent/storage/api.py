@@ -26,7 +26,7 @@ from guestagent.storage.errors import BadInput, StorageError
 from guestagent.storage.mappings import local_dir, parse_package_path
 from guestagent.storage.mounts import Mount, MountTable, Options, RcloneRemote
 from guestagent.storage.ossurl import OssUrl
-from guestagent.storage.package import Limits, Unpacked, unpack
+from guestagent.storage.package import DEFAULT_LIMITS, Limits, Unpacked, unpack
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class Storage:
         mounts: MountTable | None = None,
         remote: RcloneRemote | None = None,
         options: Options | None = None,
-        package_limits: Limits = Limits(),
+        package_limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.transfers = transfers
         self.mounts = mounts if mounts is not None else MountTable()

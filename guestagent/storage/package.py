@@ -40,7 +40,10 @@ class Unpacked:
     bytes: int
 
 
-def unpack(archive: Path, workdir: Path, limits: Limits = Limits()) -> Unpacked:
+DEFAULT_LIMITS = Limits()
+
+
+def unpack(archive: Path, workdir: Path, limits: Limits = DEFAULT_LIMITS) -> Unpacked:
     """Check every member of ``archive``, then extract it into ``workdir`` (created)."""
     where = f"package {archive.name}"
     try:
@@ -173,4 +176,4 @@ def _move_in(staging: Path, workdir: Path) -> None:
         os.replace(entry, target)
 
 
-__all__ = ["Limits", "Unpacked", "unpack"]
+__all__ = ["DEFAULT_LIMITS", "Limits", "Unpacked", "unpack"]
