@@ -15,14 +15,20 @@ from guestagent.tasks.store import Store
 
 
 def make_scheduler(root: Path, runners: dict[str, Runner] | None = None,
-                   **settings: Any) -> Scheduler:
+                   storage: Any = None, minter: Any = None, **settings: Any) -> Scheduler:
     store = Store(root / "tasks.db")
     defaults: dict[str, Any] = {"max_parallel": 2, "kill_grace": 2.0}
     defaults.update(settings)
     return Scheduler(store, TasksSettings(**defaults), root / "jobs",
                      runners or {"host": HostRunner()},
                      identity=Identity("oss-cn-hangzhou-internal.aliyuncs.com", "cn-hangzhou",
-                                       "local", "i-test"))
+                                       "local", "i-test"),
+                     storage=(lambda: storage) if storage is not None else _no_storage,
+                     minter=minter)
+
+
+def _no_storage() -> Any:
+    raise AssertionError("this test uses no OSS")
 
 
 def task(cmd: str, **fields: Any) -> dict[str, Any]:
