@@ -17,7 +17,7 @@ def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def test_small_file_round_trip(transfers: Transfers, bucket: str, tmp_path: Path,
+def test_small_file_round_trip(transfers: Transfers, bkt: str, tmp_path: Path,
                                s3: Any) -> None:
     src = random_file(tmp_path / "in" / "hello.bin", 4096)
     out = transfers.upload_file(src, OssUrl.parse("oss://bkt/dir/"))
@@ -31,7 +31,7 @@ def test_small_file_round_trip(transfers: Transfers, bucket: str, tmp_path: Path
     assert not (dest / "hello.bin.part").exists()
 
 
-def test_multipart_upload_and_ranged_download(transfers: Transfers, bucket: str,
+def test_multipart_upload_and_ranged_download(transfers: Transfers, bkt: str,
                                               tmp_path: Path, s3: Any) -> None:
     src = random_file(tmp_path / "big.bin", 17 * MiB + 123)
     transfers.upload_file(src, OssUrl.parse("oss://bkt/big.bin"))
@@ -43,7 +43,7 @@ def test_multipart_upload_and_ranged_download(transfers: Transfers, bucket: str,
     assert not list((tmp_path / "state").rglob("*.json"))  # nothing left to resume
 
 
-def test_empty_file(transfers: Transfers, bucket: str, tmp_path: Path) -> None:
+def test_empty_file(transfers: Transfers, bkt: str, tmp_path: Path) -> None:
     src = tmp_path / "empty"
     src.write_bytes(b"")
     transfers.upload_file(src, OssUrl.parse("oss://bkt/empty"))
@@ -52,7 +52,7 @@ def test_empty_file(transfers: Transfers, bucket: str, tmp_path: Path) -> None:
     assert dest.read_bytes() == b""
 
 
-def test_foreign_multipart_object_downloads(transfers: Transfers, bucket: str,
+def test_foreign_multipart_object_downloads(transfers: Transfers, bkt: str,
                                             tmp_path: Path, s3: Any) -> None:
     # Uploaded by another tool (boto3, 5 MiB parts, no part-size metadata).
     from boto3.s3.transfer import TransferConfig
