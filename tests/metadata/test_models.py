@@ -143,3 +143,16 @@ def test_pkcs7_for_another_audience_is_refused(detached: bool) -> None:
     for asked in ("sts.example", None):
         with pytest.raises(BadAnswer, match="pkcs7"):
             verify_identity_signature(doc, text, pem, asked)
+
+
+@pytest.mark.parametrize("body", [
+    '{"Code": "Success"}', "role-a\nrole b", "a" * 65, "../etc", "role\x00x", "<html>",
+])
+def test_role_listing_must_be_role_names(body: str) -> None:
+    from guestagent.metadata.models import parse_role_listing
+
+    with pytest.raises(BadAnswer, match="not a RAM role listing") as info:
+        parse_role_listing(body, "ram/security-credentials/")
+    assert body not in str(info.value)  # the shape, never the content
+    assert parse_role_listing("EcsRamRoleDemo\n", "x") == ["EcsRamRoleDemo"]
+    assert parse_role_listing("", "x") == []
