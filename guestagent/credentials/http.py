@@ -50,14 +50,16 @@ _REASONS = {
 }
 
 
-def response(status: int, body: bytes, *, close: bool = False) -> bytes:
+def response(status: int, body: bytes, *, close: bool = False, extra: bytes = b"") -> bytes:
+    """A whole answer; ``extra``: more header lines, each ending in CRLF."""
     head = (
         b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-        b"Cache-Control: no-store\r\n%s\r\n"
+        b"Cache-Control: no-store\r\n%s%s\r\n"
         % (
             status,
             _REASONS.get(status, b"Error"),
             len(body),
+            extra,
             b"Connection: close\r\n" if close else b"",
         )
     )
