@@ -23,6 +23,7 @@ from guestagent.credentials.settings import CredentialSettings
 from guestagent.daemon.settings import DaemonSettings
 from guestagent.metadata.settings import MetadataSettings
 from guestagent.spot.settings import SpotSettings
+from guestagent.storage.settings import StorageSettings
 from guestagent.tasks.settings import TasksSettings
 from guestagent.userdata.settings import UserdataSettings
 
@@ -47,6 +48,7 @@ class Settings:
     daemon: DaemonSettings = field(default_factory=DaemonSettings)
     spot: SpotSettings = field(default_factory=SpotSettings)
     userdata: UserdataSettings = field(default_factory=UserdataSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
     tasks: TasksSettings = field(default_factory=TasksSettings)
 
 
