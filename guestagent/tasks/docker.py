@@ -219,6 +219,27 @@ class DockerRunner:
             log.warning("collecting %s: %s", launch.name, _short(exc))
 
 
+def bridge_interface(base_url: str) -> str:
+    """The host interface of the engine's default bridge network (OSError if unknown)."""
+    from guestagent import process
+
+    try:
+        net = _client(base_url).networks.get("bridge").attrs
+    except _errors() as exc:
+        raise OSError(f"the Docker engine at {base_url} cannot be asked: {_short(exc)}") from None
+    name = (net.get("Options") or {}).get("com.docker.network.bridge.name")
+    if name:
+        return str(name)
+    configs = (net.get("IPAM") or {}).get("Config") or [{}]
+    gateway = configs[0].get("Gateway", "")
+    res = process.run(["ip", "-o", "-4", "addr", "show"], timeout=10)
+    for line in res.text().splitlines():
+        fields = line.split()
+        if gateway and len(fields) > 3 and fields[3].split("/")[0] == gateway:
+            return fields[1]
+    raise OSError(f"no host interface holds the bridge gateway {gateway or '(none)'}")
+
+
 def _name(text: str) -> str:
     return "ga-" + "".join(c if c.isalnum() or c in "_.-" else "-" for c in text)[:120]
 

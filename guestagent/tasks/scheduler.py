@@ -172,6 +172,16 @@ class Scheduler:
             run.reason = reason
             run.stop.set()
 
+    def drain(self, deadline: float, reason: str) -> None:
+        """Stop every job by ``deadline`` (a monotonic time): no new instance starts,
+        running ones get SIGTERM (SIGKILL after a grace that fits the deadline), their
+        outputs and logs are uploaded and they end Stopped with ``reason``."""
+        left = deadline - time.monotonic()
+        self.grace = max(0.5, min(self.settings.kill_grace, left / 3))
+        self.stop_all(reason)
+        while self.active() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     def active(self) -> list[str]:
         with self._lock:
             return list(self._runs)
@@ -181,8 +191,12 @@ class Scheduler:
     def _drive(self, run: _JobRun, state: str) -> str:
         subscribed = run.job.notification.events
         if state == WAITING:
+            self.events.job(run.job_id, subscribed, WAITING)
             self.store.set_job(run.job_id, RUNNING)
             self.events.job(run.job_id, subscribed, RUNNING)
+            for name in run.job.order():
+                if self.store.tasks(run.job_id)[name]["state"] == WAITING:
+                    self.events.task(run.job_id, subscribed, name, WAITING)
         self._adopt_running(run)
         failed = ""
         while True:
@@ -242,7 +256,12 @@ class Scheduler:
             self._end_task(run, name, FAILED, f"inputs: {exc}")
             return f"task {name}: inputs could not be mapped: {exc}"
         self.store.set_task(run.job_id, name, RUNNING)
-        self.events.task(run.job_id, run.job.notification.events, name, RUNNING)
+        subscribed = run.job.notification.events
+        self.events.task(run.job_id, subscribed, name, RUNNING)
+        for inst in self.store.instances(run.job_id, name):
+            if inst.state == WAITING:
+                self.events.instance(run.job_id, subscribed, name, inst.index,
+                                     redirects=self._redirects(run, name, inst.index))
         return ""
 
     def _launch_waiting(self, run: _JobRun, name: str) -> None:
@@ -252,8 +271,6 @@ class Scheduler:
             if not self.slots.acquire(timeout=0):
                 return
             self.store.claimed(run.job_id, name, inst.index)
-            self.events.instance(run.job_id, run.job.notification.events, name, inst.index,
-                                 redirects=self._redirects(run, name, inst.index))
             self._spawn_thread(run, inst, adopt=None)
 
     def _adopt_running(self, run: _JobRun) -> None:
@@ -281,6 +298,9 @@ class Scheduler:
             log.info("%s %s.%s failed (%s): retry %s of %s", run.job_id, out.task, out.index,
                      out.message, inst.retries + 1, task.max_retry_count)
             self.store.retry(run.job_id, out.task, out.index, out.exit_code, out.message)
+            self.events.instance(run.job_id, subscribed, out.task, out.index,
+                                 redirects=self._redirects(run, out.task, out.index),
+                                 error=out.message)
             return ""
         self.store.ended(run.job_id, out.task, out.index, out.state,
                          exit_code=out.exit_code, message=out.message)

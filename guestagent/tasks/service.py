@@ -14,7 +14,6 @@ import json
 import logging
 import socket
 import threading
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +27,7 @@ from guestagent.tasks.store import RUNNING, WAITING, Store
 if TYPE_CHECKING:
     from guestagent.config import Settings
     from guestagent.daemon.registry import Context
+    from guestagent.tasks.credentials import TaskCredentials
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,9 @@ class TasksService(Service):
 
         store = open_store(self.settings)
         draining = self.ctx.draining if self.ctx is not None else None
-        self.sched = build(self.settings, store, identity=self._identity(), draining=draining)
+        minter = self._minter()
+        self.sched = build(self.settings, store, identity=self._identity(), draining=draining,
+                           minter=minter)
         for job_id in store.jobs_in(RUNNING):
             log.info("tasks: going on with %s", job_id)
             self._start(job_id)
@@ -166,7 +168,34 @@ class TasksService(Service):
         finally:
             server.close()
             self.sched.detach()
+            if minter is not None:
+                minter.close()
             store.close()
+
+    def _minter(self) -> TaskCredentials | None:
+        """Task-scoped credentials from the credential service, reached through the
+        daemon's context; None (instances get none) when it is not running here."""
+        svc = _required(self.ctx, "credentials")
+        registry, source = getattr(svc, "registry", None), getattr(svc, "rotator", None)
+        if registry is None or source is None:
+            log.info("tasks: no credential service: instances get no task credentials")
+            return None
+        from guestagent.tasks.credentials import TASK_ADDRESS, Relay, TaskCredentials
+
+        server = getattr(svc, "server", None)
+        address = getattr(server, "tcp_address", None)
+        host_base = f"http://{address[0]}:{address[1]}" if address else None
+        socket_path = self.settings.credentials.socket_path
+        docker_host = self.settings.tasks.docker_host
+
+        def relay() -> Relay | None:
+            if socket_path is None:
+                return None
+            from guestagent.tasks.docker import bridge_interface
+
+            return Relay(socket_path, TASK_ADDRESS, bridge_interface(docker_host)).start()
+
+        return TaskCredentials(registry, source, host_base, relay)
 
     def _start(self, job_id: str) -> None:
         assert self.sched is not None
@@ -209,17 +238,26 @@ class TasksService(Service):
         sched = self.sched
         if sched is None:
             return
-        left = deadline - time.monotonic()
-        sched.grace = max(0.5, min(self.settings.tasks.kill_grace, left / 3))
-        sched.stop_all("the instance is being released (spot termination)")
-        while sched.active() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        sched.drain(deadline, "the instance is being released (spot termination)")
 
     def status(self) -> dict[str, Any]:
         sched = self.sched
         if sched is None:
             return {}
         return {"jobs_running": len(sched.active()), "parallel_limit": sched.limit}
+
+
+def _required(ctx: Context | None, name: str) -> Any:
+    """A ready service the daemon's context offers by name (None if it offers none)."""
+    for attr in ("service", "require", "required"):
+        lookup = getattr(ctx, attr, None)
+        if callable(lookup):
+            try:
+                return lookup(name)
+            except Exception as exc:
+                log.info("tasks: service %s not available: %s", name, exc)
+                return None
+    return None
 
 
 def factory(ctx: Context) -> Service | None:

@@ -46,7 +46,7 @@ def test_dag_runs_in_order_with_the_guide_environment(tmp_path: Path) -> None:
     states = {(i.task, i.index): (i.state, i.exit_code) for i in sched.store.instances(job_id)}
     assert set(states.values()) == {("Finished", 0)}
     events = [e["event"] for e in sched.store.events(job_id)]
-    assert events[0] == "OnJobRunning" and events[-1] == "OnJobFinished"
+    assert events[:2] == ["OnJobWaiting", "OnJobRunning"] and events[-1] == "OnJobFinished"
     assert events.count("OnInstanceFinished") == 5
 
 
