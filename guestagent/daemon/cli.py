@@ -1,4 +1,5 @@
-"""``guestagent run`` (the daemon), ``guestagent status`` and ``guestagent demo``.
+"""``guestagent run`` (the daemon) and ``guestagent status`` (``guestagent demo`` is its own
+module, so the daemon never imports it).
 
 ``status`` exits 0 when every service is healthy, 1 when something is not, 3 when no
 daemon answers.
@@ -28,10 +29,6 @@ def register(sub: Any) -> None:
     status.add_argument("--json", action="store_true", help="print the daemon's JSON answer")
     status.add_argument("--socket", help="control socket (default: <run_dir>/control.sock)")
     status.set_defaults(handler=_status)
-
-    from guestagent.daemon import demo
-
-    demo.register(sub)
 
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:

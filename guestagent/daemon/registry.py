@@ -16,6 +16,7 @@ entries from outside the package.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import threading
 from collections.abc import Callable
@@ -189,15 +190,20 @@ def _optional(module: str, attr: str) -> Any:
 def _firstboot(ctx: Context) -> Service | None:
     if not ctx.settings.userdata.enabled:
         return None
-    cls = _optional("guestagent.userdata.service", "FirstBootService")
-    if cls is None:
-        return None
+    module = "guestagent.userdata.service"
     if not ctx.inline_oneshots:
+        # In the daemon: not even imported here (YAML, templates, MIME stay out of a process
+        # that lives for months); the child runs it.
+        if importlib.util.find_spec(module) is None:
+            return None
         from guestagent.daemon.child import ChildOneshot
 
         # Bounded: scripts have their own timeout; several may run, plus the templates.
         timeout = 3 * ctx.settings.userdata.script_timeout + 60
-        return ChildOneshot(cls.name, ctx.config_path, timeout)
+        return ChildOneshot("userdata", ctx.config_path, timeout)
+    cls = _optional(module, "FirstBootService")
+    if cls is None:
+        return None
     return cls(ctx.settings, ctx.client)  # type: ignore[no-any-return]
 
 

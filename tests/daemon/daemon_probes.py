@@ -67,6 +67,25 @@ class Flaky(Service):
         stop.wait()
 
 
+class Hang(Service):
+    """Beats until ``$PROBE_DIR/hang`` appears, then deadlocks (blocks without beating)."""
+
+    name = "hang"
+    heartbeat_timeout = 1.0
+
+    def run(self, stop: threading.Event) -> None:
+        _log(self.name, "run")
+        trigger = Path(os.environ["PROBE_DIR"]) / "hang"
+        while not self.wait(stop, 0.1):
+            if trigger.exists():
+                _log(self.name, "hung")
+                threading.Event().wait()
+
+
+def hang(ctx: Any) -> Service:
+    return Hang()
+
+
 def first(ctx: Any) -> Service:
     return Probe("first", ctx)
 
