@@ -259,17 +259,38 @@ class Transfers:
             assert exc is not None
             raise exc
 
+    # -- trees (guestagent.storage.trees) -----------------------------------------------------
+
+    def upload_tree(self, local_dir: Path, url: OssUrl, **kw: Any) -> list[str]:
+        """Upload every file under ``local_dir`` to the directory ``url``; the keys written."""
+        from guestagent.storage import trees
+
+        done = trees.upload_tree(self, local_dir, url, **kw)
+        return [url.prefix + rel for rel in done.copied]
+
+    def download_tree(self, url: OssUrl, local_dir: Path, **kw: Any) -> list[str]:
+        """Download every object under the directory ``url`` into ``local_dir``; the keys."""
+        from guestagent.storage import trees
+
+        done = trees.download_tree(self, url, local_dir, **kw)
+        return [url.prefix + rel for rel in done.copied]
+
     # -- download --------------------------------------------------------------------------
 
     def download_file(
-        self, src: OssUrl, local: Path, info: ObjectInfo | None = None, *, announce: bool = True
+        self, src: OssUrl, local: Path, info: ObjectInfo | None = None, *,
+        announce: bool = True, into_dir: bool = True,
     ) -> Outcome:
         """Download ``src`` to ``local`` (into it, if ``local`` is a directory)."""
         if info is None:
+            if src.is_dir:
+                raise BadInput(f"{src}: is a directory; download it as a tree (-r)")
             info = self.client.head_object(src.bucket, src.key)
             if info is None:
                 raise NotFound(f"{src}: no such object", 404, "NoSuchKey")
         if local.is_dir():
+            if not into_dir:
+                raise BadInput(f"{local}: is a directory; cannot write {src} there")
             local = local / src.name
         if announce:
             self.progress.expect(info.size, 1)
