@@ -14,7 +14,7 @@ JSON_INTERVAL = 0.5
 
 class BarProgress:
     def __init__(self, stream: TextIO = sys.stderr) -> None:
-        from tqdm import tqdm  # lazily: only an interactive CLI run pays for it
+        from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]  # lazily: only an interactive CLI run pays for it
 
         self._bar: Any = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024,
                               file=stream, dynamic_ncols=True, leave=True)

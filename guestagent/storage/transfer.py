@@ -138,7 +138,14 @@ class Transfers:
                 self._put(fd, st, local, dest)
                 resumed = False
             else:
-                resumed = self._multipart(fd, st, local, dest)
+                try:
+                    resumed = self._multipart(fd, st, local, dest)
+                except NotFound as exc:
+                    if exc.code != "NoSuchUpload":
+                        raise
+                    # The server forgot the upload (restarted, or aborted it): start over.
+                    log.warning("%s: the server lost upload state; starting again", dest)
+                    resumed = self._multipart(fd, st, local, dest)
         finally:
             os.close(fd)
         self.progress.finished(str(local), st.st_size)
@@ -288,6 +295,10 @@ class Transfers:
             info = self.client.head_object(src.bucket, src.key)
             if info is None:
                 raise NotFound(f"{src}: no such object", 404, "NoSuchKey")
+        elif not info.meta and not integrity.is_plain(info.etag):
+            # A listing carries no metadata: the part size and mtime recorded at upload
+            # (what aligned ranges and sync need) come with a HEAD.
+            info = self.client.head_object(src.bucket, src.key) or info
         if local.is_dir():
             if not into_dir:
                 raise BadInput(f"{local}: is a directory; cannot write {src} there")
@@ -295,7 +306,7 @@ class Transfers:
         if announce:
             self.progress.expect(info.size, 1)
         local.parent.mkdir(parents=True, exist_ok=True)
-        _check_space(local.parent, info.size)
+        check_space(local.parent, info.size)
         partial = local.with_name(local.name + PART_SUFFIX)
         try:
             if info.size < self.options.multipart_threshold:
@@ -471,7 +482,7 @@ def _grow(fd: int, size: int) -> None:
         raise LocalWriteError(f"cannot size the download: {exc.strerror}") from None
 
 
-def _check_space(directory: Path, size: int) -> None:
+def check_space(directory: Path, size: int) -> None:
     try:
         fs = os.statvfs(directory)
     except OSError:

@@ -25,7 +25,7 @@ from guestagent.storage import integrity
 from guestagent.storage.errors import BadInput, NotFound, StorageError
 from guestagent.storage.ossurl import OssUrl, check_key
 from guestagent.storage.s3 import ObjectInfo, S3Client
-from guestagent.storage.transfer import Transfers
+from guestagent.storage.transfer import Transfers, check_space
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +183,8 @@ def upload_tree(
 ) -> Summary:
     """Upload every file under ``root`` to the directory ``dest``."""
     files = scan_local(root)
+    for f in files:
+        dest.join(f.rel)  # the whole key within OSS's limits, checked before any upload
     remote = list_remote(t.client, dest) if (only_changed or delete) else {}
     summary = Summary()
     todo: list[LocalFile] = []
@@ -241,6 +243,7 @@ def download_tree(
         )
     if dry_run:
         return summary
+    check_space(root, summary.nbytes)
     t.progress.expect(summary.nbytes, len(todo))
     _run([_download_job(t, src, info, target) for info, target in todo], _workers(t))
     for name in summary.deleted:
