@@ -78,7 +78,7 @@ class _StandIn:
         if shutil.which(self.program) is None:
             raise OssStandInError(f"{self.program} not found (pip install the test extras)")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = self.port or free_port()  # a restart keeps its port
         log = self.workdir / f"{self.program}.log"
         env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
         self._child = process.spawn(self.argv(), name=self.program, env=env,
