@@ -1,37 +1,30 @@
-"""Task-scoped credentials: one consumer per instance in the credential service, revoked
-when the instance ends.
+"""Task-scoped credentials: one consumer per instance minted in the credential service
+(``CredentialAccess.mint``: its own secret path and token), removed when the instance ends.
 
-Each instance gets two consumers of the instance role's :class:`Source`:
+An instance gets ``ALIBABA_CLOUD_CREDENTIALS_URI`` and ``AWS_CONTAINER_CREDENTIALS_FULL_URI``
+under its secret path, and ``AWS_CONTAINER_AUTHORIZATION_TOKEN``. Both go through a relay
+of the agent's own, which passes on only requests under a live task path, to the credential
+server's Unix socket (where the agent is the peer), adding the instance's token when the
+client sent none (Alibaba clients cannot send a header). A request naming one instance's
+path with another's token is refused by the server: one instance's token never reads
+another's endpoint, and the host endpoint is never reachable through the relay.
 
-- ``task:<job>.<task>.<i>:alibaba`` — reached by a secret capability path, for
-  ``ALIBABA_CLOUD_CREDENTIALS_URI`` (Alibaba clients cannot send a header);
-- ``task:<job>.<task>.<i>:aws`` — reached by its own token, for
-  ``AWS_CONTAINER_CREDENTIALS_FULL_URI`` + ``AWS_CONTAINER_AUTHORIZATION_TOKEN``.
-
-Either secret selects exactly one consumer, so one instance's token never reads another's
-endpoint; the host consumer is never reachable through them.
-
-Network path for containers (non-privileged, Docker's default bridge): the credential
-server refuses non-loopback TCP peers, so the agent runs a small relay on the bridge at
-``169.254.170.2`` (the address AWS SDKs accept over plain HTTP; added to the bridge
-interface, routed to the host by the containers' default route — no NAT rule). The relay
-passes on only requests that carry a live task secret, to the server's Unix socket (where
-the agent itself is the peer). Host-mode instances use the server's loopback listener.
+Network path: host-mode instances reach a relay on 127.0.0.1. Containers (not privileged,
+Docker's default bridge) reach one at ``169.254.170.2`` — the address AWS SDKs accept over
+plain HTTP — which the agent adds to the bridge interface; the containers' default route
+brings it to the host, so no NAT rule is needed (the credential server itself refuses
+non-loopback peers).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import json
 import logging
-import secrets
 import socket
 import socketserver
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,18 +38,6 @@ ALIBABA = "/v1/credentials/alibaba"
 AWS = "/v1/credentials/aws"
 
 
-def _digest(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode()).digest()
-
-
-@dataclass
-class _Allowed:
-    """Secrets the relay passes on (digests only), by consumer name."""
-
-    paths: dict[str, str] = field(default_factory=dict)  # capability -> name
-    tokens: dict[bytes, str] = field(default_factory=dict, repr=False)  # digest -> name
-
-
 class Relay:
     """HTTP relay from the Docker bridge to the credential server's Unix socket."""
 
@@ -64,7 +45,8 @@ class Relay:
         self.socket_path = socket_path
         self.address = address
         self.bridge = bridge
-        self.allowed = _Allowed()
+        # Live task paths -> (instance name, its token); in memory only.
+        self.allowed: dict[str, tuple[str, str]] = {}
         self._lock = threading.Lock()
         self._server: socketserver.ThreadingTCPServer | None = None
         self._added_address = False
@@ -110,26 +92,17 @@ class Relay:
 
     def allow(self, name: str, path: str, token: str) -> None:
         with self._lock:
-            self.allowed.paths[path.strip("/")] = name
-            self.allowed.tokens[_digest(token)] = name
+            self.allowed = {**self.allowed, path.strip("/"): (name, token)}
 
     def forget(self, name: str) -> None:
         with self._lock:
-            self.allowed.paths = {k: v for k, v in self.allowed.paths.items() if v != name}
-            self.allowed.tokens = {k: v for k, v in self.allowed.tokens.items() if v != name}
+            self.allowed = {k: v for k, v in self.allowed.items() if v[0] != name}
 
-    def _permitted(self, target: str, authorization: str | None) -> bool:
+    def _token_for(self, target: str) -> str | None:
+        """The token of the live task path ``target`` is under, or None."""
         first = target.split("?", 1)[0].lstrip("/").split("/", 1)[0]
-        with self._lock:
-            if first in self.allowed.paths:
-                return True
-            if authorization:
-                token = authorization.strip()
-                if token[:7].lower() == "bearer ":
-                    token = token[7:].strip()
-                presented = _digest(token)
-                return any(hmac.compare_digest(presented, d) for d in self.allowed.tokens)
-        return False
+        entry = self.allowed.get(first)
+        return entry[1] if entry is not None else None
 
     def serve(self, conn: socket.socket) -> None:
         conn.settimeout(5.0)
@@ -143,9 +116,11 @@ class Relay:
             for line in lines[1:]:
                 key, _, value = line.decode("latin-1").partition(":")
                 headers[key.strip().lower()] = value.strip()
-            if len(parts) != 3 or not self._permitted(parts[1], headers.get("authorization")):
+            token = self._token_for(parts[1]) if len(parts) == 3 else None
+            if token is None:
                 conn.sendall(_refusal())
                 return
+            headers.setdefault("authorization", token)
             conn.sendall(self._forward(parts[0], parts[1], headers))
         except OSError as exc:
             log.debug("relay connection: %s", exc)
@@ -193,63 +168,53 @@ def _refusal() -> bytes:
 
 
 class TaskCredentials:
-    """The scheduler's minter: ``(instance name, docker) -> (env, revoke)``."""
+    """The scheduler's minter: ``(instance name, docker) -> (env, revoke)``.
 
-    def __init__(self, registry: Any, source: Any, host_base: str | None,
-                 relay: Relay | Callable[[], Relay | None] | None = None) -> None:
-        self.registry = registry
-        self.source = source
-        self.host_base = host_base
-        self._relay = relay
+    ``access`` is the credential service's ``CredentialAccess`` (mint, remove)."""
+
+    def __init__(self, access: Any, host_relay: Relay | None,
+                 docker_relay: Relay | Callable[[], Relay | None] | None = None) -> None:
+        self.access = access
+        self.host_relay = host_relay
+        self._docker_relay = docker_relay
         self._lock = threading.Lock()
 
     @property
-    def relay(self) -> Relay | None:
-        """The relay, started at the first Docker instance when given as a factory."""
+    def docker_relay(self) -> Relay | None:
+        """Started at the first Docker instance when given as a factory."""
         with self._lock:
-            if self._relay is not None and not isinstance(self._relay, Relay):
+            if self._docker_relay is not None and not isinstance(self._docker_relay, Relay):
                 try:
-                    self._relay = self._relay()
+                    self._docker_relay = self._docker_relay()
                 except OSError as exc:
                     log.warning("no credential relay for containers: %s", exc)
-                    self._relay = None
-            return self._relay
+                    self._docker_relay = None
+            return self._docker_relay
 
     def close(self) -> None:
         with self._lock:
-            if isinstance(self._relay, Relay):
-                self._relay.stop()
-                self._relay = None
+            for relay in (self.host_relay, self._docker_relay):
+                if isinstance(relay, Relay):
+                    relay.stop()
+            self._docker_relay = None
 
     def __call__(self, name: str, docker: bool) -> tuple[dict[str, str], Callable[[], None]]:
-        from guestagent.credentials.consumers import Consumer
-
-        relay = self.relay if docker else None
-        base = relay.base if relay is not None else (None if docker else self.host_base)
-        if base is None:
+        relay = self.docker_relay if docker else self.host_relay
+        if relay is None:
             log.warning("%s: no credential endpoint reachable from the instance", name)
             return {}, _nothing
-        ali_name, aws_name = f"task:{name}:alibaba", f"task:{name}:aws"
-        capability = secrets.token_urlsafe(24)
-        self.registry.add(Consumer(name=ali_name, source=self.source, capability=capability,
-                                   hint=f"task endpoint {name}"))
-        try:
-            minted = self.registry.mint(aws_name, self.source, with_path=False)
-        except BaseException:
-            self.registry.remove(ali_name)
-            raise
-        if relay is not None:
-            relay.allow(name, capability, minted.token)
+        consumer = f"task:{name}"
+        minted = self.access.mint(consumer, with_path=True)
+        relay.allow(name, minted.path, minted.token)
 
         def revoke() -> None:
-            self.registry.remove(ali_name)
-            self.registry.remove(aws_name)
-            if relay is not None:
-                relay.forget(name)
+            relay.forget(name)
+            self.access.remove(consumer)
 
+        base = relay.base + minted.path
         env = {
-            "ALIBABA_CLOUD_CREDENTIALS_URI": f"{base}/{capability}{ALIBABA}",
-            "AWS_CONTAINER_CREDENTIALS_FULL_URI": f"{base}{AWS}",
+            "ALIBABA_CLOUD_CREDENTIALS_URI": base + ALIBABA,
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI": base + AWS,
             "AWS_CONTAINER_AUTHORIZATION_TOKEN": minted.token,
         }
         return env, revoke

@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from guestagent.daemon.service import Service
+from guestagent.service import Service
 from guestagent.tasks import jobcfg, submit
 from guestagent.tasks.errors import TaskError
 from guestagent.tasks.runner import HostRunner, Runner
@@ -164,7 +164,8 @@ class TasksService(Service):
                                mode=0o600)
         server.start()
         try:
-            stop.wait()
+            while not self.wait(stop, 5.0):
+                pass
         finally:
             server.close()
             self.sched.detach()
@@ -175,27 +176,31 @@ class TasksService(Service):
     def _minter(self) -> TaskCredentials | None:
         """Task-scoped credentials from the credential service, reached through the
         daemon's context; None (instances get none) when it is not running here."""
-        svc = _required(self.ctx, "credentials")
-        registry, source = getattr(svc, "registry", None), getattr(svc, "rotator", None)
-        if registry is None or source is None:
-            log.info("tasks: no credential service: instances get no task credentials")
-            return None
+        from guestagent.credentials.consumers import CredentialAccess
         from guestagent.tasks.credentials import TASK_ADDRESS, Relay, TaskCredentials
 
-        server = getattr(svc, "server", None)
-        address = getattr(server, "tcp_address", None)
-        host_base = f"http://{address[0]}:{address[1]}" if address else None
+        try:
+            access = (self.ctx.service("credentials", CredentialAccess)  # type: ignore[type-abstract]
+                      if self.ctx else None)
+        except LookupError as exc:
+            log.info("tasks: instances get no task credentials: %s", exc)
+            return None
         socket_path = self.settings.credentials.socket_path
+        if access is None or socket_path is None:
+            return None
         docker_host = self.settings.tasks.docker_host
 
-        def relay() -> Relay | None:
-            if socket_path is None:
-                return None
+        def docker_relay() -> Relay | None:
             from guestagent.tasks.docker import bridge_interface
 
             return Relay(socket_path, TASK_ADDRESS, bridge_interface(docker_host)).start()
 
-        return TaskCredentials(registry, source, host_base, relay)
+        try:
+            host_relay = Relay(socket_path, "127.0.0.1").start()
+        except OSError as exc:
+            log.warning("tasks: no credential relay on loopback: %s", exc)
+            host_relay = None
+        return TaskCredentials(access, host_relay, docker_relay)
 
     def _start(self, job_id: str) -> None:
         assert self.sched is not None
@@ -245,19 +250,6 @@ class TasksService(Service):
         if sched is None:
             return {}
         return {"jobs_running": len(sched.active()), "parallel_limit": sched.limit}
-
-
-def _required(ctx: Context | None, name: str) -> Any:
-    """A ready service the daemon's context offers by name (None if it offers none)."""
-    for attr in ("service", "require", "required"):
-        lookup = getattr(ctx, attr, None)
-        if callable(lookup):
-            try:
-                return lookup(name)
-            except Exception as exc:
-                log.info("tasks: service %s not available: %s", name, exc)
-                return None
-    return None
 
 
 def factory(ctx: Context) -> Service | None:
