@@ -24,6 +24,8 @@ COMMANDS = {
     "demo": "guestagent.daemon.cli",
     "userdata": "guestagent.userdata.cli",
     "config": "guestagent.configcli",
+    "deprovision": "guestagent.images.cli",
+    "image": "guestagent.images.cli",
 }
 
 EXIT_OK, EXIT_ABSENT, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
