@@ -26,6 +26,7 @@ COMMANDS = {
     "config": "guestagent.configcli",
     "deprovision": "guestagent.images.cli",
     "image": "guestagent.images.cli",
+    "storage": "guestagent.storage.cli",
 }
 
 EXIT_OK, EXIT_ABSENT, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
