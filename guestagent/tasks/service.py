@@ -10,7 +10,6 @@ and marks them Stopped with the reason, so ``submit --resume`` reruns only those
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import threading
@@ -100,30 +99,12 @@ def run_foreground(settings: Settings, store: Store, job_id: str) -> str:
 
 def hand_to_daemon(settings: Settings, job_id: str, resume: bool) -> bool:
     """Ask a running daemon to run the job; False when no daemon listens."""
+    from guestagent.tasks.handoff import ask
+
     path = settings.daemon.run_dir / SOCKET_NAME
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    sock.settimeout(10.0)
-    try:
-        try:
-            sock.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            return False
-        sock.sendall(json.dumps({"command": "run", "job": job_id, "resume": resume}).encode()
-                     + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-    except OSError as exc:
-        raise TaskError(f"cannot reach the daemon at {path}: {exc}") from None
-    finally:
-        sock.close()
-    try:
-        reply = json.loads(data.decode())
-    except ValueError:
-        raise TaskError(f"the daemon at {path} gave a bad answer") from None
+    reply = ask(path, {"command": "run", "job": job_id, "resume": resume})
+    if reply is None:
+        return False
     if "error" in reply:
         raise TaskError(f"the daemon refused the job: {reply['error']}")
     return True
@@ -150,7 +131,7 @@ class TasksService(Service):
         return identity(self.settings, region, worker)
 
     def run(self, stop: threading.Event) -> None:
-        from guestagent.daemon.control import ControlServer
+        from guestagent.tasks.handoff import HandoffServer
 
         store = open_store(self.settings)
         draining = self.ctx.draining if self.ctx is not None else None
@@ -160,9 +141,7 @@ class TasksService(Service):
         for job_id in store.jobs_in(RUNNING):
             log.info("tasks: going on with %s", job_id)
             self._start(job_id)
-        server = ControlServer(self.settings.daemon.run_dir / SOCKET_NAME, self._handle,
-                               mode=0o600)
-        server.start()
+        server = HandoffServer(self.settings.daemon.run_dir / SOCKET_NAME, self._handle).start()
         try:
             while not self.wait(stop, 5.0):
                 pass

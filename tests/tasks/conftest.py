@@ -3,8 +3,6 @@ listener), buckets on moto, and the storage facade with real rclone mounts."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -14,6 +12,7 @@ from typing import Any
 import pytest
 from polling import wait_for
 from s3transfers import BotoTransfers
+from tasks_helpers import tcp_base
 
 from guestagent.config import from_mapping
 from guestagent.credentials.service import CredentialService
@@ -43,12 +42,6 @@ def credentials(emulator: Any, tmp_path: Path) -> Iterator[CredentialService]:
         client.close()
 
 
-def tcp_base(service: CredentialService) -> str:
-    assert service.server is not None and service.server.tcp_address
-    host, port = service.server.tcp_address
-    return f"http://{host}:{port}"
-
-
 @pytest.fixture
 def bucket(s3: Any) -> Callable[..., str]:
     """A fresh bucket on moto holding ``objects`` (key -> bytes); returns its name."""
@@ -65,12 +58,6 @@ def bucket(s3: Any) -> Callable[..., str]:
 
     make.client = admin  # type: ignore[attr-defined]
     return make
-
-
-needs_fuse = pytest.mark.skipif(
-    shutil.which("rclone") is None or not Path("/dev/fuse").exists() or os.geteuid() != 0,
-    reason="needs rclone, /dev/fuse and root",
-)
 
 
 @pytest.fixture

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from guestagent.tasks import submit
 from guestagent.tasks.model import Job
@@ -50,3 +54,15 @@ def submit_doc(sched: Scheduler, doc: dict[str, Any]) -> str:
     job_id, _ = submit.create_from(sched.store, sched.jobs_dir, job, doc,
                                    sched.settings.max_timeout)
     return job_id
+
+
+def tcp_base(service: Any) -> str:
+    assert service.server is not None and service.server.tcp_address
+    host, port = service.server.tcp_address
+    return f"http://{host}:{port}"
+
+
+needs_fuse = pytest.mark.skipif(
+    shutil.which("rclone") is None or not Path("/dev/fuse").exists() or os.geteuid() != 0,
+    reason="needs rclone, /dev/fuse and root",
+)

@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import tcp_base
 from polling import wait_for
-from tasks_helpers import job_doc, make_scheduler, submit_doc, task
+from tasks_helpers import job_doc, make_scheduler, submit_doc, task, tcp_base
 
 from guestagent import process
 from guestagent.credentials.service import CredentialService

@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import needs_fuse
 from polling import wait_for
-from tasks_helpers import job_doc, make_scheduler, submit_doc, task
+from tasks_helpers import job_doc, make_scheduler, needs_fuse, submit_doc, task
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import needs_fuse
 from logcount import (
     cfg_flags,
     copy_example,
@@ -18,7 +17,7 @@ from logcount import (
     log_data,
     package_tarball,
 )
-from tasks_helpers import make_scheduler
+from tasks_helpers import make_scheduler, needs_fuse
 
 from guestagent.tasks import jobcfg, submit
 
