@@ -68,7 +68,10 @@ def runners(settings: Settings) -> dict[str, Runner]:
 
 
 def build(settings: Settings, store: Store, **kwargs: Any) -> Scheduler:
+    from guestagent.tasks.staging import default_storage
+
     kwargs.setdefault("identity", identity(settings))
+    kwargs.setdefault("storage", lambda: default_storage(settings))
     return Scheduler(store, settings.tasks, jobs_dir(settings), runners(settings), **kwargs)
 
 

@@ -15,7 +15,7 @@ import shutil
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from guestagent.tasks.errors import TaskError
 from guestagent.tasks.model import Task
@@ -33,25 +33,55 @@ class MountHandle(Protocol):
 class Storage(Protocol):
     """The storage facade the launcher needs (issue 10's ``storage.api.Storage``)."""
 
-    def fetch_package(self, url: str, workdir: Path) -> None: ...
+    def fetch_package(self, url: str, workdir: Path, /) -> object: ...
 
-    def upload_dir(self, local_dir: Path, url: str) -> None: ...
+    def upload_dir(self, local_dir: Path, url: str, /) -> object: ...
 
-    def upload_file(self, local: Path, url: str) -> None: ...
+    def upload_file(self, local: Path, url: str, /) -> object: ...
 
-    def mount(self, source_url: str, dest: Path, write: bool = False) -> MountHandle: ...
+    def mount(self, source_url: str, dest: Path, write: bool = False, /) -> MountHandle: ...
 
 
-def default_storage() -> Storage:
-    """The storage capability's facade; a clear error if this build has none."""
+def default_storage(settings: Any = None) -> Storage:
+    """The storage facade from the agent's settings: transfers signed with keys from the
+    local credential server's socket, read-only mounts by rclone through its loopback TCP
+    listener (when enabled). A clear error if this build has no storage capability."""
     try:
-        from guestagent.storage import api  # type: ignore[attr-defined,unused-ignore]
+        from guestagent.storage.api import Storage as Facade
+        from guestagent.storage.connect import client_for
+        from guestagent.storage.transfer import Options, Transfers
     except ImportError:
         raise TaskError(
             "this job reads or writes OSS but the storage capability is not installed"
         ) from None
-    storage: Storage = api.Storage()
-    return storage
+    if settings is None:
+        from guestagent import config
+
+        settings = config.load()
+    try:
+        client = client_for(settings)
+    except Exception as exc:  # StorageError: no endpoint configured, bad URL
+        raise TaskError(f"OSS is not reachable from this agent: {exc}") from None
+    facade: Storage = Facade(Transfers(client, Options.from_settings(settings)),
+                             **_mount_options(settings, client))
+    return facade
+
+
+def _mount_options(settings: Any, client: Any) -> dict[str, Any]:
+    creds = settings.credentials
+    if not creds.tcp_enabled:
+        return {}  # InputMapping then says mounts are not configured
+    from guestagent.storage.mounts import Options as MountOptions
+    from guestagent.storage.mounts import RcloneRemote
+
+    ep = client.endpoint
+    prefix = f"/{creds.path_secret}" if creds.path_secret else ""
+    remote = RcloneRemote(
+        endpoint=f"{ep.scheme}://{ep.netloc}",
+        credentials_url=f"http://{creds.tcp_host}:{creds.tcp_port}{prefix}/v1/credentials/aws",
+        region=ep.region, path_style=ep.path_style, token_file=creds.token_file)
+    run_dir = Path(settings.daemon.run_dir) / "storage"
+    return {"remote": remote, "options": MountOptions(run_dir=run_dir)}
 
 
 def needs_storage(task: Task) -> bool:
@@ -206,7 +236,7 @@ class Inputs:
             for url, host, _ in mappings:
                 host.mkdir(parents=True, exist_ok=True)
                 assert storage is not None
-                self.handles.append(storage.mount(url, host, write=False))
+                self.handles.append(storage.mount(url, host, False))
         except BaseException:
             self.release()
             raise

@@ -101,3 +101,37 @@ def test_log_count_docker_mode_through_the_oss_registry(
     assert _result(bucket, name) == expected_counts(data)
     # Nothing was written on the host's own /home/input or /home/output.
     assert not Path("/home/output/merge_result.txt").exists()
+
+
+def test_log_count_with_tasks_submit_wait(
+    tmp_path: Path, s3: Any, bucket: Any, credentials: Any
+) -> None:
+    """The user's way: the job.cfg and bcs flags through ``guestagent tasks submit --wait``,
+    storage from the agent's settings (keys from the credential server's socket)."""
+    import os
+    import subprocess
+    import sys
+
+    from tasks_helpers import tcp_base
+
+    name, data = _bucket_with_data(bucket)
+    cfg = copy_example(tmp_path / "user")
+    settings = credentials.settings
+    port = tcp_base(credentials).rsplit(":", 1)[1]
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'[daemon]\nstate_dir = "{tmp_path / "state"}"\nrun_dir = "{tmp_path / "run"}"\n'
+        f'[credentials]\nsocket_path = "{settings.socket_path}"\ntcp_enabled = true\n'
+        f"tcp_port = {port}\n"
+        f'[storage]\nendpoint = "{s3.url}"\npath_style = true\nregion = "us-east-1"\n'
+        "[tasks]\nmax_parallel = 3\n")
+    inp, out = tmp_path / "home" / "input", tmp_path / "home" / "output"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GUESTAGENT_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "guestagent", "--config", str(config), "tasks", "submit",
+         str(cfg), "--wait", "-r", f"oss://{name}/log-count/:{inp}",
+         "-w", f"oss://{name}/log-count/:{out}", "-e", f"INPUT_DIR:{inp},OUTPUT_DIR:{out}"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().startswith("job-")
+    assert _result(bucket, name) == expected_counts(data)
