@@ -82,8 +82,12 @@ class Snapshot:
     offered_stale: bool = False
 
     def verdict(self, now: float) -> Verdict:
-        """``serve`` now; ``wait`` for a refresh (mandatory window); or ``refuse``."""
-        if self.credentials is None or now >= self.serve_until:
+        """``serve`` now; ``wait`` for a refresh (mandatory window, or the first fetch
+        after a start: clients queued across a restart get an answer, not a 503); or
+        ``refuse``."""
+        if self.credentials is None:
+            return "wait" if self.state == "pending" else "refuse"
+        if now >= self.serve_until:
             return "refuse"
         if self.wall() >= self.host_deadline:
             return "refuse"  # clients would reject it: see the module docstring
