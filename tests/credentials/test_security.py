@@ -224,3 +224,33 @@ def test_no_secret_in_logs_argv_or_files(credential_service, emulator, tmp_path,
     # Detach: the files go away with the role.
     emulator.detach_role()
     svc.wait_for(lambda: not profile.exists() and not env_file.exists())
+
+
+def test_allow_users_alone_opens_the_socket_and_token_to_them(credential_service, test_users,
+                                                              shared_dir):
+    """One setting, one effect: no socket_group needed (the allow-list becomes an ACL)."""
+    import pwd
+
+    svc = credential_service(socket_path=shared_dir / "c.sock", allow_users=["ga-test-allowed"])
+    sock = str(svc.socket_path)
+    assert os.stat(sock).st_mode & 0o007 == 0  # still closed to others by mode
+    token_file = svc.service.token_file
+    allowed, denied = pwd.getpwnam("ga-test-allowed"), pwd.getpwnam("ga-test-denied")
+    status, doc = as_user(allowed.pw_uid, allowed.pw_gid, "unix", sock, "/v1/credentials/aws")
+    assert status == 200 and doc["AccessKeyId"]
+    # The allowed user can read the token its AWS SDK sends on TCP; the other cannot.
+    read = [sys.executable, "-c", f"print(open({str(token_file)!r}).read())"]
+    for pw, ok in ((allowed, True), (denied, False)):
+        res = subprocess.run(["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}",
+                              "--init-groups", *read], capture_output=True, text=True,
+                             timeout=30, check=False)
+        assert (res.returncode == 0) is ok, res.stderr
+    token = token_file.read_text().strip()
+    tcp = "{}:{}".format(*svc.tcp)
+    assert as_user(allowed.pw_uid, allowed.pw_gid, "tcp", tcp, "/v1/credentials/aws",
+                   token)[0] == 200
+    # Anyone else: the file system refuses the socket (and the peer check would too).
+    status, doc = as_user(denied.pw_uid, denied.pw_gid, "unix", sock, "/v1/credentials/aws")
+    assert status in (0, 403) and "AccessKeyId" not in doc
+    assert as_user(denied.pw_uid, denied.pw_gid, "tcp", tcp, "/v1/credentials/aws",
+                   token)[0] == 403
