@@ -376,8 +376,9 @@ class Rotator:
                 f"LastUpdated {format_time(creds.last_updated)}"
             )
         wall = self._wall()
-        if self._offset is not None:
-            # The service's own clock (Date) against its own LastUpdated: no host clock in it.
+        if self._offset is not None and abs(self._offset) > DATE_TOLERANCE:
+            # The host clock is off: the service's own clock (Date, whole seconds) against
+            # its own LastUpdated. When the two agree the host clock is the finer one.
             age = min(max(wall + self._offset - issued, 0.0), validity)
         elif issued - CLOCK_TOLERANCE <= wall <= expires:
             age = min(max(wall - issued, 0.0), validity)

@@ -11,8 +11,12 @@ Routes (after an optional capability prefix ``/<secret>``):
 - ``GET /v1/credentials/alibaba`` the metadata service's JSON (ALIBABA_CLOUD_CREDENTIALS_URI, oss2)
 - ``GET /v1/credentials/aws``     container-credentials JSON (AWS_CONTAINER_CREDENTIALS_FULL_URI)
 - ``GET /v1/health``              state without secrets (no token needed)
-- ``/latest/...``                  EC2-style role credentials (see :mod:`.ec2`), capability
-                                   path only
+- ``GET /v1/endpoints``           where each format is served (Unix socket only)
+- ``/latest/...``                  EC2-style role credentials (see :mod:`.ec2`): under a
+                                   capability path, or with an IMDSv2 session token
+
+On TCP the host endpoint wants its token, or its capability path (``path_suffices``); on
+the Unix socket ``SO_PEERCRED`` alone decides.
 """
 
 from __future__ import annotations
@@ -102,6 +106,7 @@ class CredentialServer:
         self.tcp_address: tuple[str, int] | None = None
         self.tcp_error = ""
         self.token_file = ""  # where TCP clients read the host endpoint's token
+        self.sessions = ec2.SessionTokens(clock)  # IMDSv2-style, for the EC2 routes
         self.requests = 0
         self.refused = 0
         self.connections = Connections(limits or Limits())
@@ -320,9 +325,10 @@ class CredentialServer:
     def _ec2(self, consumer: Consumer, by_path: bool, req: Request,
              rest: bytes) -> bytes | Snapshot:
         method, headers, close = req.method, req.headers, req.close
-        if not by_path and consumer.token_digest is not None:
-            return error_response(404, "NotFound", "EC2-style routes are served only under "
-                                  "a capability path", close=close)
+        if rest != ec2.TOKEN and not by_path and not self.sessions.valid(headers):
+            return error_response(401, "Unauthorized", "EC2-style reads need a session token: "
+                                  "PUT /latest/api/token first (or use a capability path)",
+                                  close=close)
         if rest == ec2.TOKEN:
             if method != b"PUT":
                 return error_response(405, "MethodNotAllowed", "PUT a token", close=close)
@@ -330,7 +336,7 @@ class CredentialServer:
             if ttl is None:
                 return error_response(400, "BadRequest", "X-aws-ec2-metadata-token-ttl-seconds"
                                       " must be 1..21600", close=close)
-            return response(200, ec2.new_token(), close=close,
+            return response(200, self.sessions.issue(ttl), close=close,
                             extra=b"X-Aws-Ec2-Metadata-Token-Ttl-Seconds: %d\r\n" % ttl)
         role = ec2.role_of(rest)
         if role is None or method != b"GET":
