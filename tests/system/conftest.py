@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from system_harness import CACHE, RECIPE, agent_toml
 
 from guestagent.images import agent, nspawn, rootfs, tools
 
-CACHE = Path(os.environ.get("GUESTAGENT_TEST_CACHE", "/var/cache/guestagent-test"))
-RECIPE = rootfs.Recipe()
 _names = itertools.count(1)
 
 
@@ -85,10 +84,6 @@ SHARED_HOST_NETWORK = {
     "/etc/systemd/system/guestagent.service.d/40-test.conf":
         "[Service]\nEnvironment=GUESTAGENT_CREDENTIALS_TCP_PORT=0\n",
 }
-
-
-def agent_toml(emulator: Any, extra: str = "") -> str:
-    return f'[metadata]\nurl = "{emulator.url}"\n' + extra
 
 
 @pytest.fixture
