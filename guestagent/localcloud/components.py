@@ -31,6 +31,7 @@ class ComponentFactory(Protocol):
 COMPONENTS: dict[str, str] = {
     "metadata": "guestagent.localcloud.emulator.component:MetadataComponent",
     "docker": "guestagent.localcloud.dockerd:DockerComponent",
+    "nas": "guestagent.localcloud.nas:NasComponent",
 }
 
 
