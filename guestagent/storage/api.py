@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -26,21 +27,18 @@ from guestagent.storage.errors import BadInput, StorageError
 from guestagent.storage.mappings import local_dir, parse_package_path
 from guestagent.storage.mounts import Mount, MountTable, Options, RcloneRemote
 from guestagent.storage.ossurl import OssUrl
+from guestagent.storage.outputs import FlushReport, OutputSession
 from guestagent.storage.package import DEFAULT_LIMITS, Limits, Unpacked, unpack
 
 log = logging.getLogger(__name__)
 
 
 class Transfers(Protocol):
-    """What the facade needs from the transfers module."""
+    """What the facade needs from the transfers module (``transfer.Transfers``)."""
 
-    def download_file(self, url: OssUrl, local: Path) -> None: ...
+    def download_file(self, src: OssUrl, local: Path) -> object: ...
 
-    def upload_file(self, local: Path, url: OssUrl) -> None: ...
-
-    def upload_tree(self, local_dir: Path, url: OssUrl) -> list[str]:
-        """Upload every regular file under ``local_dir``; the keys written."""
-        ...
+    def upload_file(self, local: Path, dest: OssUrl) -> object: ...
 
 
 @dataclass
@@ -79,6 +77,8 @@ class Storage:
         self.remote = remote
         self.options = options
         self.package_limits = package_limits
+        self.sessions: list[OutputSession] = []
+        self._lock = threading.Lock()
 
     def _transfers(self) -> Transfers:
         if self.transfers is None:
@@ -103,12 +103,49 @@ class Storage:
                 archive.unlink()
 
     def upload_dir(self, local: Path, url: str | OssUrl) -> list[str]:
-        """Upload everything under ``local`` to the OSS directory ``url`` (OutputMapping)."""
-        dest = _oss_dir(url, "upload_dir")
-        source = Path(local_dir(str(local), "upload_dir"))
-        if not source.is_dir():
-            raise BadInput(f"upload_dir: {source} is not a directory")
-        return self._transfers().upload_tree(source, dest)
+        """Upload everything under ``local`` to the OSS directory ``url`` (OutputMapping);
+        the keys written. Symlinks are not followed. Raises if any file failed."""
+        session = self.open_output(local, url)
+        try:
+            report = session.finish()
+        finally:
+            self.close_output(session)
+        if report.failed:
+            rel, why = next(iter(report.failed.items()))
+            raise StorageError(f"upload of {local} to {url}: {len(report.failed)} file(s) "
+                               f"failed, first {rel}: {why}")
+        return [session.dest.join(rel).key for rel in report.uploaded]
+
+    def open_output(self, local: Path, url: str | OssUrl, *, streaming: bool = False,
+                    kind: str = "output") -> OutputSession:
+        """An OutputMapping (or LogMapping, ``kind="log"``) of a running task: pending files
+        are flushed by :meth:`flush_all` on a drain; streaming ones upload each closed file."""
+        if kind == "log":
+            dest = url if isinstance(url, OssUrl) else OssUrl.parse(url, "LogMapping")
+            source = Path(local_dir(str(local), "LogMapping"))
+        else:
+            dest = _oss_dir(url, "OutputMapping")
+            source = Path(local_dir(str(local), "OutputMapping"))
+            if source.exists() and not source.is_dir():
+                raise BadInput(f"OutputMapping: {source} is not a directory")
+        session = OutputSession(source, dest, self._transfers(), streaming=streaming, kind=kind)
+        session.start()
+        with self._lock:
+            self.sessions.append(session)
+        return session
+
+    def close_output(self, session: OutputSession) -> None:
+        session.stop_watching()
+        with self._lock:
+            if session in self.sessions:
+                self.sessions.remove(session)
+
+    def flush_all(self, deadline: float | None = None) -> dict[str, FlushReport]:
+        """Upload what every open output/log session has pending (a spot drain)."""
+        return {str(s.local): s.flush(deadline) for s in list(self.sessions)}
+
+    def pending_uploads(self) -> int:
+        return sum(len(s.pending()) for s in list(self.sessions))
 
     def upload_file(self, local: Path, url: str | OssUrl) -> OssUrl:
         """Upload one file; ``url`` may be a directory (the file keeps its name)."""
@@ -134,6 +171,8 @@ class Storage:
         return MountHandle(source, path, self.mounts)
 
     def close(self) -> None:
+        for session in list(self.sessions):
+            self.close_output(session)
         self.mounts.stop_all()
 
 

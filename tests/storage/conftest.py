@@ -83,7 +83,12 @@ class BotoTransfers:
         self.client.download_file(url.bucket, url.key, str(local))
 
     def upload_file(self, local: Path, url: Any) -> None:
-        self.client.upload_file(str(local), url.bucket, url.key)
+        from guestagent.storage.errors import StorageError
+
+        try:
+            self.client.upload_file(str(local), url.bucket, url.key)
+        except Exception as exc:  # boto's errors, as the agent's transfers would say them
+            raise StorageError(f"{url}: {exc}") from None
 
     def upload_tree(self, local_dir: Path, url: Any) -> list[str]:
         keys = []
