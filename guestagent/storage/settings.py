@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -37,7 +37,31 @@ class StorageSettings:
     # Where resumable transfers keep their state; empty: <daemon.state_dir>/storage.
     state_dir: Path | None = None
 
+    # Mounts made by the daemon's storage service and kept healthy, "SOURCE:/local/dir"
+    # each as `bcs sub -r` writes them: oss://bucket/dir/:/mnt/in (read-only, rclone) or
+    # nas://<id>.<region>.nas.aliyuncs.com:/path/:/mnt/nas (a systemd mount unit).
+    mounts: list[str] = field(default_factory=list)
+    rclone: str = "rclone"
+    mount_check_interval: float = 2.0  # health check (stat with a timeout) of each mount
+    mount_stat_timeout: float = 2.0
+    mount_ready_timeout: float = 30.0
+    # NAS: NFS version ("3" or "4.0"), locks (Lock: true drops nolock), mount on first use.
+    nas_version: Literal["3", "4.0"] = "3"
+    nas_lock: bool = False
+    nas_automount: bool = False
+
     def validate(self) -> None:
+        for name in ("mount_check_interval", "mount_stat_timeout", "mount_ready_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        for spec in self.mounts:
+            from guestagent.storage.errors import BadInput
+            from guestagent.storage.mappings import parse_mount_spec
+
+            try:
+                parse_mount_spec(spec, "mounts")
+            except BadInput as exc:
+                raise ValueError(str(exc)) from None
         if self.endpoint:
             from guestagent.config import check_url
 
