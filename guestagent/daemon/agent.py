@@ -264,7 +264,8 @@ class Daemon:
             self.notifier.ready(self._status_line())
             return
         old = self.settings
-        changed = {n for n in ("metadata", "credentials", "daemon", "spot", "userdata")
+        changed = {n for n in ("metadata", "credentials", "daemon", "spot", "userdata",
+                               "storage")
                    if getattr(old, n) != getattr(new, n)}
         if (old.daemon.state_dir, old.daemon.run_dir) != (new.daemon.state_dir,
                                                           new.daemon.run_dir):

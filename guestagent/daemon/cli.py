@@ -111,6 +111,7 @@ def render(reply: dict[str, Any]) -> str:
     if spot.get("failing"):
         text += f", POLL FAILING: {spot.get('last_error')}"
     lines.append(text)
+    lines.extend(_storage_lines(reply.get("services", [])))
     drain = spot.get("drain")
     if drain:
         state = "completed" if drain.get("completed") else f"at {drain.get('current_step')}"
@@ -121,6 +122,20 @@ def render(reply: dict[str, Any]) -> str:
             lines.append(f"  {step['step']:<14}{step['seconds']:>8.2f}s  "
                          f"{'ok' if step['ok'] else step['error']}")
     return "\n".join(lines) + "\n"
+
+
+def _storage_lines(services: list[dict[str, Any]]) -> list[str]:
+    """Mounts and pending uploads of the storage service, if it runs."""
+    details = next((s.get("details", {}) for s in services if s["name"] == "storage"), None)
+    if details is None:
+        return []
+    mounts = details.get("mounts", [])
+    lines = [f"storage: {len(mounts)} mount(s), "
+             f"{details.get('pending_uploads', 0)} pending upload(s)"]
+    for m in mounts:
+        error = f"  {m['error']}" if m.get("error") else ""
+        lines.append(f"  {m['dest']:<28}{m['source']:<40}{m['health']}{error}")
+    return lines
 
 
 def _duration(seconds: float) -> str:

@@ -156,6 +156,13 @@ class OutputSession:
             def on_closed(self, event: FileSystemEvent) -> None:
                 session._queue.put(os.fsdecode(event.src_path))
 
+            def on_created(self, event: FileSystemEvent) -> None:
+                # A new directory is watched a moment after it appears: files closed in it
+                # before then sent no event, so look at what is already there.
+                if event.is_directory:
+                    for path in Path(os.fsdecode(event.src_path)).rglob("*"):
+                        session._queue.put(str(path))
+
             def on_moved(self, event: FileSystemEvent) -> None:
                 if not event.is_directory:
                     session._queue.put(os.fsdecode(event.dest_path))

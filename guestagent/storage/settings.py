@@ -15,6 +15,8 @@ MAX_PARTS = 10_000
 
 @dataclass(frozen=True)
 class StorageSettings:
+    # The daemon's storage service (mounts of [storage] mounts, output flush on a drain).
+    enabled: bool = True
     # S3-compatible endpoint URL; empty: derived from the instance's region-id and
     # network-type (or BATCH_COMPUTE_OSS_HOST). Set it for the local cloud.
     endpoint: str = ""
