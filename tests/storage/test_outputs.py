@@ -31,11 +31,11 @@ def keys(bucket, name):
 
 
 def test_streaming_uploads_each_closed_file_and_the_end_sends_only_changes(
-        bucket, boto_transfers, tmp_path):
+        bucket, agent_transfers, tmp_path):
     name = bucket()
     out = tmp_path / "out"
     out.mkdir()
-    counting = Counting(boto_transfers)
+    counting = Counting(agent_transfers)
     storage = Storage(counting)
     session = storage.open_output(out, f"oss://{name}/results/", streaming=True)
     (out / "part-0.csv").write_text("1,2\n")
@@ -55,7 +55,7 @@ def test_streaming_uploads_each_closed_file_and_the_end_sends_only_changes(
     assert "results/late.txt" in keys(bucket, name)
 
 
-def test_end_of_task_upload_skips_symlinks_pointing_out(bucket, boto_transfers, tmp_path):
+def test_end_of_task_upload_skips_symlinks_pointing_out(bucket, agent_transfers, tmp_path):
     name = bucket()
     secret = tmp_path / "secret.txt"
     secret.write_text("do not upload")
@@ -64,19 +64,19 @@ def test_end_of_task_upload_skips_symlinks_pointing_out(bucket, boto_transfers, 
     (out / "result.txt").write_text("ok")
     (out / "leak.txt").symlink_to(secret)
     (out / "leakdir").symlink_to(tmp_path)
-    storage = Storage(boto_transfers)
+    storage = Storage(agent_transfers)
     assert storage.upload_dir(out, f"oss://{name}/o/") == ["o/result.txt"]
     assert keys(bucket, name) == ["o/result.txt"]
 
 
-def test_a_drain_flushes_pending_outputs_and_reports_what_is_left(bucket, boto_transfers,
+def test_a_drain_flushes_pending_outputs_and_reports_what_is_left(bucket, agent_transfers,
                                                                    tmp_path):
     name = bucket()
     out = tmp_path / "out"
     out.mkdir()
     logf = tmp_path / "task.log"
     logf.write_text("log line\n")
-    storage = Storage(boto_transfers)
+    storage = Storage(agent_transfers)
     storage.open_output(out, f"oss://{name}/o/")
     storage.open_output(logf, f"oss://{name}/logs/", kind="log")
     for i in range(3):
@@ -93,11 +93,11 @@ def test_a_drain_flushes_pending_outputs_and_reports_what_is_left(bucket, boto_t
     storage.close()
 
 
-def test_a_failed_upload_is_reported_not_lost(bucket, boto_transfers, tmp_path):
+def test_a_failed_upload_is_reported_not_lost(bucket, agent_transfers, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "a.txt").write_text("a")
-    storage = Storage(boto_transfers)
+    storage = Storage(agent_transfers)
     session = storage.open_output(out, "oss://no-such-bucket-xyz/o/")
     report = session.flush()
     assert list(report.failed) == ["a.txt"] and "\n" not in report.failed["a.txt"]

@@ -54,19 +54,22 @@ def running(tmp_path):
         service.storage.close()
 
 
-def test_declared_mounts_are_made_healed_and_drained(bucket, creds, s3, tmp_path, boto_transfers,
+def test_declared_mounts_are_made_healed_and_drained(bucket, creds, s3, tmp_path, agent_transfers,
                                                      running):
     name = bucket({"ref/genome.fa": b">chr1\nACGT\n"})
     dest = tmp_path / "ref"
     settings = settings_for(tmp_path, creds, s3, [f"oss://{name}/ref/:{dest}",
                                                   "nas://127.0.0.1:/nowhere/:/mnt/ga-nas-test"])
-    storage = Storage(boto_transfers, options=Storage.from_settings(settings).options,
+    storage = Storage(agent_transfers, options=Storage.from_settings(settings).options,
                       remote_factory=Storage.from_settings(settings).rclone_remote)
     service = running(StorageService(settings, storage))
-    wait_for(lambda: mountinfo(dest) == "fuse.rclone", timeout=60, step=0.2)
+    def rows():
+        return {r["dest"]: r for r in service.status()["mounts"]}
+
+    wait_for(lambda: rows().get(str(dest), {}).get("health") == "ok", timeout=60, step=0.2)
+    assert mountinfo(dest) == "fuse.rclone"
     assert (dest / "genome.fa").read_bytes() == b">chr1\nACGT\n"
-    status = service.status()
-    rows = {r["dest"]: r for r in status["mounts"]}
+    rows = rows()
     assert rows[str(dest)]["health"] == "ok" and rows[str(dest)]["origin"] == "settings"
     nas_row = rows["/mnt/ga-nas-test"]
     assert nas_row["kind"] == "nas" and nas_row["health"] == "error"
@@ -94,10 +97,10 @@ def test_declared_mounts_are_made_healed_and_drained(bucket, creds, s3, tmp_path
 
 
 def test_a_drain_out_of_time_reports_what_it_could_not_upload(bucket, creds, s3, tmp_path,
-                                                              boto_transfers):
+                                                              agent_transfers):
     name = bucket()
     settings = settings_for(tmp_path, creds, s3, [])
-    service = StorageService(settings, Storage(boto_transfers))
+    service = StorageService(settings, Storage(agent_transfers))
     out = tmp_path / "out"
     out.mkdir()
     (out / "big.bin").write_bytes(b"x" * 1000)
