@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from guestagent.daemon.service import Service
+from guestagent.service import Service
 from guestagent.storage.api import Storage, mount_options
-from guestagent.storage.errors import StorageError
+from guestagent.storage.errors import StorageError, Unavailable
+from guestagent.storage.keys import Keys, SourceKeys
 from guestagent.storage.mappings import MountEntry, NasSource, parse_mount_spec
 from guestagent.storage.ossurl import OssUrl
 
@@ -45,12 +47,42 @@ class _Declared:
         self.next_try = time.monotonic() + min(RETRY_MAX, RETRY_MIN * 2 ** (self.failures - 1))
 
 
+class _DaemonKeys:
+    """Keys from the credential service's Source, found through the daemon when first
+    needed (the service is required, so it is ready by then)."""
+
+    def __init__(self, source: Callable[[], Any]) -> None:
+        self._source = source
+        self._keys: SourceKeys | None = None
+
+    def _get(self) -> SourceKeys:
+        if self._keys is None:
+            try:
+                self._keys = SourceKeys(self._source())
+            except LookupError as exc:
+                raise Unavailable(f"credentials: {exc}") from None
+        return self._keys
+
+    def current(self) -> Keys:
+        return self._get().current()
+
+    def refresh(self) -> Keys:
+        return self._get().refresh()
+
+
 class StorageService(Service):
     name = "storage"
+    ready_on_start = False  # ready once the declared mounts were tried
 
-    def __init__(self, settings: Any, storage: Storage | None = None) -> None:
+    def __init__(self, settings: Any, storage: Storage | None = None,
+                 source: Callable[[], Any] | None = None) -> None:
+        """``source`` returns the credential service's Source (in the daemon); without it
+        transfers use the credential server's socket, as the CLI does."""
         self.settings = settings
-        self.storage = storage if storage is not None else Storage.from_settings(settings)
+        if storage is None:
+            keys = _DaemonKeys(source) if source is not None else None
+            storage = Storage.from_settings(settings, keys=keys)
+        self.storage = storage
         self.declared = [_Declared(parse_mount_spec(s, "storage.mounts"))
                          for s in settings.storage.mounts]
         self.interval = float(settings.storage.mount_check_interval)
@@ -61,10 +93,11 @@ class StorageService(Service):
 
     def run(self, stop: threading.Event) -> None:
         self._adopt_recorded()
-        while not stop.is_set():
+        self._ensure()
+        self.mark_ready()
+        while not self.wait(stop, self.interval):
             self._ensure()
             self.storage.mounts.check_all()
-            stop.wait(self.interval)
         # Leave the mounts: a restarted agent adopts them (see the module docstring).
 
     def _ensure(self) -> None:
@@ -159,6 +192,22 @@ class StorageService(Service):
         if self.last_drain is not None:
             out["drain"] = self.last_drain
         return out
+
+    def summary(self) -> str | None:
+        rows = self.status()["mounts"]
+        ok = sum(1 for r in rows if r.get("health") == "ok")
+        text = f"{ok}/{len(rows)} mount(s) ok, {self.storage.pending_uploads()} pending upload(s)"
+        bad = [f"{r['dest']} {r.get('health')}" for r in rows if r.get("health") != "ok"]
+        return text + (f"; {', '.join(bad)}" if bad else "")
+
+    def problem(self) -> str | None:
+        for d in self.declared:
+            if d.error:
+                return f"{d.entry.destination}: {d.error}"
+        for m in self.storage.mounts.mounts():
+            if m.health not in ("ok", "new"):
+                return f"{m.dest}: {m.health}" + (f" ({m.last_error})" if m.last_error else "")
+        return None
 
     def healthy(self) -> bool:
         return all(d.state == "ok" for d in self.declared) and all(
