@@ -32,8 +32,13 @@ def fetch(client: MetadataClient, settings: UserdataSettings) -> tuple[bytes | N
 
 
 def state_dir_for(root: Path, configured: Path) -> Path:
-    """The configured state dir on the live system; ``<root>/var/lib/guestagent`` in a tree."""
-    return configured if root == Path("/") else root / "var/lib/guestagent"
+    """The configured state dir on the live system; ``/var/lib/guestagent`` of the tree
+    (its links followed chroot-style, never out of it) under ``--root``."""
+    if root == Path("/"):
+        return configured
+    from guestagent.userdata.tree import Tree
+
+    return Tree(root).resolve("/var/lib/guestagent")
 
 
 class FirstBootService(Service):

@@ -35,8 +35,6 @@ class UserdataSettings:
     templates_dir: Path | None = None
     cloud_init: str = "cloud-init"
     visudo: str = "visudo"
-    # Suffix of the copy kept of every file the applier replaces.
-    backup_suffix: str = ".guestagent.bak"
 
     def validate(self) -> None:
         if self.script_timeout <= 0:
@@ -52,10 +50,6 @@ class UserdataSettings:
             name, sep, freq = item.partition("=")
             if not sep or not name.strip() or freq.strip() not in FREQUENCIES:
                 raise ValueError(f"frequencies: {item!r} must be HANDLER=once|per-instance|always")
-        if not self.backup_suffix or "/" in self.backup_suffix:
-            raise ValueError(
-                f"backup_suffix: must be a non-empty file suffix, got {self.backup_suffix!r}"
-            )
 
     def frequency_overrides(self) -> dict[str, str]:
         out: dict[str, str] = {}

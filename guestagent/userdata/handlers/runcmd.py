@@ -31,6 +31,7 @@ def script_from(cfg: Mapping[str, Any]) -> str | None:
 class RunCmd(Handler):
     name = "runcmd"
     keys = ("runcmd",)
+    stage = "final"
 
     def plan(self, cfg: Mapping[str, Any], ctx: Context) -> str | None:
         return script_from(cfg)
