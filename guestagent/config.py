@@ -23,6 +23,7 @@ from guestagent.credentials.settings import CredentialSettings
 from guestagent.daemon.settings import DaemonSettings
 from guestagent.metadata.settings import MetadataSettings
 from guestagent.spot.settings import SpotSettings
+from guestagent.storage.settings import StorageSettings
 from guestagent.userdata.settings import UserdataSettings
 
 DEFAULT_PATH = Path("/etc/guestagent/agent.toml")
@@ -46,6 +47,7 @@ class Settings:
     daemon: DaemonSettings = field(default_factory=DaemonSettings)
     spot: SpotSettings = field(default_factory=SpotSettings)
     userdata: UserdataSettings = field(default_factory=UserdataSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
 
 
 def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
