@@ -279,8 +279,13 @@ class Applier:
         plans: list[tuple[Handler, Any]] = []
         for handler in self.handlers:
             plan = handler.plan(cfg, ctx)
-            if plan is not None and stages.runs(self.stage, handler.stage):
-                plans.append((handler, plan))
+            if plan is None or not stages.runs(self.stage, handler.stage):
+                continue
+            if handler.stage == stages.FINAL and not (self.run_scripts or self.dry_run):
+                skipped = Outcome(handler.name, "handler", "skipped", "scripts disabled")
+                report.outcomes.append(skipped)
+                continue
+            plans.append((handler, plan))
         for script in scripts:
             check_script(script)
         if not stages.runs(self.stage, stages.FINAL):

@@ -43,3 +43,4 @@ class RunCmd(Handler):
         rc = ctx.run_script("runcmd", plan.encode())
         if rc != 0:
             raise ApplyError(f"runcmd: exited {rc}")
+        ctx.tree.note("runcmd", f"ran {plan.count(chr(10)) - 1} command(s)")
