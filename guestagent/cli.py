@@ -21,7 +21,7 @@ COMMANDS = {
     "credentials": "guestagent.credentials.cli",
     "run": "guestagent.daemon.cli",
     "status": "guestagent.daemon.cli",
-    "demo": "guestagent.daemon.cli",
+    "demo": "guestagent.daemon.demo",
     "userdata": "guestagent.userdata.cli",
     "config": "guestagent.configcli",
     "storage": "guestagent.storage.cli",
