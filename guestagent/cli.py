@@ -24,6 +24,8 @@ COMMANDS = {
     "demo": "guestagent.daemon.demo",
     "userdata": "guestagent.userdata.cli",
     "config": "guestagent.configcli",
+    "deprovision": "guestagent.images.cli",
+    "image": "guestagent.images.cli",
     "storage": "guestagent.storage.cli",
 }
 
