@@ -79,7 +79,7 @@ def _mount_options(settings: Any, client: Any) -> dict[str, Any]:
     remote = RcloneRemote(
         endpoint=f"{ep.scheme}://{ep.netloc}",
         credentials_url=f"http://{creds.tcp_host}:{creds.tcp_port}{prefix}/v1/credentials/aws",
-        region=ep.region, path_style=ep.path_style, token_file=creds.token_file)
+        region=ep.region, path_style=ep.path_style, token_file=creds.token_path)
     run_dir = Path(settings.daemon.run_dir) / "storage"
     return {"remote": remote, "options": MountOptions(run_dir=run_dir)}
 
