@@ -24,6 +24,7 @@ COMMANDS = {
     "demo": "guestagent.daemon.cli",
     "userdata": "guestagent.userdata.cli",
     "config": "guestagent.configcli",
+    "migrate": "guestagent.migrate.cli",
 }
 
 EXIT_OK, EXIT_ABSENT, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3

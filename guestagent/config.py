@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from guestagent.credentials.settings import CredentialSettings
 from guestagent.daemon.settings import DaemonSettings
 from guestagent.metadata.settings import MetadataSettings
+from guestagent.migrate.settings import MigrateSettings
 from guestagent.spot.settings import SpotSettings
 from guestagent.userdata.settings import UserdataSettings
 
@@ -46,6 +47,7 @@ class Settings:
     daemon: DaemonSettings = field(default_factory=DaemonSettings)
     spot: SpotSettings = field(default_factory=SpotSettings)
     userdata: UserdataSettings = field(default_factory=UserdataSettings)
+    migrate: MigrateSettings = field(default_factory=MigrateSettings)
 
 
 def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
