@@ -174,7 +174,7 @@ def _migrate(ctx: Context) -> Service | None:
     cls = _optional("guestagent.migrate.jobs", "MigrateService")
     if cls is None:
         return None
-    service: Service = cls(ctx.settings.migrate, ctx.config_path)
+    service: Service = cls(ctx.settings.migrate, ctx.state_dir / "migrate", ctx.config_path)
     return service
 
 

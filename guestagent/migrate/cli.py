@@ -121,9 +121,14 @@ def _log_to(directory: Path) -> logging.FileHandler:
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     top = logging.getLogger("guestagent")
-    top.addHandler(handler)
-    if top.getEffectiveLevel() > logging.INFO:
+    previous = top.getEffectiveLevel()
+    if previous > logging.INFO:
+        # The file gets INFO; the terminal keeps the level it had.
+        for other in logging.getLogger().handlers:
+            if other.level == logging.NOTSET:
+                other.setLevel(previous)
         top.setLevel(logging.INFO)
+    top.addHandler(handler)
     return handler
 
 
@@ -174,9 +179,9 @@ def render(s: dict[str, Any]) -> str:
 
 
 def _start(args: argparse.Namespace) -> int:
-    from guestagent.migrate.jobs import submit
+    from guestagent.migrate.jobs import jobs_dir, submit
 
     config = _load(args)
     if config is None:
         return EXIT_USAGE
-    return submit(args, config, load_settings(args).migrate)
+    return submit(args, config, jobs_dir(load_settings(args).daemon.state_dir))

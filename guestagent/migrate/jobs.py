@@ -34,8 +34,11 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def submit(args: argparse.Namespace, config: UserConfig, settings: MigrateSettings) -> int:
-    jobs = Path(settings.jobs_dir)
+def jobs_dir(state_dir: Path) -> Path:
+    return state_dir / "migrate"
+
+
+def submit(args: argparse.Namespace, config: UserConfig, jobs: Path) -> int:
     job = {"config": str(config.path), "root": str(Path(args.root).resolve()),
            "excludes": str(Path(args.excludes).resolve()) if args.excludes else None,
            "state": "queued", "submitted_at": _now(), "pid": 0}
@@ -79,9 +82,10 @@ class MigrateService(Service):
 
     name = "migrate"
 
-    def __init__(self, settings: MigrateSettings, config_path: str | None = None) -> None:
+    def __init__(self, settings: MigrateSettings, jobs: Path,
+                 config_path: str | None = None) -> None:
         self.settings = settings
-        self.jobs = Path(settings.jobs_dir)
+        self.jobs = jobs
         self.config_path = config_path
         self.child: process.Child | None = None
         self.job: dict[str, Any] | None = None

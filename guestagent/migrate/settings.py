@@ -17,8 +17,8 @@ class MigrateSettings:
     retry_backoff: float = 2.0
     # Requests are refused by the cloud beyond this clock difference (seconds).
     max_clock_skew: float = 900.0
-    # Where `migrate start` leaves the run for the daemon's migrate service.
-    jobs_dir: str = "/var/lib/guestagent/migrate"
+    # `migrate start` leaves the run for the daemon's migrate service in
+    # <daemon.state_dir>/migrate.
     job_poll_interval: float = 2.0
 
     def validate(self) -> None:

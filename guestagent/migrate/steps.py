@@ -205,8 +205,9 @@ class Migration:
         keys.mkdir(mode=0o700, exist_ok=True)
         key_file = atomic_write(keys / "id_instance", str(got["PrivateKey"]), mode=0o600)
         host, port = str(got["Address"]), int(got["Port"])
-        known = atomic_write(keys / "known_hosts",
-                             f"[{host}]:{port} {got['HostPublicKey']}\n", mode=0o600)
+        name = host if port == 22 else f"[{host}]:{port}"
+        known = atomic_write(keys / "known_hosts", f"{name} {got['HostPublicKey']}\n",
+                             mode=0o600)
         disks = got.get("DataDisks", {}).get("DataDisk", [])
         self.session = Session(host, port, str(got.get("UserName", "root")), key_file, known,
                                str(got["SystemDiskPath"]),
@@ -251,6 +252,9 @@ class Migration:
             log.warning("%s: rsync exit %s, retry %s/%s: %s", name, outcome.returncode,
                         attempt + 1, retries, " | ".join(outcome.tail))
             self.sleep(delay)
+            self.session = None  # a fresh login (and key) for the next attempt
+            argv = transfer.rsync_argv(source, self.open_session().target(dest), excludes,
+                                       self.config.bandwidth_limit)
 
     def _raise_if_final(self, name: str, outcome: transfer.Outcome, attempt: int,
                         retries: int) -> None:

@@ -33,7 +33,7 @@ def test_status_reports_services_in_start_order(agent_factory: Any) -> None:
     assert res.returncode == 0, res.stderr
     reply = json.loads(res.stdout)
     assert [s["name"] for s in reply["services"]] == [
-        "metadata", "first", "second", "maintenance", "spot"]
+        "metadata", "first", "second", "migrate", "maintenance", "spot"]
     assert reply["healthy"] and reply["phase"] == "running"
     assert reply["spot"]["state"] == "watching"
     assert reply["credentials"] == {"state": "disabled"}
@@ -150,5 +150,5 @@ def test_lean_entry_point_runs_the_same_daemon(agent_factory: Any) -> None:
     agent.lean = True
     agent.start()
     assert [s["name"] for s in agent.status()["services"]] == [
-        "metadata", "first", "maintenance", "spot"]
+        "metadata", "first", "migrate", "maintenance", "spot"]
     assert agent.stop() == 0
