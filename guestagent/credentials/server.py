@@ -10,6 +10,8 @@ Routes (after an optional capability prefix ``/<secret>``):
 - ``GET /v1/credentials/alibaba`` the metadata service's JSON (ALIBABA_CLOUD_CREDENTIALS_URI, oss2)
 - ``GET /v1/credentials/aws``     container-credentials JSON (AWS_CONTAINER_CREDENTIALS_FULL_URI)
 - ``GET /v1/health``              state without secrets (no token needed)
+- ``/latest/...``                  EC2-style role credentials (see :mod:`.ec2`), capability
+                                   path only
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from guestagent.credentials import formats
+from guestagent.credentials import ec2, formats
 from guestagent.credentials.consumers import Consumer, Registry
 from guestagent.credentials.peers import Peer, is_loopback, tcp_peer, unix_peer
 from guestagent.credentials.rotation import Snapshot
@@ -49,14 +51,15 @@ _ROUTES = {b"/v1/credentials/alibaba": "alibaba", b"/v1/credentials/aws": "aws"}
 _HEALTH = b"/v1/health"
 
 
-def response(status: int, body: bytes, *, close: bool = False) -> bytes:
+def response(status: int, body: bytes, *, close: bool = False, extra: bytes = b"") -> bytes:
     head = (
         b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-        b"Cache-Control: no-store\r\n%s\r\n"
+        b"Cache-Control: no-store\r\n%s%s\r\n"
         % (
             status,
             _REASONS.get(status, b"Error"),
             len(body),
+            extra,
             b"Connection: close\r\n" if close else b"",
         )
     )
@@ -241,6 +244,8 @@ class CredentialServer:
             return self._refuse(peer, 403, "Forbidden", why, close)
         if rest == _HEALTH:
             return self._health(consumer, close)
+        if rest.startswith(ec2.PREFIX):
+            return self._ec2(consumer, method, rest, req.headers, close)
         fmt = _ROUTES.get(rest)
         if fmt is None:
             return error_response(
@@ -254,6 +259,9 @@ class CredentialServer:
                 peer, 401, "Unauthorized", "missing or wrong Authorization token; send the "
                 "content of the endpoint's token file", close,
             )
+        return self._answer(consumer, fmt, close)
+
+    def _answer(self, consumer: Consumer, fmt: str, close: bool) -> bytes | Snapshot:
         rendered = self.rendered(consumer)
         snap = rendered.snapshot
         verdict = snap.verdict(self.clock())
@@ -264,6 +272,31 @@ class CredentialServer:
             return snap
         return self._unavailable(snap, close)
 
+    def _ec2(self, consumer: Consumer, method: bytes, rest: bytes,
+             headers: dict[bytes, bytes], close: bool) -> bytes | Snapshot:
+        if consumer.capability is None and consumer.token_digest is not None:
+            return error_response(404, "NotFound", "EC2-style routes are served only under "
+                                  "a capability path", close=close)
+        if rest == ec2.TOKEN:
+            if method != b"PUT":
+                return error_response(405, "MethodNotAllowed", "PUT a token", close=close)
+            ttl = ec2.token_ttl(headers)
+            if ttl is None:
+                return error_response(400, "BadRequest", "X-aws-ec2-metadata-token-ttl-seconds"
+                                      " must be 1..21600", close=close)
+            return response(200, ec2.new_token(), close=close,
+                            extra=b"X-Aws-Ec2-Metadata-Token-Ttl-Seconds: %d\r\n" % ttl)
+        role = ec2.role_of(rest)
+        if role is None or method != b"GET":
+            return error_response(404, "NotFound", "no such EC2-style path", close=close)
+        snap = consumer.source.snapshot
+        name = (snap.role or "guestagent").encode()
+        if role == b"":
+            return response(200, name, close=close)
+        if role != name:
+            return error_response(404, "NotFound", "no such role", close=close)
+        return self._answer(consumer, "ec2", close)
+
     async def wait_and_handle(self, req: Request, snap: Snapshot) -> bytes:
         """Mandatory window: wait for the rotator's next word, then serve or refuse."""
         _method, target, headers, close = req
@@ -271,7 +304,7 @@ class CredentialServer:
         path = target.split(b"?", 1)[0]
         consumer, rest = self.registry.resolve(path, headers.get(b"authorization"))
         assert consumer is not None  # handle() resolved it before asking to wait
-        fmt = _ROUTES.get(rest, "aws")
+        fmt = _ROUTES.get(rest) or ("ec2" if ec2.role_of(rest) else "aws")
         while True:
             left = deadline - self.clock()
             current = consumer.source.snapshot

@@ -30,6 +30,7 @@ class ComponentFactory(Protocol):
 # Start order is this order; stop order is the reverse.
 COMPONENTS: dict[str, str] = {
     "metadata": "guestagent.localcloud.emulator.component:MetadataComponent",
+    "docker": "guestagent.localcloud.dockerd:DockerComponent",
     "ecs": "guestagent.localcloud.ecsapi.component:EcsComponent",
 }
 

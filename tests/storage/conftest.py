@@ -1,0 +1,100 @@
+"""Fixtures of the storage mount tests: the agent's credential service (against the
+emulator) with a loopback TCP listener for rclone, and buckets on the moto server."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from guestagent.config import from_mapping
+from guestagent.credentials.service import CredentialService
+from guestagent.metadata.client import MetadataClient
+
+
+class Creds:
+    def __init__(self, service: CredentialService, token_file: Path) -> None:
+        self.service = service
+        self.token_file = token_file
+
+    @property
+    def aws_url(self) -> str:
+        assert self.service.server is not None and self.service.server.tcp_address
+        host, port = self.service.server.tcp_address
+        return f"http://{host}:{port}/v1/credentials/aws"
+
+
+@pytest.fixture
+def creds(emulator: Any, tmp_path: Path) -> Iterator[Creds]:
+    token_file = tmp_path / "creds-token"
+    settings = from_mapping({
+        "metadata": {"url": emulator.url, "timeout": 1.0, "retries": 1},
+        "credentials": {"socket_path": str(tmp_path / "run" / "credentials.sock"),
+                        "tcp_enabled": True, "tcp_port": 0, "token_file": str(token_file)},
+    })
+    client = MetadataClient(settings.metadata)
+    service = CredentialService(settings, client)
+    stop = threading.Event()
+    service.start(stop)
+    try:
+        import time
+
+        end = time.monotonic() + 20
+        while service.rotator.snapshot.state != "ok":
+            assert time.monotonic() < end, service.status()
+            time.sleep(0.05)
+        yield Creds(service, token_file)
+    finally:
+        stop.set()
+        service.close()
+        client.close()
+
+
+@pytest.fixture
+def bucket(s3: Any) -> Callable[..., str]:
+    """Make a bucket on moto holding ``objects`` (key -> bytes); returns its name."""
+    import boto3
+
+    admin = boto3.client("s3", endpoint_url=s3.url, region_name="us-east-1",
+                         aws_access_key_id="admin", aws_secret_access_key="admin")
+
+    def make(objects: dict[str, bytes] | None = None) -> str:
+        name = "b-" + uuid.uuid4().hex[:12]
+        admin.create_bucket(Bucket=name)
+        for key, data in (objects or {}).items():
+            admin.put_object(Bucket=name, Key=key, Body=data)
+        return name
+
+    make.client = admin  # type: ignore[attr-defined]
+    return make
+
+
+class BotoTransfers:
+    """The facade's Transfers over boto3 (until the agent's own transfer module is wired)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def download_file(self, url: Any, local: Path) -> None:
+        self.client.download_file(url.bucket, url.key, str(local))
+
+    def upload_file(self, local: Path, url: Any) -> None:
+        self.client.upload_file(str(local), url.bucket, url.key)
+
+    def upload_tree(self, local_dir: Path, url: Any) -> list[str]:
+        keys = []
+        for path in sorted(local_dir.rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                key = url.prefix + str(path.relative_to(local_dir))
+                self.client.upload_file(str(path), url.bucket, key)
+                keys.append(key)
+        return keys
+
+
+@pytest.fixture
+def boto_transfers(bucket: Any) -> BotoTransfers:
+    return BotoTransfers(bucket.client)

@@ -1,0 +1,94 @@
+"""Read-only OSS mounts with a real rclone against a real S3 server (moto), keys from the
+agent's credential server: readable, read-only, supervised, released."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+from polling import wait_for
+
+from guestagent.storage.errors import BadInput, StorageError
+from guestagent.storage.mounts import Mount, MountTable, Options, RcloneRemote, mountinfo
+from guestagent.storage.ossurl import OssUrl
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("rclone") is None or not Path("/dev/fuse").exists() or os.geteuid() != 0,
+    reason="needs rclone, /dev/fuse and root",
+)
+
+
+@pytest.fixture
+def remote(creds, s3) -> RcloneRemote:
+    return RcloneRemote(endpoint=s3.url, credentials_url=creds.aws_url, region="us-east-1",
+                        path_style=True, token_file=creds.token_file)
+
+
+@pytest.fixture
+def table(tmp_path):
+    t = MountTable()
+    yield t
+    t.stop_all(grace=2)
+
+
+def options(tmp_path: Path) -> Options:
+    return Options(run_dir=tmp_path / "run-storage", ready_timeout=60)
+
+
+def test_a_mount_shows_the_objects_read_only(bucket, remote, table, tmp_path, creds):
+    name = bucket({"data/in.txt": b"input data\n", "data/sub/b.bin": b"\x00\x01",
+                   "other/x": b"not mounted"})
+    dest = tmp_path / "mnt" / "data"
+    mount = table.add(Mount(OssUrl(name, "data/"), dest, remote, options(tmp_path)))
+    assert mountinfo(dest) == "fuse.rclone"
+    assert (dest / "in.txt").read_bytes() == b"input data\n"
+    assert sorted(os.listdir(dest)) == ["in.txt", "sub"]
+    assert (dest / "sub" / "b.bin").read_bytes() == b"\x00\x01"
+    with pytest.raises(OSError) as err:
+        (dest / "new.txt").write_text("no")
+    assert err.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+    assert mount.check() == "ok"
+    # rclone's process carries no key: neither in argv nor in its environment.
+    pid = mount.proc.pid
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    environ = Path(f"/proc/{pid}/environ").read_bytes()
+    key = creds.service.rotator.snapshot.credentials
+    assert key.access_key_secret.encode() not in cmdline + environ
+    assert key.security_token.encode() not in cmdline + environ
+    table.release(dest)
+    assert mountinfo(dest) is None
+    assert not mount.record_path.exists()
+
+
+def test_a_killed_rclone_is_remounted(bucket, remote, table, tmp_path):
+    name = bucket({"k.txt": b"still here"})
+    dest = tmp_path / "mnt"
+    mount = table.add(Mount(OssUrl(name, ""), dest, remote, options(tmp_path)))
+    first = mount.proc.pid
+    os.killpg(first, signal.SIGKILL)
+    # The directory answers ENOTCONN (or is gone) until the supervisor remounts.
+    wait_for(lambda: mount.check() != "ok", timeout=10)
+    wait_for(lambda: table.check_all() or mount.health == "ok", timeout=30, step=0.2)
+    assert mount.proc.pid != first and mount.remounts == 1
+    assert (dest / "k.txt").read_bytes() == b"still here"
+
+
+def test_a_missing_bucket_is_named_and_nothing_is_mounted(remote, table, tmp_path, s3):
+    dest = tmp_path / "mnt"
+    with pytest.raises(StorageError) as err:
+        table.add(Mount(OssUrl("no-such-bucket-here", ""), dest, remote, options(tmp_path)))
+    assert "oss://no-such-bucket-here/" in str(err.value) and "\n" not in str(err.value)
+    assert mountinfo(dest) is None and len(table) == 0
+
+
+def test_a_non_empty_directory_is_refused(bucket, remote, table, tmp_path):
+    dest = tmp_path / "busy"
+    dest.mkdir()
+    (dest / "mine.txt").write_text("keep")
+    with pytest.raises(BadInput, match="directory is not empty"):
+        table.add(Mount(OssUrl(bucket(), ""), dest, remote, options(tmp_path)))
+    assert (dest / "mine.txt").read_text() == "keep" and mountinfo(dest) is None
