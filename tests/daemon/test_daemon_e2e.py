@@ -127,7 +127,7 @@ def test_sd_notify_ready_watchdog_stopping(agent_factory: Any, tmp_path: Path) -
     agent = agent_factory(env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "200000"})
     got: list[str] = []
     wait_for(lambda: got.append(sock.recv(4096).decode()) or "WATCHDOG=1" in got)
-    assert got[0].startswith("READY=1\nSTATUS=running: 3 services")
+    assert got[0].startswith("READY=1\nSTATUS=running: 4 services")
     assert got.count("WATCHDOG=1") >= 1
     agent.send(signal.SIGTERM)
     wait_for(lambda: got.append(sock.recv(4096).decode()) or

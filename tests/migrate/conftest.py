@@ -103,10 +103,14 @@ def migrate_env(cloud: Cloud, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_migrate(cloud: Cloud, config: Path, root: Path, *more: str, timeout: float = 900,
-                **env: str) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "guestagent", "migrate", "run", "--config", str(config),
+def migrate_argv(config: Path, root: Path, *more: str) -> list[str]:
+    return [sys.executable, "-m", "guestagent", "migrate", "run", "--config", str(config),
             "--root", str(root), *more]
+
+
+def run_migrate(cloud: Cloud, config: Path, root: Path, *more: str, timeout: float = 900,
+                wrap: list[str] | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    argv = [*(wrap or []), *migrate_argv(config, root, *more)]
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                           env=migrate_env(cloud, **env), check=False)
 
