@@ -42,7 +42,16 @@ def test_loopback_is_allowed() -> None:
 
 def test_a_subnet_named_by_a_fixture_is_allowed_and_nothing_else(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from conftest import _loopback
+    import importlib.util
+    from pathlib import Path
+
+    # tests/conftest.py by path: another directory's conftest may own the name "conftest".
+    spec = importlib.util.spec_from_file_location("guard_conftest",
+                                                  Path(__file__).with_name("conftest.py"))
+    assert spec is not None and spec.loader is not None
+    guard = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(guard)
+    _loopback = guard._loopback
 
     monkeypatch.setenv("TESTGUARD_ALLOW_CIDRS", "10.213.250.0/30")
     for guarded in ("10.213.250.4", "100.100.100.200"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -33,7 +34,23 @@ class EcsClient:
     # Server clock minus ours, from the last answer's Date header (seconds).
     clock_offset: float | None = None
 
+    attempts: int = 4
+    backoff: float = 1.0
+
     def call(self, action: str, **params: Any) -> dict[str, Any]:
+        """One action; a dropped connection or a 5xx is tried again (every action we send
+        is idempotent: creations carry a ClientToken), each time freshly signed."""
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return self._call_once(action, params)
+            except MigrateError as exc:
+                if not exc.retryable or attempt == self.attempts:
+                    raise
+                log.warning("%s: %s (attempt %s/%s)", action, exc, attempt, self.attempts)
+                time.sleep(self.backoff * attempt)
+        raise AssertionError("unreachable")
+
+    def _call_once(self, action: str, params: dict[str, Any]) -> dict[str, Any]:
         flat = {k: str(v) for k, v in params.items() if v is not None}
         if self.region:
             flat.setdefault("RegionId", self.region)

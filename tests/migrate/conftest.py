@@ -7,20 +7,16 @@ import os
 import secrets
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from mig_tree import build_tree, user_config
+from mig_fixtures import ACCESS_ID, SECRET, Cloud
+from mig_tree import build_tree
 
 from guestagent.localcloud.ecsapi import AccessKey, Account, EcsApi
 from guestagent.localcloud.hosts import leftover_namespaces
-
-ACCESS_ID = "LTAI5tMigrateTest01"
-SECRET = "s3cr3t-Migrate-Key-0001"
 
 
 def _need() -> None:
@@ -31,17 +27,6 @@ def _need() -> None:
             pytest.skip(f"{tool} not installed (scripts/bootstrap)")
     if not Path("/usr/sbin/sshd").exists():
         pytest.skip("sshd not installed (openssh-server)")
-
-
-@dataclass
-class Cloud:
-    api: EcsApi
-    account: Account
-    workdir: Path
-
-    @property
-    def url(self) -> str:
-        return self.api.url
 
 
 @pytest.fixture
@@ -63,11 +48,11 @@ def ecs_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
         made.append(api)
         return Cloud(api, acct, workdir)
 
-    before = set(leftover_namespaces())
     yield make
     for api in made:
         api.stop()
-    assert set(leftover_namespaces()) - before == set(), "a test host was left behind"
+    ours = {ns for api in made for ns in api.cloud.namespaces}
+    assert ours & set(leftover_namespaces()) == set(), "a test host was left behind"
 
 
 @pytest.fixture
@@ -96,24 +81,3 @@ def data_disk(server: Path) -> Iterator[Path]:
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def migrate_env(cloud: Cloud, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GUESTAGENT_MIGRATE_")}
-    env.update(GUESTAGENT_MIGRATE_ENDPOINT=cloud.url, GUESTAGENT_MIGRATE_RETRY_BACKOFF="0.2")
-    env.update(extra)
-    return env
-
-
-def migrate_argv(config: Path, root: Path, *more: str) -> list[str]:
-    return [sys.executable, "-m", "guestagent", "migrate", "run", "--config", str(config),
-            "--root", str(root), *more]
-
-
-def run_migrate(cloud: Cloud, config: Path, root: Path, *more: str, timeout: float = 900,
-                wrap: list[str] | None = None, **env: str) -> subprocess.CompletedProcess[str]:
-    argv = [*(wrap or []), *migrate_argv(config, root, *more)]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                          env=migrate_env(cloud, **env), check=False)
-
-
-def make_config(tmp_path: Path, **overrides: object) -> Path:
-    return user_config(tmp_path / "go2aliyun", **overrides)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import SECRET, Cloud, make_config, migrate_env, run_migrate
+from mig_fixtures import SECRET, Cloud, make_config, migrate_env, run_migrate
 from mig_tree import EXCLUDED_TOP, diff, snapshot
 
 REWRITTEN = ("etc/fstab", "boot/grub/grub.cfg")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ACCESS_ID, SECRET, Cloud, make_config, run_migrate
+from mig_fixtures import ACCESS_ID, SECRET, Cloud, make_config, run_migrate
 from mig_tree import write
 
 from guestagent.localcloud.ecsapi import AccessKey

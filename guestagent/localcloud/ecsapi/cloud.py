@@ -55,6 +55,7 @@ class Cloud:
         self.subnet = subnet
         self.instances: dict[str, Instance] = {}
         self.images: dict[str, dict[str, Any]] = {}
+        self.namespaces: list[str] = []  # every test host's namespace, for leak checks
         self._tokens: dict[str, str] = {}
         self._lock = threading.RLock()
         for name in account.images:
@@ -84,7 +85,9 @@ class Cloud:
                            "exist.")
         iid = f"i-{secrets.token_hex(10)}"
         base = self.workdir / "instances" / iid
-        host = TestHost(base / "host", self.subnet).start()
+        host = TestHost(base / "host", self.subnet)
+        self.namespaces.append(host.netns)
+        host.start()
         inst = Instance(iid, p.get("InstanceName", ""), token, host, base / "disks" / "system")
         inst.root.mkdir(parents=True)
         n = 1

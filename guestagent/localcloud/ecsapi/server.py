@@ -79,7 +79,10 @@ class EcsApi:
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("ecsapi: " + format, *args)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 128  # clients open a connection per call
+
+        self._server = Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="ecsapi",
                                         daemon=True)
@@ -116,6 +119,10 @@ class EcsApi:
             log.info("ecsapi %s: %s %s", params.get("Action"), exc.code, exc.message)
             return exc.status, {"Code": exc.code, "Message": exc.message,
                                 "RequestId": request_id, "HostId": "ecs.aliyuncs.com"}
+        except Exception:
+            log.exception("ecsapi %s failed", params.get("Action"))
+            return 500, {"Code": "InternalError", "Message": "The request processing has "
+                         "failed due to some unknown error.", "RequestId": request_id}
 
     def _authenticate(self, method: str, params: dict[str, str]) -> None:
         missing = [p for p in COMMON if not params.get(p)]
