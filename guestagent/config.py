@@ -24,6 +24,7 @@ from guestagent.daemon.settings import DaemonSettings
 from guestagent.metadata.settings import MetadataSettings
 from guestagent.migrate.settings import MigrateSettings
 from guestagent.spot.settings import SpotSettings
+from guestagent.storage.settings import StorageSettings
 from guestagent.userdata.settings import UserdataSettings
 
 DEFAULT_PATH = Path("/etc/guestagent/agent.toml")
@@ -47,6 +48,7 @@ class Settings:
     daemon: DaemonSettings = field(default_factory=DaemonSettings)
     spot: SpotSettings = field(default_factory=SpotSettings)
     userdata: UserdataSettings = field(default_factory=UserdataSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
     migrate: MigrateSettings = field(default_factory=MigrateSettings)
 
 

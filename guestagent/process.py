@@ -8,12 +8,14 @@ DEBUG. Tests can police this choke point by patching :data:`RUNNER`.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
+import resource
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -48,8 +50,15 @@ def run(
     input: bytes | None = None,
     cwd: str | None = None,
     check: bool = False,
+    memory_limit: int | None = None,
+    die_with_parent: bool = False,
 ) -> Result:
-    """Run ``argv`` to completion; on timeout kill its process group and report it."""
+    """Run ``argv`` to completion; on timeout kill its process group and report it.
+
+    ``memory_limit`` caps the child's address space (bytes, RLIMIT_AS): a validator fed a
+    hostile document fails with MemoryError instead of growing to gigabytes.
+    ``die_with_parent`` has the kernel SIGKILL the child if this process dies first
+    (PR_SET_PDEATHSIG), for helpers that must never outlive the agent."""
     args = tuple(str(a) for a in argv)
     start = time.monotonic()
     try:
@@ -61,6 +70,8 @@ def run(
             env=dict(env) if env is not None else None,
             cwd=cwd,
             start_new_session=True,
+            # Only set when asked for (short helpers); it makes two system calls, no locks.
+            preexec_fn=_limits(memory_limit, die_with_parent),  # noqa: PLW1509
         )
     except OSError as exc:
         raise ProcessError(f"cannot start {args[0]}: {exc.strerror or exc}") from exc
@@ -164,6 +175,27 @@ def spawn(
         proc.stdin.close()
     log.debug("spawned %s pid=%s", args[0], proc.pid)
     return Child(proc, name or os.path.basename(args[0]))
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _limits(memory_limit: int | None, die_with_parent: bool) -> Callable[[], None] | None:
+    """What the child does between fork and exec (nothing that allocates or locks)."""
+    if memory_limit is None and not die_with_parent:
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl if die_with_parent else None
+    parent = os.getpid()
+
+    def apply() -> None:
+        if memory_limit is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != parent:  # the parent died before the prctl took hold
+                os._exit(1)
+
+    return apply
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

@@ -6,9 +6,22 @@ injected so the whole schedule is unit-testable without a service or real time.
 
 Time: the set's validity comes from the service's own ``Expiration - LastUpdated``; how
 much of it is left is measured on the monotonic clock from the moment the set was fetched.
-The local wall clock only estimates the set's age at that moment, and only when it agrees
-with the service's times; when a rotation is observed, the time since the previous look
-bounds that age, whatever the wall clock says.
+The set's age at that moment comes from the service's own clock (its ``Date`` header) when
+it sent one, else from the host clock when that agrees with the service's times; when a
+rotation is observed, the time since the previous look bounds that age.
+
+The host clock matters in one more way: clients compare ``Expiration`` with it, so a set
+that is expired (or inside the safety margin) *by the host clock* is useless to them
+(boto3: "refreshed credentials are still expired"). Such a set is never served: requests
+get 503 naming the skew, health is unhealthy, refresh keeps trying, and serving resumes the
+moment the clock is right. The ``Date`` header says which side is wrong:
+
+- host clock ahead of the service's (``ClockSkew``): fix the host's time (NTP);
+- host and service agree, set already expired (``CredentialsExpired``): the service handed
+  out a stale set; we keep asking for a fresh one;
+- host clock behind: sets are served (they are valid, and clients accept them), but
+  clients that cache a set until its ``Expiration`` by the host clock may use it after it
+  really expired; the skew is reported in health and logged once.
 """
 
 from __future__ import annotations
@@ -19,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Literal
 
 from guestagent.credentials import formats
@@ -34,6 +48,10 @@ Verdict = Literal["serve", "wait", "refuse"]
 # A wall clock this far before LastUpdated is considered wrong (the service's second
 # resolution and a little drift are fine).
 CLOCK_TOLERANCE = 60.0
+# Host and service clocks (``Date`` header: whole seconds, plus latency) this far apart
+# disagree.
+DATE_TOLERANCE = 5.0
+NTP_HINT = "fix the host's time (NTP: check `chronyc tracking` or `timedatectl status`)"
 NO_ROLE_HINT = "attach a RAM role to the instance (ECS console or AttachInstanceRamRole)"
 
 
@@ -54,15 +72,41 @@ class Snapshot:
     serve_until: float = 0.0
     error: str = ""
     bodies: Mapping[str, bytes] = field(default_factory=dict, repr=False)
+    # Host-clock view: serve only while wall() < host_deadline (Expiration - safety margin).
+    host_deadline: float = 0.0
+    wall: Callable[[], float] = field(default=time.time, repr=False, compare=False)
+    # The service's clock (its Date header) minus clock(), as of the last answer; the
+    # service's time now is clock() + service_base (None: it sent no Date).
+    service_base: float | None = None
+    # The service offered this set already expired (or nearly) by the host clock.
+    offered_stale: bool = False
 
     def verdict(self, now: float) -> Verdict:
         """``serve`` now; ``wait`` for a refresh (mandatory window); or ``refuse``."""
         if self.credentials is None or now >= self.serve_until:
             return "refuse"
+        if self.wall() >= self.host_deadline:
+            return "refuse"  # clients would reject it: see the module docstring
         return "serve" if now < self.usable_until else "wait"
+
+    def host_expired(self) -> bool:
+        """The set is expired, or inside the safety margin, by the host clock."""
+        return self.credentials is not None and self.wall() >= self.host_deadline
+
+    def clock_offset(self, now: float) -> float | None:
+        """Seconds the service's clock is ahead of the host's (negative: host ahead)."""
+        return None if self.service_base is None else now + self.service_base - self.wall()
 
     def refusal(self, now: float) -> tuple[int, str, str]:
         """HTTP status, code and one-line message for a request that cannot be served."""
+        offset = self.clock_offset(now)
+        host_ahead = offset is not None and -offset > DATE_TOLERANCE
+        # A set that expired while refreshes failed is not a clock problem.
+        clock_fault = host_ahead or self.offered_stale or now < self.serve_until
+        if self.host_expired() and clock_fault:
+            assert self.credentials is not None
+            return clock_refusal(self.credentials, self.wall(), self.clock_offset(now),
+                                 self.host_deadline)
         if self.state == "absent":
             return 404, "RoleNotAttached", self.error
         if self.credentials is None:
@@ -78,6 +122,31 @@ class Snapshot:
         )
 
 
+def clock_refusal(
+    creds: RoleCredentials, wall: float, offset: float | None, deadline: float
+) -> tuple[int, str, str]:
+    """503 for a set the host clock calls expired: which clock is wrong, and what to do."""
+    expiration = format_time(creds.expiration)
+    host = format_time(datetime.fromtimestamp(wall, UTC))
+    margin = int(creds.expiration.timestamp() - deadline)
+    head = (f"the role's credentials expire {expiration} but the host clock reads {host} "
+            f"(expired or within the {margin}s safety margin), so clients would reject them")
+    if offset is not None and -offset > DATE_TOLERANCE:
+        return 503, "ClockSkew", (
+            f"{head}: the host clock is {int(-offset)}s ahead of the metadata service's clock "
+            f"(its Date header); {NTP_HINT}; serving resumes once the clock is right"
+        )
+    if offset is not None and abs(offset) <= DATE_TOLERANCE:
+        return 503, "CredentialsExpired", (
+            f"{head}: the host clock agrees with the metadata service's, so the service "
+            "offered a stale set; asking it again until it offers a fresh one"
+        )
+    return 503, "ClockSkew", (
+        f"{head}: if the host clock is wrong, {NTP_HINT}; otherwise the metadata service "
+        "offered a stale set; asking it again"
+    )
+
+
 class Rotator:
     """Fetch, schedule and publish the role's credentials (one thread calls ``step``/``run``)."""
 
@@ -90,15 +159,19 @@ class Rotator:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
+        service_clock: Callable[[], float | None] = lambda: None,
     ) -> None:
         self.settings = settings
         self._list_roles = list_roles
         self._fetch = fetch
         self._clock = clock
         self._wall = wall
+        self._service_clock = service_clock
+        self._offset: float | None = None  # at the last answer
+        self._service_base: float | None = None
         self._rng = rng
         self._role = settings.role
-        self._snapshot = Snapshot(generation=0, state="pending", role=settings.role)
+        self._snapshot = Snapshot(generation=0, state="pending", role=settings.role, wall=wall)
         self._subscribers: list[Callable[[Snapshot], None]] = []
         self._cond = threading.Condition()
         self._wake = threading.Event()
@@ -201,22 +274,31 @@ class Rotator:
             and current.credentials.access_key_id == creds.access_key_id
             and current.credentials.expiration == creds.expiration
         )
+        service_now = self._service_clock()
+        self._offset = None if service_now is None else service_now - self._wall()
+        self._service_base = None if service_now is None else service_now - now
         expires_at = current.expires_at if same else now + self._remaining(creds, now, current)
         self._last_ok = now
         self._failures = 0
         left = expires_at - now
+        host_deadline = creds.expiration.timestamp() - s.safety_margin
+        if self._wall() >= host_deadline:
+            return self._host_expired(role, creds, expires_at, host_deadline=host_deadline,
+                                      same=same)
         if left <= s.safety_margin:
             raise ValueError(
                 f"the service offers a set expiring in {max(0, int(left))}s "
                 f"(Expiration {format_time(creds.expiration)}), too close to use"
             )
+        self._note_skew()
         # Past the mandatory mark the set is only served because the service just vouched
         # that nothing newer exists; otherwise a refresh must happen first.
         usable = expires_at - s.mandatory_window
         if left <= s.mandatory_window:
             usable = expires_at - s.safety_margin
             log.warning("RAM role %s: no newer credentials offered %ds before expiry", role, left)
-        if same and current.state == "ok" and usable == current.usable_until:
+        if (same and current.state == "ok" and usable == current.usable_until
+                and not _offset_changed(current.service_base, self._service_base)):
             return self._next_delay(left)
         if not same:
             log.info(
@@ -236,8 +318,48 @@ class Rotator:
             usable_until=usable,
             serve_until=expires_at - s.safety_margin,
             bodies=current.bodies if same else formats.render_all(creds),
+            host_deadline=host_deadline,
         )
         return self._next_delay(left)
+
+    def _host_expired(self, role: str, creds: RoleCredentials, expires_at: float, *,
+                      host_deadline: float, same: bool) -> float:
+        """A set the host clock calls expired: hold it (served again once the clock is
+        right), refuse it meanwhile, and keep asking for a fresh one."""
+        s = self.settings
+        _status, _code, why = clock_refusal(creds, self._wall(), self._offset, host_deadline)
+        current = self._snapshot
+        now = self._clock()
+        if not same and current.verdict(now) == "serve":
+            # A stale set must not replace one clients can still use.
+            return self._failed(why, now)
+        if current.state != "failing" or current.error != why or not same:
+            log.warning("RAM role %s: not serving %s: %s", role, creds.masked_key_id(), why)
+            self._publish(
+                state="failing",
+                role=role,
+                credentials=creds,
+                expires_at=expires_at,
+                usable_until=expires_at - s.mandatory_window,
+                serve_until=expires_at - s.safety_margin,
+                error=why,
+                bodies=current.bodies if same else formats.render_all(creds),
+                host_deadline=host_deadline,
+                offered_stale=True,
+            )
+        else:
+            self._notify_waiters()
+        return self._jittered(s.retry_interval)
+
+    def _note_skew(self) -> None:
+        offset = self._offset
+        if offset is None or offset <= CLOCK_TOLERANCE or self._clock_warned:
+            return
+        self._clock_warned = True
+        log.warning(
+            "the host clock is %ds behind the metadata service's (its Date header): clients "
+            "may keep using a set after it really expired; %s", int(offset), NTP_HINT,
+        )
 
     def _remaining(self, creds: RoleCredentials, now: float, previous: Snapshot) -> float:
         """Seconds of validity left on ``creds``, fetched at ``now`` (see module docstring)."""
@@ -250,7 +372,10 @@ class Rotator:
                 f"LastUpdated {format_time(creds.last_updated)}"
             )
         wall = self._wall()
-        if issued - CLOCK_TOLERANCE <= wall <= expires:
+        if self._offset is not None:
+            # The service's own clock (Date) against its own LastUpdated: no host clock in it.
+            age = min(max(wall + self._offset - issued, 0.0), validity)
+        elif issued - CLOCK_TOLERANCE <= wall <= expires:
             age = min(max(wall - issued, 0.0), validity)
         else:
             if not self._clock_warned:
@@ -291,7 +416,8 @@ class Rotator:
         if self._failures == 1 or current.error != why:
             # Logged once per distinct error, not once per retry.
             log.warning("credential refresh failed (keeping the last good set if valid): %s", why)
-        state: State = "ok" if current.credentials and now < current.usable_until else "failing"
+        usable = current.credentials is not None and now < current.usable_until
+        state: State = "ok" if usable and not current.host_expired() else "failing"
         if state != current.state or why != current.error:
             self._publish(
                 state=state,
@@ -302,6 +428,8 @@ class Rotator:
                 serve_until=current.serve_until,
                 error=why,
                 bodies=current.bodies,
+                host_deadline=current.host_deadline,
+                offered_stale=current.offered_stale,
             )
         else:
             self._notify_waiters()
@@ -328,7 +456,9 @@ class Rotator:
 
     def _publish(self, **fields: object) -> None:
         with self._cond:
-            snap = Snapshot(generation=self._snapshot.generation + 1, **fields)  # type: ignore[arg-type]
+            fields.setdefault("service_base", self._service_base)
+            snap = Snapshot(generation=self._snapshot.generation + 1, wall=self._wall,
+                            **fields)  # type: ignore[arg-type]
             self._snapshot = snap
             self._cond.notify_all()
         for callback in list(self._subscribers):
@@ -350,4 +480,12 @@ class Rotator:
             serve_until=current.serve_until,
             error=current.error,
             bodies=current.bodies,
+            host_deadline=current.host_deadline,
+            offered_stale=current.offered_stale,
         )
+
+
+def _offset_changed(before: float | None, after: float | None) -> bool:
+    if before is None or after is None:
+        return before is not after
+    return abs(before - after) > DATE_TOLERANCE

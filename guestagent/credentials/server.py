@@ -1,9 +1,10 @@
-"""The local credential server: asyncio, a minimal HTTP/1.1 parser, keep-alive.
+"""The local credential server: routes, who may read what, and the listeners.
 
-Requests are tiny GETs, so the server is a protocol object per connection that parses
-request heads straight from the receive buffer and writes a pre-serialised response
-(rebuilt only when the rotator publishes a new snapshot). Peers are identified once per
-connection: ``SO_PEERCRED`` on the Unix socket, the connection table on loopback TCP.
+The event loop runs in its own thread; each connection is a protocol object
+(:mod:`guestagent.credentials.http`: parsing, limits) that asks :meth:`CredentialServer.handle`
+for an answer. Answers are pre-serialised per snapshot (rebuilt only when the rotator
+publishes a new one). Peers are identified once per connection: ``SO_PEERCRED`` on the
+Unix socket, a netlink sock_diag lookup on loopback TCP.
 
 Routes (after an optional capability prefix ``/<secret>``):
 
@@ -27,47 +28,30 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-from guestagent.credentials import ec2, formats
+from guestagent.credentials import ec2
 from guestagent.credentials.consumers import Consumer, Registry
-from guestagent.credentials.peers import Peer, is_loopback, tcp_peer, unix_peer
-from guestagent.credentials.rotation import Snapshot
+from guestagent.credentials.http import (
+    Connection,
+    Connections,
+    Limits,
+    Request,
+    error_response,
+    response,
+)
+from guestagent.credentials.peers import Peer, is_loopback
+from guestagent.credentials.rotation import DATE_TOLERANCE, Snapshot
 
 log = logging.getLogger(__name__)
 
-MAX_HEAD = 8192
-_REASONS = {
-    200: b"OK",
-    400: b"Bad Request",
-    401: b"Unauthorized",
-    403: b"Forbidden",
-    404: b"Not Found",
-    405: b"Method Not Allowed",
-    431: b"Request Header Fields Too Large",
-    503: b"Service Unavailable",
-}
 _ROUTES = {b"/v1/credentials/alibaba": "alibaba", b"/v1/credentials/aws": "aws"}
 _HEALTH = b"/v1/health"
-
-
-def response(status: int, body: bytes, *, close: bool = False, extra: bytes = b"") -> bytes:
-    head = (
-        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-        b"Cache-Control: no-store\r\n%s%s\r\n"
-        % (
-            status,
-            _REASONS.get(status, b"Error"),
-            len(body),
-            extra,
-            b"Connection: close\r\n" if close else b"",
-        )
-    )
-    return head + body
-
-
-def error_response(status: int, code: str, message: str, *, close: bool = False) -> bytes:
-    return response(status, formats.error(code, message), close=close)
+_PROXY_HEADERS = {
+    b"x-forwarded-for": "X-Forwarded-For",
+    b"forwarded": "Forwarded",
+    b"x-real-ip": "X-Real-IP",
+}
 
 
 class _Rendered:
@@ -102,6 +86,7 @@ class CredentialServer:
         socket_gid: int | None = None,
         tcp: tuple[str, int] | None = None,
         request_wait: float = 2.0,
+        limits: Limits | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.registry = registry
@@ -114,6 +99,7 @@ class CredentialServer:
         self.tcp_address: tuple[str, int] | None = None
         self.requests = 0
         self.refused = 0
+        self.connections = Connections(limits or Limits())
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._servers: list[asyncio.base_events.Server] = []
@@ -181,7 +167,9 @@ class CredentialServer:
         loop = asyncio.get_running_loop()
         if self.socket_path is not None:
             sock = self._unix_socket(self.socket_path)
-            srv = await loop.create_unix_server(lambda: _Connection(self, "unix"), sock=sock)
+            srv = await loop.create_unix_server(
+                lambda: Connection(self, self.connections, "unix"), sock=sock
+            )
             self._servers.append(srv)
             log.info("credential server listening on %s", self.socket_path)
         if self.tcp is not None:
@@ -189,7 +177,7 @@ class CredentialServer:
             if not is_loopback(host):
                 raise OSError(f"credential TCP listener must be on loopback, not {host}")
             srv = await loop.create_server(
-                lambda: _Connection(self, "tcp"), host, port, reuse_address=True
+                lambda: Connection(self, self.connections, "tcp"), host, port, reuse_address=True
             )
             self._servers.append(srv)
             self.tcp_address = srv.sockets[0].getsockname()[:2]
@@ -227,9 +215,13 @@ class CredentialServer:
         """The response bytes, or the snapshot to wait past (mandatory window)."""
         method, target, headers, close = req
         self.requests += 1
-        if b"x-forwarded-for" in headers:
+        proxied = next((h for h in _PROXY_HEADERS if h in headers), None)
+        if proxied is not None:
+            # A proxy relayed this request: the peer we identified is not the client.
             return self._refuse(
-                peer, 403, "Forbidden", "requests carrying X-Forwarded-For are refused", close
+                peer, 403, "Forbidden",
+                f"requests carrying {_PROXY_HEADERS[proxied]} are refused (relayed by a proxy)",
+                close,
             )
         path = target.split(b"?", 1)[0]
         consumer, rest = self.registry.resolve(path, headers.get(b"authorization"))
@@ -270,6 +262,8 @@ class CredentialServer:
         if verdict == "wait":
             consumer.source.kick()
             return snap
+        if snap.host_expired():
+            consumer.source.kick()  # a fresh set, or a corrected clock, ends this
         return self._unavailable(snap, close)
 
     def _ec2(self, consumer: Consumer, method: bytes, rest: bytes,
@@ -332,6 +326,11 @@ class CredentialServer:
             doc["expires_in"] = max(0, int(snap.expires_at - now))
         if snap.error:
             doc["error"] = snap.error
+        elif not ok and snap.credentials is not None:
+            doc["error"] = snap.refusal(now)[2]
+        offset = snap.clock_offset(now)
+        if offset is not None and abs(offset) > DATE_TOLERANCE:
+            doc["clock_offset"] = round(offset)  # service clock minus host clock, seconds
         body = json.dumps(doc, separators=(",", ":")).encode()
         return response(200 if ok else 503, body, close=close)
 
@@ -339,148 +338,6 @@ class CredentialServer:
         self.refused += 1
         log.info("refused credential request from %s: %s", peer.describe(), message)
         return error_response(status, code, message, close=close)
-
-
-class _Connection(asyncio.Protocol):
-    """One client connection: buffer, parse heads, answer in order (pipelining is fine)."""
-
-    def __init__(self, server: CredentialServer, kind: str) -> None:
-        self.server = server
-        self.kind = kind
-        self.transport: asyncio.Transport | None = None
-        self.buf = b""
-        self.peer: Peer | None = None
-        self.busy = False  # a request is waiting (peer lookup or mandatory refresh)
-        self.closing = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if self.kind == "unix":
-            self.peer = unix_peer(sock)
-            return
-        remote = transport.get_extra_info("peername")
-        local = transport.get_extra_info("sockname")
-        if not is_loopback(remote[0]):
-            transport.write(error_response(403, "Forbidden", "only loopback peers", close=True))
-            transport.close()
-            self.closing = True
-            return
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # The connection-table walk is slow: do it once, in a worker thread.
-        self.busy = True
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(None, tcp_peer, local[:2], remote[:2])
-        future.add_done_callback(self._identified)
-
-    def _identified(self, future: asyncio.Future[Peer]) -> None:
-        try:
-            self.peer = future.result()
-        except Exception as exc:  # the lookup must never kill the connection silently
-            self.peer = Peer("tcp", why=f"lookup failed: {exc}")
-        self.busy = False
-        self._drain()
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        if not self.busy:
-            self._drain()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closing = True
-        self.transport = None
-
-    def _drain(self) -> None:
-        """Answer every complete request in the buffer, stopping at one that must wait."""
-        transport = self.transport
-        peer = self.peer
-        if transport is None or peer is None:
-            return
-        while not self.closing:
-            end = self.buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self.buf) > MAX_HEAD:
-                    self._finish(error_response(431, "HeaderTooLarge", "request head too large",
-                                                close=True), True)
-                return
-            head = self.buf[:end]
-            self.buf = self.buf[end + 4 :]
-            parsed = _parse_head(head)
-            if parsed is None:
-                bad = error_response(400, "BadRequest", "malformed request", close=True)
-                self._finish(bad, True)
-                return
-            req, body_len = parsed
-            close = req.close
-            if body_len:
-                if body_len < 0 or body_len > MAX_HEAD:
-                    self._finish(error_response(400, "BadRequest", "unsupported body", close=True),
-                                 True)
-                    return
-                # Tiny bodies on a GET are tolerated and skipped.
-                if len(self.buf) < body_len:
-                    self.buf = head + b"\r\n\r\n" + self.buf
-                    return
-                self.buf = self.buf[body_len:]
-            result = self.server.handle(peer, req)
-            if isinstance(result, bytes):
-                self._finish(result, close)
-                continue
-            self.busy = True
-            task = asyncio.get_running_loop().create_task(
-                self.server.wait_and_handle(req, result)
-            )
-            task.add_done_callback(lambda t, c=close: self._waited(t, c))  # type: ignore[misc]
-            return
-
-    def _waited(self, task: asyncio.Task[bytes], close: bool) -> None:
-        self.busy = False
-        if task.cancelled():
-            return
-        self._finish(task.result(), close)
-        self._drain()
-
-    def _finish(self, data: bytes, close: bool) -> None:
-        transport = self.transport
-        if transport is None:
-            return
-        transport.write(data)
-        if close:
-            self.closing = True
-            transport.close()
-
-
-class Request(NamedTuple):
-    method: bytes
-    target: bytes
-    headers: dict[bytes, bytes]
-    close: bool
-
-
-def _parse_head(head: bytes) -> tuple[Request, int] | None:
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-        return None
-    method, target, version = parts
-    headers: dict[bytes, bytes] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep:
-            return None
-        headers[name.strip().lower()] = value.strip()
-    conn = headers.get(b"connection", b"").lower()
-    close = conn == b"close" if version == b"HTTP/1.1" else conn != b"keep-alive"
-    if b"transfer-encoding" in headers:
-        return None
-    length = headers.get(b"content-length")
-    try:
-        body_len = int(length) if length else 0
-    except ValueError:
-        return None
-    return Request(method, target, headers, close), body_len
 
 
 def resolve_group(name: str) -> int:

@@ -6,6 +6,8 @@ import logging
 import pwd
 import secrets
 import threading
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,8 @@ from typing import Any
 from guestagent.config import Settings
 from guestagent.credentials.consumers import Consumer, Registry, digest
 from guestagent.credentials.credfiles import CredentialFiles, resolve_owner
-from guestagent.credentials.rotation import Rotator, Snapshot
+from guestagent.credentials.http import Limits
+from guestagent.credentials.rotation import DATE_TOLERANCE, Rotator, Snapshot
 from guestagent.credentials.server import CredentialServer, resolve_group
 from guestagent.credentials.settings import CredentialSettings
 from guestagent.daemon.service import Service
@@ -27,10 +30,14 @@ log = logging.getLogger(__name__)
 class CredentialService(Service):
     name = "credentials"
 
-    def __init__(self, settings: Settings, client: MetadataClient) -> None:
+    def __init__(
+        self, settings: Settings, client: MetadataClient, *,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
         self.settings = settings.credentials
         self.client = client
-        self.rotator = Rotator(self.settings, client.ram_role_names, client.ram_credentials)
+        self.rotator = Rotator(self.settings, client.ram_role_names, client.ram_credentials,
+                               wall=wall, service_clock=client.service_clock)
         self.files = CredentialFiles(self.settings)
         self.registry = Registry(host_consumer(self.settings, self.rotator))
         self.server: CredentialServer | None = None
@@ -57,6 +64,12 @@ class CredentialService(Service):
             socket_gid=resolve_group(s.socket_group) if s.socket_group else None,
             tcp=(s.tcp_host, s.tcp_port) if s.tcp_enabled else None,
             request_wait=s.request_wait,
+            limits=Limits(
+                header_timeout=s.header_timeout,
+                idle_timeout=s.idle_timeout,
+                max_connections=s.max_connections,
+                max_per_peer=s.max_connections_per_peer,
+            ),
         )
         self.rotator.subscribe(lambda _snap: server.published())
         server.start()
@@ -97,6 +110,9 @@ class CredentialService(Service):
             out["last_refresh"] = format_time(self.last_refresh)
         if snap.error:
             out["error"] = snap.error
+        offset = snap.clock_offset(time.monotonic())
+        if offset is not None and abs(offset) > DATE_TOLERANCE:
+            out["clock_offset"] = round(offset)
         if self.server is not None:
             out["requests"] = self.server.requests
             out["refused"] = self.server.refused
@@ -109,9 +125,10 @@ class CredentialService(Service):
     def healthy(self) -> bool:
         # Healthy while the service can still serve, or while the fault is outside us
         # (no role attached is the user's choice, not our failure).
+        # A set the host clock calls expired is useless to clients: unhealthy.
         snap = self.rotator.snapshot
         rotating = self._rotating is None or self._rotating.is_alive()
-        return rotating and snap.state in ("ok", "pending", "absent")
+        return rotating and snap.state in ("ok", "pending", "absent") and not snap.host_expired()
 
 
 def host_consumer(settings: CredentialSettings, source: Rotator) -> Consumer:

@@ -49,6 +49,14 @@ class CredentialSettings:
     tcp_host: str = "127.0.0.1"
     tcp_port: int = 51680
 
+    # HTTP limits (each closes only the offending connection): a request head must arrive
+    # within header_timeout of its first byte; a connection idle this long is closed; caps
+    # on open connections in total and per client (its uid; its address when it has none).
+    header_timeout: float = 5.0
+    idle_timeout: float = 30.0
+    max_connections: int = 512
+    max_connections_per_peer: int = 64
+
     # Per-consumer secrets of the host endpoint. A token file (0600) whose content clients
     # send as ``Authorization`` (AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE); created if missing.
     token_file: Path | None = None
@@ -68,13 +76,19 @@ class CredentialSettings:
         for name in ("advisory_window", "mandatory_window", "safety_margin", "request_wait"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        for name in ("poll_interval", "refresh_interval", "retry_interval"):
+        for name in ("poll_interval", "refresh_interval", "retry_interval", "header_timeout",
+                     "idle_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
         if not self.safety_margin <= self.mandatory_window <= self.advisory_window:
             raise ValueError(
                 "mandatory_window: want safety_margin <= mandatory_window <= advisory_window, "
                 f"got {self.safety_margin} / {self.mandatory_window} / {self.advisory_window}"
+            )
+        if not 1 <= self.max_connections_per_peer <= self.max_connections:
+            raise ValueError(
+                "max_connections_per_peer: want 1 <= max_connections_per_peer <= "
+                f"max_connections, got {self.max_connections_per_peer} / {self.max_connections}"
             )
         if not 0 <= self.jitter < 1:
             raise ValueError(f"jitter: must be in [0, 1), got {self.jitter}")

@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 from datetime import datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -32,6 +33,7 @@ from guestagent.metadata.models import (
     RoleCredentials,
     lines,
     parse_ip_list,
+    parse_role_listing,
     parse_time,
 )
 from guestagent.metadata.settings import MetadataSettings
@@ -119,6 +121,15 @@ class MetadataClient:
         rel = _clean(path)
         text = self.get(rel if rel.endswith("/") or not rel else rel + "/")
         return None if text is None else lines(text)
+
+    def service_clock(self) -> float | None:
+        """The service's time now (epoch seconds), from this thread's last answer's ``Date``
+        header plus the monotonic time since; None when it sent none. A second opinion on
+        the host clock: credential expiry is judged against both."""
+        seen: tuple[float, float] | None = getattr(self._local, "date", None)
+        if seen is None:
+            return None
+        return seen[0] + (time.monotonic() - seen[1])
 
     def invalidate(self) -> None:
         with self._lock:
@@ -238,8 +249,9 @@ class MetadataClient:
         return keys
 
     def ram_role_names(self) -> Lines:
-        text = self.get_fresh("meta-data/ram/security-credentials/")
-        return [] if text is None else [r.rstrip("/") for r in lines(text)]
+        path = "meta-data/ram/security-credentials/"
+        text = self.get_fresh(path)
+        return [] if text is None else parse_role_listing(text, path)
 
     def ram_credentials(self, role: str) -> RoleCredentials | None:
         if not role or "/" in role or any(ord(c) < 0x21 for c in role):
@@ -383,6 +395,7 @@ class MetadataClient:
             body = resp.read()
             if resp.will_close:
                 conn.close()
+            self._local.date = _date(resp.getheader("Date"))
             return resp.status, body
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
@@ -391,6 +404,20 @@ class MetadataClient:
                 # The server closed an idle keep-alive connection: not a fault, reconnect.
                 return self._request(method, target, headers)
             raise _Transport(_describe(exc)) from None
+
+
+def _date(header: str | None) -> tuple[float, float] | None:
+    """(the service's epoch time, our monotonic time) from a ``Date`` header."""
+    if not header:
+        return None
+    try:
+        sent = parsedate_to_datetime(header)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if sent.tzinfo is None:
+        return None
+    # The header is truncated to the second: +0.5 s is the unbiased estimate.
+    return sent.timestamp() + 0.5, time.monotonic()
 
 
 def _describe(exc: BaseException) -> str:

@@ -7,6 +7,7 @@ Parsers raise :class:`BadAnswer` naming the path and the field, never a bare
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -105,6 +106,27 @@ def parse_ip_list(text: str, where: str) -> list[str]:
 
 def lines(text: str) -> list[str]:
     return [ln.strip() for ln in text.splitlines() if ln.strip()]
+
+
+# A RAM role name: 1-64 letters, digits, '.', '_' or '-' (what RAM accepts).
+ROLE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
+
+
+def parse_role_listing(text: str, where: str) -> list[str]:
+    """The role names under ``ram/security-credentials/``; anything else is a bad answer.
+
+    The error describes the answer's shape, never its content: a misrouted answer could
+    hold a secret, and it must not reach a log or ``/v1/health``.
+    """
+    names = [ln.rstrip("/") for ln in lines(text)]
+    if all(ROLE_NAME.fullmatch(n) for n in names):
+        return names
+    first = text.lstrip()[:1]
+    shape = "a JSON document" if first in ("{", "[") else "text"
+    raise BadAnswer(
+        f"{where}: not a RAM role listing ({shape}, {len(text)} characters on "
+        f"{len(text.splitlines())} lines; want one role name per line)"
+    )
 
 
 @dataclass(frozen=True)

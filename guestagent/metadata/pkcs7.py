@@ -119,8 +119,10 @@ def _verify(document: str, signature: str, ca_pem: bytes, audience: str | None) 
     encap = signed[2].children()
     content = encap[1].children()[0].value if len(encap) > 1 else None
     expected = signed_content(document, audience)
-    if content is not None and content not in (expected, document.encode()):
-        raise BadAnswer("pkcs7: the signed content is not this identity document")
+    # Exactly the content asked for: a signature made without the audience (or for another
+    # one) must not pass a check that names an audience, or it could be replayed elsewhere.
+    if content is not None and content != expected:
+        raise BadAnswer(_content_mismatch(content, document, audience))
     if content is None:
         content = expected
     certs = [
@@ -131,6 +133,16 @@ def _verify(document: str, signature: str, ca_pem: bytes, audience: str | None) 
     if not signer_infos or not signer_infos[0].children():
         raise BadAnswer("pkcs7: no signer")
     _verify_signer(signer_infos[0].children()[0], content, certs or [ca], ca)
+
+
+def _content_mismatch(content: bytes, document: str, audience: str | None) -> str:
+    if audience is not None and content == document.encode():
+        return (f"pkcs7: signed without an audience, but audience {audience!r} was asked for "
+                "(the signature could have been made for anyone)")
+    if audience is not None:
+        return (f"pkcs7: the signed content is not this identity document for audience "
+                f"{audience!r} (wrong audience or another document)")
+    return "pkcs7: the signed content is not this identity document"
 
 
 def _verify_signer(

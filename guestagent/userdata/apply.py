@@ -112,7 +112,13 @@ def check_script(part: parts.Part) -> None:
         return
     shell = "bash" if b"bash" in first else "sh"
     try:
-        res = process.run([shell, "-n"], input=part.content, timeout=30)
+        res = process.run(
+            [shell, "-n"],
+            input=part.content,
+            timeout=30,
+            memory_limit=256 << 20,
+            die_with_parent=True,
+        )
     except process.ProcessError as exc:
         raise UserdataError(f"{part.name}: cannot check shell syntax: {exc}") from None
     if not res.ok:
@@ -207,10 +213,11 @@ class Applier:
             self.root, dry_run=self.dry_run, backup_suffix=self.settings.backup_suffix
         ) as tree:
             for part in prepared.ignored:
-                msg = f"{part.name}: Windows user-data ([bat]/[powershell]) is ignored on Linux"
+                msg = f"{part.name}: {part.skipped_because()}"
                 log.warning("%s", msg)
                 report.warnings.append(msg)
-                report.outcomes.append(Outcome(part.name, "part", "ignored", "Windows user-data"))
+                what = "Windows user-data" if part.kind == parts.WINDOWS else part.mime
+                report.outcomes.append(Outcome(part.name, "part", "ignored", what))
             deferred = self.settings.defer_to_cloud_init and cloudconfig.cloud_init_active(tree)
             user_cfg: dict[str, Any] = prepared.config
             if deferred and (prepared.cloud_config_parts or prepared.scripts):

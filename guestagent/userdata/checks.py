@@ -13,9 +13,12 @@ from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
-from guestagent.userdata.errors import UserdataError
+from guestagent.userdata.errors import UserdataError, bad_char
 
 _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+# An IPv6 zone (scope) id is an interface name (or index): nothing a config line could
+# read as a second word or a comment.
+_ZONE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
 # shadow's useradd default (NAME_REGEX of Debian is stricter; this is the portable subset).
 _ACCOUNT = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$")
@@ -33,23 +36,33 @@ SSH_KEY_TYPES = (
 
 
 def text(value: object, where: str, *, max_len: int = 1024) -> str:
-    """A one-line string: no control characters (newline, CR, NUL, escape...)."""
+    """A one-line string: no control characters (newline, CR, NUL, escape, line separators)."""
     if not isinstance(value, str):
         raise UserdataError(f"{where}: expected a string, got {type(value).__name__}")
     if len(value) > max_len:
         raise UserdataError(f"{where}: longer than {max_len} characters")
     for ch in value:
-        if ord(ch) < 0x20 or ord(ch) == 0x7F:
+        if bad_char(ch):
             raise UserdataError(f"{where}: control character {ch!r} is not allowed")
     return value
 
 
 def ip(value: object, where: str) -> str:
+    """An IPv4 or IPv6 address; an IPv6 zone id only on a link-local address and only as
+    an interface name (``fe80::1%eth0``)."""
     s = text(value, where, max_len=64).strip()
     try:
-        return str(ipaddress.ip_address(s))
+        addr = ipaddress.ip_address(s)
     except ValueError:
         raise UserdataError(f"{where}: {s!r} is not an IP address") from None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.scope_id is not None:
+        if not _ZONE.match(addr.scope_id):
+            raise UserdataError(
+                f"{where}: {s!r}: the zone id after '%' must be an interface name such as eth0"
+            )
+        if not addr.is_link_local:
+            raise UserdataError(f"{where}: {s!r}: a zone id ('%') is only valid on fe80::/10")
+    return str(addr)
 
 
 def hostname(value: object, where: str) -> str:
@@ -57,12 +70,17 @@ def hostname(value: object, where: str) -> str:
     labels = s.split(".")
     if not s or not all(_HOST_LABEL.match(label) for label in labels):
         raise UserdataError(f"{where}: {s!r} is not a valid host name")
+    if labels[-1].isdigit():
+        # 1.2.3.999 or 10.1: an address gone wrong, not a name (no top-level domain is numeric).
+        raise UserdataError(f"{where}: {s!r} is neither an IP address nor a host name")
     return s.lower()
 
 
 def host(value: object, where: str) -> str:
     """A host name or an IP address (NTP servers, mirrors)."""
     s = text(value, where, max_len=253).strip()
+    if ":" in s or "%" in s:
+        return ip(s, where)
     try:
         return str(ipaddress.ip_address(s))
     except ValueError:

@@ -13,7 +13,7 @@ from typing import Any
 
 from guestagent.cli import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, fail
 from guestagent.userdata import cloudconfig, parts, shell, templates
-from guestagent.userdata.errors import UserdataError
+from guestagent.userdata.errors import UserdataError, one_line
 
 # Refused user-data is bad input: exit 2, like any usage error; nothing was changed.
 EXIT_REFUSED = EXIT_USAGE
@@ -59,7 +59,10 @@ def register(subparsers: Any) -> None:
     a.add_argument("--instance-id", help="instance id for the semaphores (default: metadata)")
     a.add_argument("--no-scripts", action="store_true", help="do not run shell parts or runcmd")
     a.add_argument(
-        "--no-defaults", action="store_true", help="no DNS/NTP/mirror defaults from metadata"
+        "--no-defaults",
+        action="store_true",
+        help="no DNS/NTP/mirror defaults from metadata (implied by --file with --instance-id: "
+        "offline, the metadata service is never asked)",
     )
     a.set_defaults(handler=_apply)
 
@@ -71,7 +74,7 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def _fail(message: str, code: int = EXIT_REFUSED) -> int:
-    return fail(code, message)
+    return fail(code, one_line(message))
 
 
 def _emit(data: bytes, output: str | None) -> None:
@@ -200,8 +203,8 @@ def _validate(args: argparse.Namespace) -> int:
     except UserdataError as exc:
         return _fail(f"{args.file}: {exc}")
     for w in warnings:
-        print(f"guestagent: warning: {w}", file=sys.stderr)
-    print(f"{args.file}: valid ({summary})")
+        print(f"guestagent: warning: {one_line(w)}", file=sys.stderr)
+    print(one_line(f"{args.file}: valid ({summary})"))
     return EXIT_OK
 
 
@@ -222,7 +225,9 @@ def _apply(args: argparse.Namespace) -> int:
             data = Path(args.file).read_bytes()
         except OSError as exc:
             return _fail(f"{args.file}: cannot read: {exc.strerror}")
-    if not args.file or not args.instance_id or not args.no_defaults:
+    # Offline image preparation (a file and an instance id given) never touches the
+    # network: no metadata defaults unless the metadata service is needed anyway.
+    if not args.file or not args.instance_id:
         from guestagent.metadata.client import MetadataClient
 
         client = MetadataClient(settings.metadata)
@@ -248,13 +253,13 @@ def _apply(args: argparse.Namespace) -> int:
     except UserdataError as exc:
         return _fail(f"user-data refused, nothing changed: {exc}")
     for w in report.warnings:
-        print(f"guestagent: warning: {w}", file=sys.stderr)
+        print(f"guestagent: warning: {one_line(w)}", file=sys.stderr)
     if args.dry_run:
         sys.stdout.write(report.diff or "# no changes\n")
     else:
         for o in report.outcomes:
             extra = f" ({o.detail})" if o.detail else ""
-            print(f"{o.kind} {o.name}: {o.status}{extra}")
+            print(one_line(f"{o.kind} {o.name}: {o.status}{extra}"))
     for o in report.failed:
-        print(f"guestagent: {o.name} failed: {o.detail}", file=sys.stderr)
+        print(one_line(f"guestagent: {o.name} failed: {o.detail}"), file=sys.stderr)
     return EXIT_PARTIAL if report.failed else EXIT_OK

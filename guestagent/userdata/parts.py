@@ -17,6 +17,10 @@ from email.message import Message
 from guestagent.userdata.errors import UserdataError
 
 SHELL, CLOUD_CONFIG, WINDOWS = "shell", "cloud-config", "windows"
+# A MIME part whose content type no handler claims: skipped with a warning (as cloud-init
+# does), never sniffed for '#!' and run.
+UNKNOWN = "unknown"
+_SNIFFED = ("text/plain", "application/octet-stream", "text/x-not-multipart")
 _MIME_START = (b"content-type:", b"mime-version:")
 _B64 = re.compile(rb"^[A-Za-z0-9+/=\s]+$")
 _MAX_LAYERS = 4
@@ -50,9 +54,16 @@ _MIME_UNSUPPORTED = {
 
 @dataclass(frozen=True)
 class Part:
-    kind: str  # shell, cloud-config or windows
+    kind: str  # shell, cloud-config, windows or unknown
     name: str
     content: bytes
+    mime: str = ""
+
+    def skipped_because(self) -> str:
+        """Why a part of kind windows or unknown is not applied (one line)."""
+        if self.kind == WINDOWS:
+            return "Windows user-data ([bat]/[powershell]) is ignored on Linux"
+        return f"content type {self.mime} is not handled by guestagent or cloud-init; skipped"
 
 
 def decode(data: bytes, max_size: int = 32768, max_decoded: int = 1048576) -> bytes:
@@ -113,11 +124,13 @@ def split(data: bytes) -> list[Part]:
 def classify(content: bytes, name: str, mime: str = "") -> Part:
     body = content.lstrip(b"\xef\xbb\xbf")
     if mime in _MIME_KINDS:
-        return Part(_MIME_KINDS[mime], name, body)
+        return Part(_MIME_KINDS[mime], name, body, mime)
     if mime in _MIME_UNSUPPORTED:
         raise UserdataError(
             f"{name}: {mime} parts are not supported by guestagent (use cloud-init)"
         )
+    if mime and mime not in _SNIFFED:
+        return Part(UNKNOWN, name, body, mime)
     first = body.split(b"\n", 1)[0].strip()
     if first.startswith(b"#!"):
         return Part(SHELL, name, body)
@@ -149,7 +162,8 @@ def _split_mime(data: bytes) -> list[Part]:
         if not isinstance(body, bytes):
             raise UserdataError("user-data: MIME message without a body")
         _check_defects(msg, "user-data")
-        return [classify(body, msg.get_filename() or "part-001", msg.get_content_type())]
+        ctype = msg.get_content_type()
+        return [classify(body, msg.get_filename() or "part-001", ctype)]
     _check_defects(msg, "user-data")
     parts: list[Part] = []
     for sub in msg.walk():
@@ -165,11 +179,7 @@ def _split_mime(data: bytes) -> list[Part]:
         if ctype in ("application/x-gzip", "application/gzip"):
             body = gunzip(body, 1048576)
             ctype = "text/plain"
-        parts.append(
-            classify(
-                body, name, "" if ctype in ("text/plain", "application/octet-stream") else ctype
-            )
-        )
+        parts.append(classify(body, name, ctype))
     if not parts:
         raise UserdataError("user-data: MIME multipart with no parts")
     return parts

@@ -25,6 +25,10 @@ class UserdataSettings:
     # When cloud-init is installed and enabled in the target, leave the user-data to it
     # (it runs the scripts as well; running both would run them twice).
     defer_to_cloud_init: bool = True
+    # users/groups may name root, uids outside login.defs' UID_MIN..UID_MAX or system: true
+    # only when this is set: locking root's password or giving a daemon account a sudo rule
+    # is rarely what a user-data author meant.
+    allow_system_accounts: bool = False
     # Handler frequency overrides, e.g. ["runcmd=always", "dns=once"].
     frequencies: list[str] = field(default_factory=list)
     # Where the templates live; None finds them beside the package or in share/.

@@ -74,6 +74,14 @@ acct() {
   if [ -n "$R" ]; then t="$1"; shift; "$t" --root "$R" "$@"; else "$@"; fi
 }
 has_entry() { grep -q "^$1:" "$R$2" 2>/dev/null; }
+# not_system USER: refuse an existing account outside UID 1000..60000 (root, daemons, nobody)
+not_system() {
+  [ -f "$R/etc/passwd" ] || return 0
+  if awk -F: -v u="$1" '$1 == u && ($3 < 1000 || $3 > 60000) { f = 1 } END { exit !f }' \
+      "$R/etc/passwd"; then
+    echo "guestagent: $1 is a system account; refused" >&2; exit 1
+  fi
+}
 ensure_group() { has_entry "$1" /etc/group || acct groupadd "$1"; }
 in_group() {
   awk -F: -v g="$1" -v u="$2" '
@@ -226,7 +234,9 @@ def _repos(plan: repos.ReposPlan) -> list[str]:
 
 
 def _accounts(plan: accounts.AccountsPlan) -> list[str]:
-    out: list[str] = [f"ensure_group {q(name)}" for name, _ in plan.groups]
+    out: list[str] = [f"not_system {q(u.name)}" for u in plan.users]
+    out += [f"not_system {q(m)}" for _, members in plan.groups for m in members]
+    out += [f"ensure_group {q(name)}" for name, _ in plan.groups]
     for user in plan.users:
         out += [f"ensure_group {q(g)}" for g in user.groups]
         if user.primary_group:

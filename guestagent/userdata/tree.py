@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import logging
 import os
 import shutil
@@ -83,14 +84,24 @@ class Tree:
     def host(self, guest: str) -> Path:
         """The real path of ``guest`` under the root, following symlinks chroot-style
         for every parent directory (the last component is not followed)."""
+        return self._resolve(guest, follow_last=False)
+
+    def resolve(self, guest: str) -> Path:
+        """Like :meth:`host`, but the last component is followed too: what a process
+        chrooted into the root would open. Never a path outside the root: an absolute link
+        target starts again at the root and '..' stops there, as in a chroot."""
+        return self._resolve(guest, follow_last=True)
+
+    def _resolve(self, guest: str, *, follow_last: bool) -> Path:
         if not guest.startswith("/"):
             raise UserdataError(f"{guest}: path must be absolute")
         parts = [p for p in guest.split("/") if p not in ("", ".")]
         if ".." in parts:
             raise UserdataError(f"{guest}: path may not contain '..'")
+        last = parts[-1:] if not follow_last else []
+        todo = parts[:-1] if not follow_last else parts
         resolved: list[str] = []
         hops = 0
-        todo = parts[:-1]
         while todo:
             name = todo.pop(0)
             if name == "..":
@@ -108,7 +119,7 @@ class Tree:
                 todo = [p for p in target.split("/") if p not in ("", ".")] + todo
                 continue
             resolved.append(name)
-        return self.root.joinpath(*resolved, *parts[-1:])
+        return self.root.joinpath(*resolved, *last)
 
     def _scratch(self, guest: str) -> Path:
         if self._overlay is None:
@@ -121,7 +132,7 @@ class Tree:
         if not self.dry_run:
             return self.root
         for guest in stage:
-            src, dst = self.host(guest), self._scratch(guest)
+            src, dst = self.resolve(guest), self._scratch(guest)
             if dst.exists() or not src.exists():
                 continue
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -133,35 +144,45 @@ class Tree:
         assert self._overlay is not None
         return self._overlay
 
-    def _view(self, guest: str) -> Path:
+    def _view(self, guest: str, *, follow: bool = False) -> Path:
         if self.dry_run and self._overlay is not None:
             scratch = self._scratch(guest)
             if scratch.exists() or scratch.is_symlink():
                 return scratch
-        return self.host(guest)
+        return self.resolve(guest) if follow else self.host(guest)
 
     # -- reads ---------------------------------------------------------------------
 
     def read(self, guest: str) -> bytes | None:
-        path = self._view(guest)
-        if path.is_symlink():
-            target = os.readlink(path)
-            if not target.startswith("/") or self.root == Path("/"):
-                path = path.parent / target
-            else:
-                path = self.host(target)
+        """The content of ``guest`` as a process chrooted into the root would read it."""
+        path = self._view(guest, follow=True)
         try:
-            return path.read_bytes()
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            # O_NOFOLLOW: the path was resolved inside the root; a link that appeared since
+            # is refused rather than followed out of it.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except (FileNotFoundError, NotADirectoryError):
             return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UserdataError(f"{guest}: changed into a symbolic link while read") from None
+            raise
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            return fh.read()
 
     def read_text(self, guest: str) -> str | None:
         data = self.read(guest)
         return None if data is None else data.decode("utf-8", errors="replace")
 
     def exists(self, guest: str) -> bool:
-        path = self._view(guest)
-        return path.exists() or path.is_symlink()
+        """``guest`` exists, its links followed inside the root."""
+        return os.path.lexists(self._view(guest, follow=True))
+
+    def present(self, guest: str) -> bool:
+        """An entry named ``guest`` is there, even a link to nothing (an enabled unit's
+        link in a ``.wants`` directory points at a file of another tree layout)."""
+        return os.path.lexists(self._view(guest))
 
     # -- writes --------------------------------------------------------------------
 
@@ -209,7 +230,9 @@ class Tree:
     def mkdir(
         self, guest: str, *, mode: int = 0o755, uid: int | None = None, gid: int | None = None
     ) -> None:
-        target = self.host(guest)
+        # Followed chroot-style: a link to a directory is that directory in the root, never
+        # one on the host (chmod/chown would follow it).
+        target = self.resolve(guest)
         if self.dry_run:
             if not target.is_dir():
                 self.changes.append(Change(guest, None, None, "create directory"))

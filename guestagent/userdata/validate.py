@@ -34,7 +34,7 @@ def validate(data: bytes, settings: UserdataSettings) -> tuple[str, list[str]]:
             elif errors:
                 raise UserdataError(f"{part.name}: cloud-init schema: {'; '.join(errors)}")
         else:
-            warnings.append(f"{part.name}: Windows user-data is ignored on Linux")
+            warnings.append(f"{part.name}: {part.skipped_because()}")
     with Tree("/", dry_run=True) as tree:
         ctx = Context(tree, settings)
         for handler in all_handlers():

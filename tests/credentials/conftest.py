@@ -87,7 +87,8 @@ def credential_service(emulator: Any, tmp_path: Path) -> Iterator[Callable[..., 
     clients: list[MetadataClient] = []
 
     def start(*, scaled: bool = True, metadata: dict[str, Any] | None = None,
-              wait_ok: bool = True, **overrides: Any) -> Running:
+              wait_ok: bool = True, wall: Callable[[], float] = time.time,
+              **overrides: Any) -> Running:
         creds: dict[str, Any] = {
             "socket_path": str(tmp_path / "run" / "credentials.sock"),
             "tcp_enabled": True,
@@ -103,7 +104,7 @@ def credential_service(emulator: Any, tmp_path: Path) -> Iterator[Callable[..., 
         settings = from_mapping({"metadata": meta, "credentials": creds})
         client = MetadataClient(settings.metadata)
         clients.append(client)
-        service = CredentialService(settings, client)
+        service = CredentialService(settings, client, wall=wall)
         stop = threading.Event()
         service.start(stop)
         running = Running(service, settings, stop)

@@ -163,3 +163,48 @@ def test_no_role_at_start_then_attached(credential_service, emulator):
     emulator.attach_role("Late")
     svc.wait_for(lambda: svc.served_key() is not None, timeout=3)
     assert datetime.now(UTC) < parse_time(svc.get("/v1/credentials/aws")[1]["Expiration"], "e")
+
+
+def test_host_clock_ahead_is_refused_naming_the_skew_then_served_once_fixed(
+        credential_service, emulator):
+    skew = [8 * 3600.0]  # the host clock says every set the service hands out has expired
+    svc = credential_service(scaled=False, retry_interval=0.1, wait_ok=False,
+                             wall=lambda: time.time() + skew[0])
+    svc.wait_for(lambda: svc.service.rotator.snapshot.host_expired(), timeout=5)
+    for via, fmt in (("unix", "aws"), ("tcp", "alibaba")):
+        status, doc = svc.get(f"/v1/credentials/{fmt}", via=via)
+        assert status == 503 and doc["code"] == "ClockSkew", doc
+        # Names the skew against the service's own clock (its Date header) and the fix.
+        assert "ahead of the metadata service's clock" in doc["message"]
+        assert "NTP" in doc["message"] and "AccessKeyId" not in doc
+    status, health = svc.get("/v1/health")
+    assert status == 503 and health["clock_offset"] <= -8 * 3600 + 10
+    assert not svc.service.healthy()
+    fetched = svc.service.rotator.refreshes
+    svc.wait_for(lambda: svc.service.rotator.refreshes >= fetched + 3)  # keeps trying
+    skew[0] = 0.0  # NTP steps the clock back
+    assert svc.get("/v1/credentials/aws")[0] == 200  # at once, no refresh needed
+    svc.wait_for(svc.service.healthy)
+    assert "clock_offset" not in svc.get("/v1/health")[1]
+
+
+def test_role_listing_that_is_not_a_name_is_a_bad_answer_never_shown(credential_service,
+                                                                      emulator, caplog):
+    import json as jsonlib
+    import logging
+
+    leak = "LeakedSecretValue0123456789"
+    body = jsonlib.dumps({"AccessKeyId": "STS.x", "AccessKeySecret": leak}, indent=2)
+    emulator.add_fault("meta-data/ram/security-credentials/", "body", body=body)
+    with caplog.at_level(logging.DEBUG):
+        svc = credential_service(scaled=False, retry_interval=0.1, wait_ok=False)
+        svc.wait_for(lambda: "role listing" in svc.service.rotator.snapshot.error, timeout=5)
+        status, health = svc.get("/v1/health")
+        assert status == 503 and health["role"] == ""
+        assert "not a RAM role listing (a JSON document" in health["error"]
+        status, doc = svc.get("/v1/credentials/aws")
+        assert status == 503 and leak not in jsonlib.dumps(doc)
+        assert leak not in jsonlib.dumps(svc.service.status())
+    assert leak not in caplog.text and "AccessKeySecret" not in caplog.text
+    emulator.clear_faults()
+    svc.wait_for(lambda: svc.served_key() is not None, timeout=5)

@@ -85,12 +85,15 @@ def service(clock: FakeClock) -> FakeService:
     return FakeService(clock)
 
 
-def make(service: FakeService, clock: FakeClock, **overrides: object) -> Rotator:
+def make(service: FakeService, clock: FakeClock, *, date: bool = False,
+         **overrides: object) -> Rotator:
+    """A rotator on the fake clock; ``date``: the service sends its (true) time."""
     settings = CredentialSettings(**overrides)  # type: ignore[arg-type]
     settings.validate()
     return Rotator(
         settings, service.list_roles, service.fetch,
         clock=clock.monotonic, wall=clock.wall, rng=lambda: 0.5,
+        service_clock=clock.wall_true if date else (lambda: None),
     )
 
 
@@ -198,17 +201,87 @@ def test_configured_role_renamed_stops_with_a_clear_error(service, clock):
     assert "'app-role' is not attached" in snap.error
 
 
-def test_clock_ahead_is_not_trusted_blindly(service, clock, caplog):
+def test_clock_ahead_without_a_date_header_refuses_naming_the_skew(service, clock, caplog):
     clock.skew = 8 * HOUR  # the local clock says the set expired long ago
-    rot = make(service, clock)
+    rot = make(service, clock, retry_interval=5.0)
     with caplog.at_level(logging.WARNING):
         delay = rot.step()
     snap = rot.snapshot
-    assert snap.verdict(clock.mono) == "serve"
-    assert "local clock" in caplog.text
-    assert delay <= 60 * 1.2  # refreshes soon to pin the set's age down
-    run_for(rot, clock, 12 * HOUR)
+    # Clients compare Expiration with the host clock: they would reject this set.
+    assert snap.verdict(clock.mono) == "refuse" and snap.host_expired()
+    status, code, message = snap.refusal(clock.mono)
+    assert (status, code) == (503, "ClockSkew")
+    assert "host clock" in message and "NTP" in message
+    assert snap.state == "failing" and "NTP" in snap.error
+    assert "not serving" in caplog.text
+    assert delay == pytest.approx(5.0)  # refresh keeps trying
+    fetches = service.fetches
+    run_for(rot, clock, 60)
+    assert service.fetches >= fetches + 10
+    # NTP fixes the clock: served at once, no refresh needed.
+    clock.skew = 0
     assert rot.snapshot.verdict(clock.mono) == "serve"
+    rot.step()
+    assert rot.snapshot.state == "ok" and not rot.snapshot.error
+
+
+def test_clock_ahead_of_the_services_date_says_fix_ntp(service, clock):
+    clock.skew = 8 * HOUR
+    rot = make(service, clock, date=True)
+    rot.step()
+    status, code, message = rot.snapshot.refusal(clock.mono)
+    assert (status, code) == (503, "ClockSkew")
+    assert f"{int(8 * HOUR)}s ahead of the metadata service's clock" in message
+    assert "chronyc" in message
+    # The service's clock also tells the set's true age: fresh, so six hours on monotonic.
+    assert rot.snapshot.expires_at - clock.mono == pytest.approx(6 * HOUR, abs=2)
+
+
+def test_clock_jumping_ahead_after_a_fetch_stops_serving_at_once(service, clock):
+    rot = make(service, clock, date=True)
+    rot.step()
+    assert rot.snapshot.verdict(clock.mono) == "serve"
+    clock.advance(60)
+    clock.skew = 7 * HOUR  # a bad NTP step: the held set now looks expired to clients
+    snap = rot.snapshot
+    assert snap.verdict(clock.mono) == "refuse" and snap.host_expired()
+    _status, code, message = snap.refusal(clock.mono)
+    assert code == "ClockSkew" and f"{int(7 * HOUR)}s ahead" in message
+
+
+def test_stale_set_with_clocks_agreeing_is_the_services_fault(service, clock):
+    rot = make(service, clock, date=True)
+    now = clock.wall_true()
+    issued = datetime.fromtimestamp(int(now) - 7 * 3600, UTC)
+    stale = RoleCredentials("STS.OLD", "s" * 20, "t" * 20, issued + timedelta(hours=6), issued)
+    real_fetch = rot._fetch
+    rot._fetch = lambda role: stale  # type: ignore[method-assign]
+    rot.step()
+    snap = rot.snapshot
+    assert snap.verdict(clock.mono) == "refuse"
+    status, code, message = snap.refusal(clock.mono)
+    assert (status, code) == (503, "CredentialsExpired")
+    assert "stale" in message and "agrees" in message
+    rot._fetch = real_fetch  # type: ignore[method-assign]
+    rot.step()
+    assert rot.snapshot.verdict(clock.mono) == "serve"
+    # And a stale set offered later never replaces a set clients can still use.
+    rot._fetch = lambda role: stale  # type: ignore[method-assign]
+    rot.step()
+    assert rot.snapshot.verdict(clock.mono) == "serve"
+    assert rot.snapshot.credentials.access_key_id != "STS.OLD"
+
+
+def test_clock_behind_is_served_and_reported(service, clock, caplog):
+    clock.skew = -3 * HOUR
+    rot = make(service, clock, date=True)
+    with caplog.at_level(logging.WARNING):
+        rot.step()
+        rot.step()
+    snap = rot.snapshot
+    assert snap.verdict(clock.mono) == "serve"
+    assert snap.clock_offset(clock.mono) == pytest.approx(3 * HOUR, abs=2)
+    assert caplog.text.count("behind the metadata service") == 1
 
 
 def test_clock_behind_is_bounded_by_observed_rotation(service, clock):
@@ -231,7 +304,7 @@ def test_a_set_too_close_to_expiry_is_never_served(service, clock):
     rot._fetch = lambda role: stale  # type: ignore[method-assign]
     rot.step()
     assert rot.snapshot.verdict(clock.mono) == "refuse"
-    assert "too close" in rot.snapshot.error
+    assert "safety margin" in rot.snapshot.refusal(clock.mono)[2]
 
 
 def test_waiters_are_woken_by_every_attempt(service, clock):

@@ -186,7 +186,8 @@ def test_no_secret_in_logs_argv_or_files(credential_service, emulator, tmp_path,
         emulator.rotate_credentials()
         newest = emulator.issued_credentials()[-1]["AccessKeyId"]
         svc.wait_for(lambda: svc.served_key() == newest)
-        svc.wait_for(lambda: newest in profile.read_text())
+        # Both files are rewritten one after the other: wait for the second too.
+        svc.wait_for(lambda: newest in profile.read_text() and newest in env_file.read_text())
         svc.service.status()
         repr(svc.service.rotator.snapshot)
         probe = logging.getLogger("probe")

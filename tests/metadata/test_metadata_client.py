@@ -192,6 +192,24 @@ def test_identity_signature_verifies(emulator: Any) -> None:
     assert c.verify_identity(emulator.ca_cert_pem, audience="sts.aliyuncs.com")
 
 
+def test_identity_signature_for_the_wrong_audience_is_refused(emulator: Any) -> None:
+    from guestagent.metadata.pkcs7 import verify_identity_signature
+
+    c = client_for(emulator)
+    doc = c.get_fresh("dynamic/instance-identity/document")
+    assert doc is not None
+    # Made without an audience (a signature anyone could have asked for) ...
+    plain = c.identity_pkcs7()
+    with pytest.raises(BadAnswer, match="without an audience"):
+        verify_identity_signature(doc, plain, emulator.ca_cert_pem, "sts.aliyuncs.com")
+    # ... or for another audience: neither passes a check naming ours.
+    other = c.identity_pkcs7("other.example.com")
+    with pytest.raises(BadAnswer, match="wrong audience"):
+        verify_identity_signature(doc, other, emulator.ca_cert_pem, "sts.aliyuncs.com")
+    with pytest.raises(BadAnswer, match="pkcs7"):
+        verify_identity_signature(doc, other, emulator.ca_cert_pem)
+
+
 def test_thread_safety(emulator: Any) -> None:
     emulator.set_token_required(True)
     c = client_for(emulator, cache_ttl=0)

@@ -114,3 +114,45 @@ def test_pkcs7_garbage_is_a_clear_error(garbage: str) -> None:
     pem = _ca(key).public_bytes(serialization.Encoding.PEM)
     with pytest.raises(BadAnswer, match="pkcs7"):
         verify_identity_signature("{}", garbage, pem)
+
+
+def _signed(content: bytes, detached: bool) -> tuple[str, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _ca(key)
+    opts = [pkcs7.PKCS7Options.DetachedSignature] if detached else []
+    sig = pkcs7.PKCS7SignatureBuilder().set_data(content).add_signer(
+        cert, key, hashes.SHA256()).sign(serialization.Encoding.DER, opts)
+    return base64.b64encode(sig).decode(), cert.public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.mark.parametrize("detached", [False, True])
+def test_pkcs7_without_audience_fails_a_check_that_asks_for_one(detached: bool) -> None:
+    doc = json.dumps({"instance-id": "i-abc", "region-id": "cn-hangzhou"})
+    text, pem = _signed(signed_content(doc, None), detached)
+    verify_identity_signature(doc, text, pem)  # fine when no audience is asked for
+    # Embedded content names the cause; a detached one only fails its digest.
+    with pytest.raises(BadAnswer, match="pkcs7: the document" if detached else "audience"):
+        verify_identity_signature(doc, text, pem, "sts.example")
+
+
+@pytest.mark.parametrize("detached", [False, True])
+def test_pkcs7_for_another_audience_is_refused(detached: bool) -> None:
+    doc = json.dumps({"instance-id": "i-abc", "region-id": "cn-hangzhou"})
+    text, pem = _signed(signed_content(doc, "other.example"), detached)
+    verify_identity_signature(doc, text, pem, "other.example")
+    for asked in ("sts.example", None):
+        with pytest.raises(BadAnswer, match="pkcs7"):
+            verify_identity_signature(doc, text, pem, asked)
+
+
+@pytest.mark.parametrize("body", [
+    '{"Code": "Success"}', "role-a\nrole b", "a" * 65, "../etc", "role\x00x", "<html>",
+])
+def test_role_listing_must_be_role_names(body: str) -> None:
+    from guestagent.metadata.models import parse_role_listing
+
+    with pytest.raises(BadAnswer, match="not a RAM role listing") as info:
+        parse_role_listing(body, "ram/security-credentials/")
+    assert body not in str(info.value)  # the shape, never the content
+    assert parse_role_listing("EcsRamRoleDemo\n", "x") == ["EcsRamRoleDemo"]
+    assert parse_role_listing("", "x") == []

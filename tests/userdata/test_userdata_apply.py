@@ -177,10 +177,9 @@ def test_dry_run_prints_diff_and_changes_nothing(
     assert "+PasswordAuthentication no" in report.diff
 
 
-def test_failing_handler_leaves_its_files_as_they_were(
-    image_root: Path, settings: UserdataSettings
-) -> None:
+def test_failing_handler_leaves_its_files_as_they_were(image_root: Path) -> None:
     # groupadd succeeds, then useradd fails (uid 1 is taken): the new group must go again.
+    settings = UserdataSettings(script_timeout=30, allow_system_accounts=True)
     data = (
         b"#cloud-config\nmanage_resolv_conf: true\nresolv_conf: {nameservers: [10.0.0.2]}\n"
         b"users:\n - name: clash\n   groups: [newgrp]\n   uid: 1\n"

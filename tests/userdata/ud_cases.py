@@ -72,3 +72,27 @@ def template_cases(key: str) -> dict[str, tuple[str, dict[str, Any]]]:
             },
         ),
     }
+
+
+def apply_cli(root: Path, data: bytes, tmp_path: Path, *extra: str) -> int:
+    """``guestagent userdata apply --root ROOT --file F --instance-id i-holes --no-defaults``."""
+    from guestagent.cli import main
+
+    ud = tmp_path / "user-data"
+    ud.write_bytes(data)
+    argv = ["userdata", "apply", "--root", str(root), "--file", str(ud)]
+    argv += ["--instance-id", "i-holes", "--no-defaults", *extra]
+    return main(argv)
+
+
+def one_clean_line(err: str) -> str:
+    """The single line of ``err``: exactly one newline, at the end, and no other control
+    character or line separator anywhere."""
+    import unicodedata
+
+    assert err.endswith("\n") and err.count("\n") == 1, repr(err)
+    body = err[:-1]
+    bad = [c for c in body if unicodedata.category(c) in ("Cc", "Zl", "Zp") and c != "\t"]
+    assert not bad, repr(err)
+    assert len(body.splitlines()) == 1, repr(err)
+    return body

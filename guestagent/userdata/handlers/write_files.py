@@ -33,6 +33,7 @@ MAX_CONTENT = 16 * 1048576
 
 @dataclass(frozen=True)
 class FileEntry:
+    where: str
     path: str
     content: bytes
     owner: str
@@ -90,7 +91,7 @@ def plan_from(cfg: Mapping[str, Any], deferred: bool) -> list[FileEntry] | None:
         mode = checks.octal_mode(item.get("permissions", "0644"), f"{where}.permissions")
         append = checks.boolean(item.get("append", False), f"{where}.append")
         if checks.boolean(item.get("defer", False), f"{where}.defer") == deferred:
-            out.append(FileEntry(path, content, user, group, mode, append))
+            out.append(FileEntry(where, path, content, user, group, mode, append))
     return out or None
 
 
@@ -106,13 +107,67 @@ def lookup(tree: Tree, path: str, name: str) -> int:
     )
 
 
+def _names(tree: Tree, path: str) -> set[str]:
+    return {ln.split(":", 1)[0] for ln in (tree.read_text(path) or "").splitlines() if ln}
+
+
+def created(cfg: Mapping[str, Any]) -> tuple[set[str], set[str]]:
+    """(users, groups) this user-data creates; values are checked by the accounts handler."""
+    users: set[str] = set()
+    groups: set[str] = set()
+    raw_users = cfg.get("users") or []
+    for item in raw_users if isinstance(raw_users, list) else []:
+        name = item.get("name") if isinstance(item, Mapping) else item
+        if isinstance(name, str) and name != "default":
+            users.add(name)
+            groups.add(name)  # USERGROUPS_ENAB: a group of the user's name
+            if isinstance(item, Mapping):
+                for g in checks.str_list(item.get("groups") or [], "users.groups"):
+                    groups.add(g)
+                if isinstance(item.get("primary_group"), str):
+                    groups.add(item["primary_group"])
+    raw_groups = cfg.get("groups") or []
+    if isinstance(raw_groups, Mapping):
+        groups.update(str(g) for g in raw_groups)
+    elif isinstance(raw_groups, list):
+        for g in raw_groups:
+            groups.update([str(k) for k in g] if isinstance(g, Mapping) else [str(g)])
+    return users, groups
+
+
+def check_owners(plan: list[FileEntry], cfg: Mapping[str, Any], tree: Tree, deferred: bool) -> None:
+    """Every owner exists in the tree, or (for ``defer: true`` entries) is created by this
+    user-data: found in the plan, before anything is written."""
+    have_users, have_groups = _names(tree, "/etc/passwd"), _names(tree, "/etc/group")
+    new_users, new_groups = created(cfg)
+    for entry in plan:
+        for kind, name, have, new in (
+            ("user", entry.owner, have_users, new_users),
+            ("group", entry.group, have_groups, new_groups),
+        ):
+            if name == "root" or name in have:
+                continue
+            if name in new and not deferred:
+                raise UserdataError(
+                    f"{entry.where}.owner: {kind} {name!r} is created by this user-data after "
+                    "write_files runs; add 'defer: true' to the entry"
+                )
+            if name not in new:
+                raise UserdataError(
+                    f"{entry.where}.owner: no {kind} {name!r} in the image and none in users"
+                )
+
+
 class WriteFiles(Handler):
     name = "write_files"
     keys: ClassVar[tuple[str, ...]] = ("write_files",)
     deferred = False
 
     def plan(self, cfg: Mapping[str, Any], ctx: Context) -> list[FileEntry] | None:
-        return plan_from(cfg, self.deferred)
+        plan = plan_from(cfg, self.deferred)
+        if plan:
+            check_owners(plan, cfg, ctx.tree, self.deferred)
+        return plan
 
     def apply(self, plan: list[FileEntry], ctx: Context) -> None:
         tree = ctx.tree
