@@ -67,6 +67,12 @@ def server(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def small_server(tmp_path: Path) -> Path:
+    """The same tree without the 1 GB file, for tests about what happens around a transfer."""
+    return build_tree(tmp_path / "server", big="none")
+
+
+@pytest.fixture
 def data_disk(server: Path) -> Iterator[Path]:
     """/mnt/disk1 of the server: a real mount point (tmpfs) with files on it."""
     mnt = server / "mnt/disk1"

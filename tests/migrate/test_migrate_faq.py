@@ -35,12 +35,12 @@ def _lines(out: Any) -> list[str]:
 
 @pytest.mark.parametrize(("keyword", "account", "advice"), CLOUD_CAUSES,
                          ids=[c[0] for c in CLOUD_CAUSES])
-def test_cloud_refusals_carry_the_guide_keyword(ecs_factory: Callable[..., Cloud], server: Path,
-                                                tmp_path: Path, keyword: str,
+def test_cloud_refusals_carry_the_guide_keyword(ecs_factory: Callable[..., Cloud],
+                                                small_server: Path, tmp_path: Path, keyword: str,
                                                 account: dict[str, Any], advice: str) -> None:
     cloud = ecs_factory(**account)
     config = make_config(tmp_path)
-    out = run_migrate(cloud, config, server)
+    out = run_migrate(cloud, config, small_server)
     assert out.returncode == 4, out.stdout + out.stderr
     lines = _lines(out)
     assert lines[-2] == NOT_FINISHED and lines[-1].startswith("log: ")
@@ -61,15 +61,15 @@ def test_cloud_refusals_carry_the_guide_keyword(ecs_factory: Callable[..., Cloud
     cloud.account.images.clear()
     if keyword == "InvalidImageName.Duplicated":
         config = make_config(tmp_path, image_name="CLIENT_IMAGE_DEBIAN12_02")
-    again = run_migrate(cloud, config, server)
+    again = run_migrate(cloud, config, small_server)
     assert again.returncode == 0, again.stdout + again.stderr
     assert _lines(again)[-1] == "Goto Aliyun Finished!"
 
 
 def test_wrong_platform_is_unknown_error_then_resumes_at_the_image(
-        ecs: Cloud, server: Path, tmp_path: Path) -> None:
+        ecs: Cloud, small_server: Path, tmp_path: Path) -> None:
     config = make_config(tmp_path, platform="CentOS")
-    out = run_migrate(ecs, config, server)
+    out = run_migrate(ecs, config, small_server)
     assert out.returncode == 4
     lines = _lines(out)
     hit = next(i for i, ln in enumerate(lines) if ln.startswith("Unknown Error: "))
@@ -78,27 +78,27 @@ def test_wrong_platform_is_unknown_error_then_resumes_at_the_image(
     assert "transfer:system" in state["done"] and state["current"] == "create_image"
 
     make_config(tmp_path, platform="Debian")
-    again = run_migrate(ecs, config, server)
+    again = run_migrate(ecs, config, small_server)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "[3/6] transfer:system: done earlier" in again.stdout
     assert ecs.api.calls.count("CreateInstance") == 1  # the instance of the first run is used
 
 
-def test_selinux_enforcing_stops_before_the_cloud_is_asked(ecs: Cloud, server: Path,
+def test_selinux_enforcing_stops_before_the_cloud_is_asked(ecs: Cloud, small_server: Path,
                                                            tmp_path: Path) -> None:
-    write(server / "etc/selinux/config", "SELINUX=enforcing\n")
-    out = run_migrate(ecs, make_config(tmp_path), server)
+    write(small_server / "etc/selinux/config", "SELINUX=enforcing\n")
+    out = run_migrate(ecs, make_config(tmp_path), small_server)
     assert out.returncode == 4
     assert "check selinux failed: SELinux is enforcing" in out.stdout
     assert "SELINUX=disabled" in out.stdout
     assert ecs.api.calls == []
 
 
-def test_legacy_grub_warns_then_do_grub_failed_on_the_target(ecs: Cloud, server: Path,
+def test_legacy_grub_warns_then_do_grub_failed_on_the_target(ecs: Cloud, small_server: Path,
                                                              tmp_path: Path) -> None:
-    (server / "boot/grub/grub.cfg").unlink()
-    write(server / "boot/grub/menu.lst", "title old\nkernel /vmlinuz root=/dev/sda1\n")
-    out = run_migrate(ecs, make_config(tmp_path), server)
+    (small_server / "boot/grub/grub.cfg").unlink()
+    write(small_server / "boot/grub/menu.lst", "title old\nkernel /vmlinuz root=/dev/sda1\n")
+    out = run_migrate(ecs, make_config(tmp_path), small_server)
     assert out.returncode == 4
     assert "GRUB older than 1.9: GRUB 0.97 (legacy) is older than 1.9" in out.stdout
     lines = _lines(out)
@@ -107,8 +107,8 @@ def test_legacy_grub_warns_then_do_grub_failed_on_the_target(ecs: Cloud, server:
 
 
 def test_unreadable_files_are_permission_denied_with_the_excludes_advice(
-        ecs: Cloud, server: Path, tmp_path: Path) -> None:
-    secret_dir = server / "var/lib/vault"
+        ecs: Cloud, small_server: Path, tmp_path: Path) -> None:
+    secret_dir = small_server / "var/lib/vault"
     write(secret_dir / "sealed.key", "x", mode=0o000)
     os.chown(secret_dir / "sealed.key", 4321, 4321)
     config = make_config(tmp_path)
@@ -116,7 +116,7 @@ def test_unreadable_files_are_permission_denied_with_the_excludes_advice(
     # (or a FUSE mount root cannot read) looks like to rsync.
     drop = "-dac_override,-dac_read_search"
     prefix = ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}"]
-    out = run_migrate(ecs, config, server, wrap=prefix)
+    out = run_migrate(ecs, config, small_server, wrap=prefix)
     assert out.returncode == 4, out.stdout + out.stderr
     lines = _lines(out)
     hit = next(i for i, ln in enumerate(lines) if ln.startswith("Permission denied: "))
@@ -125,5 +125,5 @@ def test_unreadable_files_are_permission_denied_with_the_excludes_advice(
 
     excludes = tmp_path / "rsync_excludes_linux.txt"
     excludes.write_text("/var/lib/vault/*\n")
-    again = run_migrate(ecs, config, server, "--excludes", str(excludes), wrap=prefix)
+    again = run_migrate(ecs, config, small_server, "--excludes", str(excludes), wrap=prefix)
     assert again.returncode == 0, again.stdout + again.stderr
