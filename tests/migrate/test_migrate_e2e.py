@@ -4,6 +4,7 @@ the received tree compared byte for byte (and metadata) with the server minus th
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,8 @@ def test_migration_arrives_byte_for_byte(ecs: Cloud, server: Path, data_disk: Pa
     out = run_migrate(ecs, config, server, "--excludes", str(excludes))
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.rstrip().splitlines()[-1] == "Goto Aliyun Finished!"
+    # The progress bar (a line per tenth when not on a terminal) follows rsync's own count.
+    assert re.search(r"^\s+100% +\d+\.\d MB \S+/s ETA \d+:\d\d:\d\d$", out.stdout, re.M)
 
     image = _image(ecs, "CLIENT_IMAGE_DEBIAN12_01")
     received = Path(str(image["Path"])) / "system"

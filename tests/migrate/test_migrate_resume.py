@@ -9,10 +9,11 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from mig_fixtures import Cloud, make_config, migrate_argv, migrate_env, run_migrate
+from mig_fixtures import SECRET, Cloud, make_config, migrate_argv, migrate_env, run_migrate
 from mig_tree import BIG, build_tree, write
 from polling import wait_for
 
@@ -38,6 +39,13 @@ def _receiving(cloud: Cloud, rel_dir: str, name: str, at_least: int) -> Path | N
     return None
 
 
+def _status_progress(config: Path) -> str | None:
+    out = subprocess.run([sys.executable, "-m", "guestagent", "migrate", "status", "--config",
+                          str(config)], capture_output=True, text=True, timeout=60, check=False)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("progress: ")), None)
+    return line
+
+
 def _state(config: Path) -> dict[str, object]:
     return json.loads((config.parent / "client_data").read_text())  # type: ignore[no-any-return]
 
@@ -52,6 +60,12 @@ def test_kill_9_mid_big_file_then_rerun_sends_only_the_rest(ecs: Cloud, tmp_path
     try:
         wait_for(lambda: _receiving(ecs, "var", "big.img", 300 * 2**20), timeout=600, step=0.05)
         rsync_pid = int(_state(config)["rsync_pid"])  # type: ignore[call-overload]
+        # Neither the secret nor the one-time SSH key is on any command line (ps).
+        key = (config.parent / "client_keys/id_instance").read_text().splitlines()[1]
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            with contextlib.suppress(OSError):
+                text = cmdline.read_bytes().decode(errors="replace")
+                assert SECRET not in text and key not in text, cmdline
         # The machine loses power: the client and its rsync+ssh die at once, no cleanup.
         os.kill(proc.pid, signal.SIGKILL)
         os.killpg(rsync_pid, signal.SIGKILL)
@@ -86,12 +100,15 @@ def test_kill_9_mid_big_file_then_rerun_sends_only_the_rest(ecs: Cloud, tmp_path
 @pytest.mark.slow
 def test_ssh_connection_cut_mid_transfer_is_retried(ecs: Cloud, tmp_path: Path) -> None:
     server = build_tree(tmp_path / "server", big="none")
-    write(server / "srv/payload.bin", os.urandom(24 * 2**20))
-    config = make_config(tmp_path, bandwidth_limit=4000)  # ~6 s for the payload
+    write(server / "srv/payload.bin", os.urandom(40 * 2**20))
+    config = make_config(tmp_path, bandwidth_limit=4000)  # ~10 s for the payload
     proc = subprocess.Popen(migrate_argv(config, server), env=migrate_env(ecs),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: _receiving(ecs, "srv", "payload.bin", 4 * 2**20), timeout=300)
+        # `migrate status` shows the transfer's progress while it runs.
+        status = wait_for(lambda: _status_progress(config), timeout=60)
+        assert "transfer:system" in status
         host = next(iter(ecs.api.cloud.instances.values())).host
         assert host.cut_connections() > 0
         out, err = proc.communicate(timeout=600)
