@@ -15,7 +15,7 @@ import secrets
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from guestagent.credentials.peers import Peer
 from guestagent.credentials.rotation import Snapshot
@@ -165,3 +165,17 @@ class Registry:
         if self.default.capability:
             return None, path
         return self.default, path
+
+
+@runtime_checkable
+class CredentialAccess(Protocol):
+    """What the credential service offers other services through the daemon's context
+    (``ctx.service("credentials", CredentialAccess)`` with ``requires=("credentials",)``)."""
+
+    @property
+    def source(self) -> Source: ...
+
+    def mint(self, name: str, source: Source | None = None, *, uids: Iterable[int] = (),
+             gids: Iterable[int] = (), with_path: bool = True) -> Minted: ...
+
+    def remove(self, name: str) -> None: ...

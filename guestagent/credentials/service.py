@@ -1,4 +1,9 @@
-"""The credential service as the daemon runs it: rotator + local server + files."""
+"""The credential service as the daemon runs it: rotator + local server + files.
+
+Other services reach it through the daemon's context as
+:class:`~guestagent.credentials.consumers.CredentialAccess` (``requires=("credentials",)``):
+``source`` for the instance's credentials, ``mint``/``remove`` for task-scoped endpoints.
+"""
 
 from __future__ import annotations
 
@@ -7,28 +12,32 @@ import pwd
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from guestagent.config import Settings
-from guestagent.credentials.consumers import Consumer, Registry, digest
+from guestagent.credentials.consumers import Consumer, Minted, Registry, Source, digest
 from guestagent.credentials.credfiles import CredentialFiles, resolve_owner
 from guestagent.credentials.http import Limits
 from guestagent.credentials.rotation import DATE_TOLERANCE, Rotator, Snapshot
 from guestagent.credentials.server import CredentialServer, resolve_group
 from guestagent.credentials.settings import CredentialSettings
-from guestagent.daemon.service import Service
 from guestagent.files import atomic_write
 from guestagent.metadata.client import MetadataClient
 from guestagent.metadata.models import RoleCredentials, format_time
+from guestagent.service import Service
 
 log = logging.getLogger(__name__)
 
 
+CHECK_EVERY = 1.0  # how often run() looks at its threads (and beats)
+
+
 class CredentialService(Service):
     name = "credentials"
+    ready_on_start = False  # ready once the server listens
 
     def __init__(
         self, settings: Settings, client: MetadataClient, *,
@@ -42,21 +51,42 @@ class CredentialService(Service):
         self.registry = Registry(host_consumer(self.settings, self.rotator))
         self.server: CredentialServer | None = None
         self._rotating: threading.Thread | None = None
+        self._inner: threading.Event | None = None
         self._last_set: RoleCredentials | None = None
         self.last_refresh: datetime | None = None
-        self.rotator.subscribe(self._note_refresh)
+        # Subscribed once for the life of the instance: a restart adds no second one.
+        self.rotator.subscribe(self._published)
 
-    def _note_refresh(self, snap: Snapshot) -> None:
+    def _published(self, snap: Snapshot) -> None:
         # A new credential set (not just a state change) is a refresh.
         if snap.credentials is not None and snap.credentials is not self._last_set:
             self._last_set = snap.credentials
             self.last_refresh = datetime.now(UTC)
+        if self.files.enabled:
+            self.files(snap)
+        server = self.server
+        if server is not None:
+            server.published()
 
+    # -- what other services use (CredentialAccess) -------------------------------------
+    @property
+    def source(self) -> Source:
+        """The instance's rotating credentials (``.snapshot.credentials``)."""
+        return self.rotator
+
+    def mint(self, name: str, source: Source | None = None, *, uids: Iterable[int] = (),
+             gids: Iterable[int] = (), with_path: bool = True) -> Minted:
+        """A task-scoped endpoint (its own token and path); see :meth:`Registry.mint`."""
+        return self.registry.mint(name, source or self.rotator, uids=uids, gids=gids,
+                                  with_path=with_path)
+
+    def remove(self, name: str) -> None:
+        self.registry.remove(name)
+
+    # -- running -------------------------------------------------------------------------
     def start(self, stop: threading.Event) -> CredentialServer:
         """Listen, then rotate in a thread until ``stop``; for callers that own the loop."""
         s = self.settings
-        if self.files.enabled:
-            self.rotator.subscribe(self.files)
         server = CredentialServer(
             self.registry,
             socket_path=s.socket_path,
@@ -71,7 +101,6 @@ class CredentialService(Service):
                 max_per_peer=s.max_connections_per_peer,
             ),
         )
-        self.rotator.subscribe(lambda _snap: server.published())
         server.start()
         self.server = server
         self._rotating = threading.Thread(
@@ -81,19 +110,37 @@ class CredentialService(Service):
         return server
 
     def run(self, stop: threading.Event) -> None:
-        self.start(stop)
+        # Threads of this run end with it (its own stop event), so a restart after an inner
+        # thread died starts clean: one server, one rotator, no leftover waiter.
+        inner = self._inner = threading.Event()
         try:
-            stop.wait()
+            self.start(inner)
+            self.mark_ready()
+            while not self.wait(stop, CHECK_EVERY):
+                dead = self._dead_thread()
+                if dead:
+                    raise RuntimeError(f"the credential {dead} thread died")
         finally:
             self.close()
 
+    def _dead_thread(self) -> str | None:
+        if self._rotating is not None and not self._rotating.is_alive():
+            return "rotator"
+        thread = getattr(self.server, "_thread", None)
+        if thread is not None and not thread.is_alive():
+            return "server"
+        return None
+
     def close(self) -> None:
+        if self._inner is not None:
+            self._inner.set()
         if self.server is not None:
             self.server.stop()
             self.server = None
         if self._rotating is not None:
             # A refresh in flight is bounded by the client's timeout and retries.
             self._rotating.join(timeout=5.0)
+            self._rotating = None
 
     def status(self) -> dict[str, Any]:
         snap = self.rotator.snapshot
@@ -129,6 +176,21 @@ class CredentialService(Service):
         snap = self.rotator.snapshot
         rotating = self._rotating is None or self._rotating.is_alive()
         return rotating and snap.state in ("ok", "pending", "absent") and not snap.host_expired()
+
+    def problem(self) -> str | None:
+        snap = self.rotator.snapshot
+        if snap.host_expired():
+            return f"credentials expired by the host clock: {snap.error or 'clock skew?'}"
+        if snap.state in ("ok", "pending", "absent"):
+            return None
+        return f"credentials {snap.state}: {snap.error or 'no valid set'}"
+
+    def summary(self) -> str:
+        snap = self.rotator.snapshot
+        text = f"last refresh {format_time(self.last_refresh) if self.last_refresh else 'never'}"
+        if snap.credentials is not None:
+            text += f", expires {snap.credentials.expiration.isoformat()}"
+        return text
 
 
 def host_consumer(settings: CredentialSettings, source: Rotator) -> Consumer:

@@ -30,6 +30,8 @@ class ComponentFactory(Protocol):
 # Start order is this order; stop order is the reverse.
 COMPONENTS: dict[str, str] = {
     "metadata": "guestagent.localcloud.emulator.component:MetadataComponent",
+    "oss": "guestagent.localcloud.oss:MotoOss",
+    "oss-rclone": "guestagent.localcloud.oss:RcloneOss",
     "docker": "guestagent.localcloud.dockerd:DockerComponent",
     "ecs": "guestagent.localcloud.ecsapi.component:EcsComponent",
 }

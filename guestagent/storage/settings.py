@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from guestagent.checks import check_url
+
 MiB = 1024 * 1024
 # S3/OSS multipart limits: parts of 100 KiB (OSS) / 5 MiB (S3) to 5 GiB, at most 10,000.
 MIN_PART = 5 * MiB
@@ -39,8 +41,6 @@ class StorageSettings:
 
     def validate(self) -> None:
         if self.endpoint:
-            from guestagent.config import check_url
-
             check_url(self.endpoint, "endpoint")
         if self.region and not all(p.isalnum() for p in self.region.split("-")):
             raise ValueError(f"region: not a region id: {self.region!r}")

@@ -47,6 +47,7 @@ def agent_factory(emulator: Any, tmp_path: Path) -> Iterator[Callable[..., Agent
         start: bool = True,
         env: dict[str, str] | None = None,
         workdir: Path | None = None,
+        python_flags: tuple[str, ...] = (),
         **sections: dict[str, Any],
     ) -> AgentProcess:
         wd = workdir or tmp_path / "agent"
@@ -57,7 +58,7 @@ def agent_factory(emulator: Any, tmp_path: Path) -> Iterator[Callable[..., Agent
             cfg.setdefault(name, {}).update(values)
         full_env = {"PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
                     "PROBE_DIR": str(wd / "probe"), **(env or {})}
-        agent = AgentProcess(cfg, wd, full_env)
+        agent = AgentProcess(cfg, wd, full_env, python_flags=python_flags)
         started.append(agent)
         if start:
             agent.start()

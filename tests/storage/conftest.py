@@ -134,3 +134,30 @@ def options(tmp_path: Path) -> Options:
 def transfers(client: S3Client, options: Options) -> Iterator[Transfers]:
     with Transfers(client, options) as t:
         yield t
+
+
+class RcloneAuth:
+    """``rclone serve s3`` that checks signatures against one key pair (test-only keys)."""
+
+    key_id = "AKIDRCLONETEST"
+    secret = "rclone-test-secret"
+
+    def __init__(self, oss: Any) -> None:
+        self.oss = oss
+        self.data = oss.data
+        self.endpoint = from_url(oss.url, path_style=True)
+
+
+@pytest.fixture
+def rclone_auth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RcloneAuth]:
+    from guestagent.localcloud.oss import RcloneOss
+
+    # rclone reads --auth-key from its environment (never argv); a list flag's value from
+    # the environment is CSV, so the pair is quoted as one item.
+    monkeypatch.setenv("RCLONE_AUTH_KEY", f'"{RcloneAuth.key_id},{RcloneAuth.secret}"')
+    oss = RcloneOss(tmp_path / "rclone", {"GUESTAGENT_LOCALCLOUD_BUCKETS": "bkt"})
+    oss.start()
+    try:
+        yield RcloneAuth(oss)
+    finally:
+        oss.stop()

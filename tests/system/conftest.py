@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from system_harness import CACHE, RECIPE, agent_toml
 
 from guestagent.images import agent, nspawn, rootfs, tools
 
-CACHE = Path(os.environ.get("GUESTAGENT_TEST_CACHE", "/var/cache/guestagent-test"))
-RECIPE = rootfs.Recipe()
 _names = itertools.count(1)
 
 
@@ -74,10 +73,6 @@ def _probe_boot(base: Path, work: Path) -> None:
             pytest.skip(f"cannot boot systemd in a container here: {exc}")
         finally:
             machine.poweroff()
-
-
-def agent_toml(emulator: Any, extra: str = "") -> str:
-    return f'[metadata]\nurl = "{emulator.url}"\n' + extra
 
 
 @pytest.fixture
