@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from guestagent import process
-from guestagent.daemon.service import Service
+from guestagent.service import Service
 from guestagent.files import atomic_write
 from guestagent.migrate.settings import MigrateSettings
 from guestagent.migrate.userconfig import UserConfig
@@ -91,7 +91,8 @@ class MigrateService(Service):
         self.job: dict[str, Any] | None = None
 
     def run(self, stop: threading.Event) -> None:
-        while not stop.wait(self.settings.job_poll_interval):
+        # wait() beats: the idle loop is a live loop for the daemon's watchdog.
+        while not self.wait(stop, self.settings.job_poll_interval):
             self.tick()
 
     def tick(self) -> None:
@@ -141,5 +142,18 @@ class MigrateService(Service):
         job = self.job or {}
         return {k: job.get(k) for k in ("state", "config", "pid", "exit") if job.get(k)}
 
+    def summary(self) -> str | None:
+        job = self.job or {}
+        if not job:
+            return None
+        return f"migration {job.get('state')} ({job.get('config')})"
+
     def healthy(self) -> bool:
         return (self.job or {}).get("state") != "not finished"
+
+    def problem(self) -> str | None:
+        job = self.job or {}
+        if job.get("state") == "not finished":
+            return (f"migration not finished (exit {job.get('exit')}): see "
+                    f"`guestagent migrate status --config {job.get('config')}`")
+        return None
