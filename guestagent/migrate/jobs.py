@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from guestagent import process
-from guestagent.service import Service
 from guestagent.files import atomic_write
 from guestagent.migrate.settings import MigrateSettings
 from guestagent.migrate.userconfig import UserConfig
+from guestagent.service import Service
 
 log = logging.getLogger(__name__)
 
