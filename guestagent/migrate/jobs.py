@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import threading
 from datetime import UTC, datetime
@@ -100,16 +101,27 @@ class MigrateService(Service):
         self.job = job
         if job is None or job.get("state") in ("finished", "not finished"):
             return
-        pid = int(job.get("pid") or 0)
         if self.child is not None:
             code = self.child.poll()
             if code is None:
                 return
-            self._finished(job, code)
+            self.child = None
+            if not job.get("unit"):
+                self._finished(job, code)
+                return
+        if job.get("state") == "running" and self._running(job):
+            return  # ours, or adopted from an earlier agent: still at work
+        if job.get("state") == "running" and job.get("unit"):
+            self._finished(job, None)
             return
-        if job.get("state") == "running" and _alive(pid):
-            return  # adopted: a child of an earlier agent, still at work
         self._launch(job)
+
+    def _running(self, job: dict[str, Any]) -> bool:
+        unit = job.get("unit")
+        if unit:
+            res = process.run(["systemctl", "is-active", "--quiet", unit], timeout=30)
+            return res.returncode == 0
+        return _alive(int(job.get("pid") or 0))
 
     def _launch(self, job: dict[str, Any]) -> None:
         argv = [sys.executable, "-m", "guestagent"]
@@ -120,19 +132,35 @@ class MigrateService(Service):
             argv += ["--excludes", job["excludes"]]
         env = {k: v for k, v in os.environ.items()
                if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+        unit = None
+        if Path("/run/systemd/system").is_dir() and shutil.which("systemd-run"):
+            # Under systemd the run gets its own transient unit: outside the agent's cgroup
+            # (an agent stop or restart does not kill it) and its PrivateTmp.
+            unit = f"guestagent-migrate-{datetime.now(UTC):%Y%m%d%H%M%S}"
+            setenv = [f"--setenv={k}={v}" for k, v in env.items() if k.startswith("GUESTAGENT_")]
+            argv = ["systemd-run", f"--unit={unit}", "--quiet", "--collect",
+                    "--property=KillMode=mixed", *setenv, *argv]
         self.child = process.spawn(argv, name="migrate", env=env,
                                    log_path=self.jobs / "run.log")
-        job.update(state="running", pid=self.child.pid, started_at=_now())
+        job.update(state="running", pid=self.child.pid, unit=unit, started_at=_now())
         write_job(self.jobs, job)
-        log.warning("migration started (pid %s, config %s)", self.child.pid, job["config"])
+        log.warning("migration started (%s, config %s)", unit or f"pid {self.child.pid}",
+                    job["config"])
 
-    def _finished(self, job: dict[str, Any], code: int) -> None:
-        self.child = None
-        job.update(state="finished" if code == 0 else "not finished", exit=code,
-                   ended_at=_now(), pid=0)
+    def _finished(self, job: dict[str, Any], code: int | None) -> None:
+        """The run ended: its outcome is what client_data says (the exit code of a unit
+        run by an earlier agent is not ours to see)."""
+        from guestagent.migrate.state import State
+
+        try:
+            result = State.load(Path(job["config"]).parent).result
+        except ValueError:
+            result = ""
+        ok = result == "finished" if code is None else code == 0
+        job.update(state="finished" if ok else "not finished", exit=code, ended_at=_now(),
+                   pid=0)
         write_job(self.jobs, job)
-        (log.warning if code == 0 else log.error)("migration ended: %s (exit %s)",
-                                                  job["state"], code)
+        (log.warning if ok else log.error)("migration ended: %s (exit %s)", job["state"], code)
 
     def drain(self, deadline: float) -> None:
         # The run resumes from client_data; a drain only leaves the child to its end.
