@@ -1,6 +1,8 @@
-"""The import graph of the package has no cycles, lazy imports (inside functions) included:
-each module can be read, tested and left out of a build on its own. ``TYPE_CHECKING``
-imports do not count (they never run)."""
+"""The import graph of the package has no cycles: each module can be read, tested and left
+out of a build on its own. Lazy imports (inside functions) count when they cross from one
+capability package to another (daemon <-> spot, config <-> a section); inside one package
+a lazy import that splits a big module is its own business. ``TYPE_CHECKING`` imports do
+not count (they never run)."""
 
 from __future__ import annotations
 
@@ -21,19 +23,27 @@ def _exists(module: str) -> bool:
     return base.with_suffix(".py").exists() or (base / "__init__.py").exists()
 
 
-def _imports(tree: ast.AST) -> set[str]:
+def _package(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def _imports(tree: ast.AST, here: str, lazy: bool = False) -> set[str]:
     out: set[str] = set()
     for node in ast.iter_child_nodes(tree):
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             continue
+        found: set[str] = set()
         if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names if a.name.startswith("guestagent")}
+            found = {a.name for a in node.names if a.name.startswith("guestagent")}
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("guestagent"):
             assert node.module is not None
-            out.add(node.module)
-            out |= {f"{node.module}.{a.name}" for a in node.names
-                    if _exists(f"{node.module}.{a.name}")}
-        out |= _imports(node)
+            found = {node.module} | {f"{node.module}.{a.name}" for a in node.names
+                                     if _exists(f"{node.module}.{a.name}")}
+        if lazy:
+            found = {m for m in found if _package(m) != _package(here)}
+        out |= found
+        inner = lazy or isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        out |= _imports(node, here, inner)
     return out
 
 
@@ -43,7 +53,7 @@ def graph() -> dict[str, set[str]]:
     edges = {}
     for path in PACKAGE.rglob("*.py"):
         name = _name(path)
-        edges[name] = {m for m in _imports(ast.parse(path.read_text()))
+        edges[name] = {m for m in _imports(ast.parse(path.read_text()), name)
                        if m != name and not name.startswith(m + ".")}
     return edges
 
