@@ -131,57 +131,66 @@ def _parse(path: Path) -> dict[str, Any]:
 
 
 def _fields(raw: dict[str, Any], problems: list[str]) -> dict[str, Any]:
-    for key in raw:
-        if key not in TOP_FIELDS:
-            problems.append(f"{key}: unknown field (the fields are: {', '.join(TOP_FIELDS)})")
-    for key in REQUIRED:
-        if key not in raw:
-            problems.append(f"{key}: required field missing")
+    _names(raw, TOP_FIELDS, REQUIRED, "", problems)
     out: dict[str, Any] = {}
-    for key in ("access_id", "secret_key", "region_id", "image_name", "platform",
-                "architecture"):
-        if key in raw:
-            value = raw[key]
-            if not isinstance(value, str):
-                problems.append(f"{key}: must be a string, got {_kind(value)}")
-                continue
-            out[key] = value
-    for key in ("system_disk_size", "bandwidth_limit"):
-        if key in raw:
-            value = raw[key]
-            if isinstance(value, bool) or not isinstance(value, int):
-                problems.append(f"{key}: must be an integer, got {_kind(value)}")
-                continue
-            out[key] = value
-    _check_strings(out, problems)
+    strings = ("access_id", "secret_key", "region_id", "image_name", "platform", "architecture")
+    out.update(_typed(raw, strings, str, "", problems))
+    out.update(_typed(raw, ("system_disk_size", "bandwidth_limit"), int, "", problems))
+    _check_keys(out, problems)
+    _check_names(out, problems)
     _check_numbers(out, problems)
-    if out.get("platform") == "":
-        out["platform"] = None
-    if out.get("architecture") == "":
-        out["architecture"] = None
+    for key in ("platform", "architecture"):
+        if out.get(key) == "":
+            out[key] = None
     return out
 
 
-def _check_strings(out: dict[str, Any], problems: list[str]) -> None:
+def _names(raw: dict[str, Any], known: tuple[str, ...], required: tuple[str, ...],
+           where: str, problems: list[str]) -> None:
+    """Unknown and missing fields, in the file's order then the template's."""
+    problems.extend(f"{where}{key}: unknown field (the fields are: {', '.join(known)})"
+                    for key in raw if key not in known)
+    problems.extend(f"{where}{key}: required field missing" for key in required
+                    if key not in raw)
+
+
+def _typed(raw: dict[str, Any], keys: tuple[str, ...], kind: type, where: str,
+           problems: list[str]) -> dict[str, Any]:
+    """The ``keys`` present in ``raw`` whose value has ``kind`` (a bool is no integer)."""
+    out: dict[str, Any] = {}
+    label = "a string" if kind is str else "an integer"
+    for key in keys:
+        if key not in raw:
+            continue
+        value = raw[key]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            problems.append(f"{where}{key}: must be {label}, got {_kind(value)}")
+        else:
+            out[key] = value
+    return out
+
+
+def _check_keys(out: dict[str, Any], problems: list[str]) -> None:
     if out.get("access_id") == "":
         problems.append("access_id: empty: fill in your AccessKey ID")
     elif "access_id" in out and not ACCESS_ID.fullmatch(out["access_id"]):
         problems.append("access_id: must be an AccessKey ID (8-128 letters and digits)")
-    if out.get("secret_key") == "":
+    secret = out.get("secret_key")
+    if secret == "":
         problems.append("secret_key: empty: fill in your AccessKey secret")
-    elif "secret_key" in out and (not out["secret_key"].isascii()
-                                  or any(c.isspace() for c in out["secret_key"])):
+    elif secret is not None and (not secret.isascii() or any(c.isspace() for c in secret)):
         problems.append("secret_key: must be the AccessKey secret (printable, no spaces)")
+
+
+def _check_names(out: dict[str, Any], problems: list[str]) -> None:
     region = out.get("region_id")
     if region == "":
         problems.append("region_id: empty: name the target region, e.g. cn-hangzhou")
     elif region is not None and not REGION.fullmatch(region):
         problems.append(f"region_id: {region!r} is not a region ID (e.g. cn-hangzhou)")
-    name = out.get("image_name")
-    if name is not None:
-        problem = image_name_problem(name)
-        if problem:
-            problems.append(f"image_name: {problem}")
+    problem = image_name_problem(out["image_name"]) if "image_name" in out else None
+    if problem:
+        problems.append(f"image_name: {problem}")
     platform = out.get("platform")
     if platform and platform not in PLATFORMS:
         hint = next((p for p in PLATFORMS if p.lower() == platform.lower()), None)
@@ -247,22 +256,15 @@ def _data_disks(raw: Any, root: Path, problems: list[str]) -> list[DataDisk]:
 def _data_disk(entry: dict[str, Any], where: str, root: Path,
                problems: list[str]) -> DataDisk | None:
     before = len(problems)
-    for key in entry:
-        if key not in DISK_FIELDS:
-            problems.append(f"{where}.{key}: unknown field (the fields are: "
-                            f"{', '.join(DISK_FIELDS)})")
-    for key in DISK_FIELDS:
-        if key not in entry:
-            problems.append(f"{where}.{key}: required field missing")
-    index, size, src = (entry.get(k) for k in DISK_FIELDS)
-    for key, value in (("data_disk_index", index), ("data_disk_size", size)):
-        if key in entry and (isinstance(value, bool) or not isinstance(value, int)):
-            problems.append(f"{where}.{key}: must be an integer, got {_kind(value)}")
-    if isinstance(index, int) and not isinstance(index, bool) and not 1 <= index <= 16:
+    _names(entry, DISK_FIELDS, DISK_FIELDS, f"{where}.", problems)
+    numbers = _typed(entry, ("data_disk_index", "data_disk_size"), int, f"{where}.", problems)
+    index, size = numbers.get("data_disk_index"), numbers.get("data_disk_size")
+    if index is not None and not 1 <= index <= MAX_DATA_DISKS:
         problems.append(f"{where}.data_disk_index: must be 1 to 16, got {index}")
     low, high = DATA_DISK_GB
-    if isinstance(size, int) and not isinstance(size, bool) and not low <= size <= high:
+    if size is not None and not low <= size <= high:
         problems.append(f"{where}.data_disk_size: must be {low} to {high} (GB), got {size}")
+    src = entry.get("src_path")
     if "src_path" in entry:
         _check_src(src, where, root, problems)
     if len(problems) > before:
