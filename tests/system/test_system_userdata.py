@@ -71,7 +71,8 @@ def test_two_stages_in_order_and_a_network_online_unit_does_not_stall(emulator, 
     assert records["local"]["finished_at"] <= records["final"]["started_at"]
     local_ran = {o["name"]: o["status"] for o in records["local"]["outcomes"]}
     final_ran = {o["name"]: (o["status"], o["exit_code"]) for o in records["final"]["outcomes"]}
-    assert local_ran == {"write_files": "applied", "ntp": "applied"}
+    # dns: the metadata service's nameservers (the user-data says nothing of DNS).
+    assert local_ran == {"write_files": "applied", "dns": "applied", "ntp": "applied"}
     assert final_ran == {"part-002": ("applied", 0)}
     assert guest.path("/var/tmp/after-online-ran").exists()
     assert guest.path("/var/tmp/script-done").read_text() == "done\n"
