@@ -29,8 +29,8 @@ from pathlib import Path
 import psutil
 
 from guestagent.daemon.localrun import AgentProcess, local_config
+from guestagent.drain import load_report
 from guestagent.localcloud.emulator import Emulator
-from guestagent.spot.drain import load_report
 
 
 def config(url: str, workdir: Path) -> dict[str, dict[str, object]]:

@@ -21,9 +21,12 @@ COMMANDS = {
     "credentials": "guestagent.credentials.cli",
     "run": "guestagent.daemon.cli",
     "status": "guestagent.daemon.cli",
-    "demo": "guestagent.daemon.cli",
+    "demo": "guestagent.daemon.demo",
     "userdata": "guestagent.userdata.cli",
     "config": "guestagent.configcli",
+    "deprovision": "guestagent.images.cli",
+    "image": "guestagent.images.cli",
+    "storage": "guestagent.storage.cli",
 }
 
 EXIT_OK, EXIT_ABSENT, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3

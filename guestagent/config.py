@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
+from guestagent.checks import check_url
 from guestagent.credentials.settings import CredentialSettings
 from guestagent.daemon.settings import DaemonSettings
 from guestagent.metadata.settings import MetadataSettings
@@ -29,6 +29,10 @@ from guestagent.userdata.settings import UserdataSettings
 DEFAULT_PATH = Path("/etc/guestagent/agent.toml")
 ENV_PREFIX = "GUESTAGENT_"
 MASK = "********"
+
+
+__all__ = ["ConfigError", "Settings", "as_dict", "check_url", "config_path", "from_mapping",
+           "is_secret", "load", "secret"]
 
 
 class ConfigError(Exception):
@@ -202,17 +206,6 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a path string, got {value!r}")
         return Path(value)
     raise ConfigError(f"{where}: unsupported setting type {base!r}")  # pragma: no cover
-
-
-def check_url(value: str, name: str, schemes: tuple[str, ...] = ("http", "https")) -> None:
-    """Raise ``ValueError("<name>: ...")`` unless ``value`` is an absolute URL with a host."""
-    try:
-        parts = urlsplit(value)
-        _ = parts.port
-    except ValueError as exc:
-        raise ValueError(f"{name}: bad URL {value!r}: {exc}") from None
-    if parts.scheme not in schemes or not parts.hostname:
-        raise ValueError(f"{name}: bad URL {value!r}: want {'/'.join(schemes)}://host[:port]")
 
 
 def is_secret(cls: type, name: str) -> bool:

@@ -1,13 +1,16 @@
 """``guestagent run``: the long-running daemon.
 
 The main thread only waits and reacts: signals (SIGTERM/SIGINT stop, SIGHUP reload), the
-systemd watchdog, a spot notice (the drain runs in its own thread so the watchdog keeps
-being fed), and the end of a drain. Everything else runs in supervised service threads.
+systemd watchdog (fed only while every service's heartbeat is current), a drain request (the
+drain runs in its own thread), and the end of a drain. Everything else runs in supervised
+service threads. This core names no capability: what runs comes from the registry, what
+reloads from the ``Settings`` sections, what ``status`` shows from the services themselves.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import select
@@ -18,18 +21,17 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
-import psutil
-
-from guestagent import __version__, config
+from guestagent import __version__, config, process
 from guestagent.config import Settings
 from guestagent.daemon import control
 from guestagent.daemon.lock import DaemonLock
 from guestagent.daemon.notify import Notifier
-from guestagent.daemon.registry import Context, ServiceSpec, build, specs
-from guestagent.daemon.service import Service
+from guestagent.daemon.registry import Context, ServiceSpec, build, requirements, specs
 from guestagent.daemon.supervisor import Supervisor
+from guestagent.drain import Drain, DrainRequest, iso_ms, load_report
 from guestagent.metadata.client import MetadataClient
-from guestagent.spot.drain import Drain, Notice, iso_ms, load_report
+from guestagent.service import Service
+from guestagent.throttle import ErrorThrottle
 
 log = logging.getLogger(__name__)
 
@@ -74,39 +76,43 @@ class Daemon:
         )
         self.started_at = datetime.now(UTC)
         self.phase = "starting"
+        self.init = "systemd" if process.systemd_running() else "none"
         self._waker = _Waker()
         self._specs: dict[str, ServiceSpec] = {}
         self._stop_signal: int | None = None
         self._reload = False
-        self._notice: Notice | None = None
+        self._request: DrainRequest | None = None
         self._drain: Drain | None = None
         self._drain_thread: threading.Thread | None = None
         self._hard_deadline: float | None = None
         self._last_status = ""
+        self._next_ping = 0.0
+        self._throttle = ErrorThrottle(settings.daemon.error_log_period)
         self.client: MetadataClient | None = None
         self.ctx: Context | None = None
 
     # -- life cycle -------------------------------------------------------------------
     def run(self) -> int:
         d = self.settings.daemon
-        for directory in (d.state_dir, d.run_dir):
-            directory.mkdir(mode=0o755, parents=True, exist_ok=True)
         lock = DaemonLock(d.state_dir, d.run_dir)
         lock.acquire()
         server: control.ControlServer | None = None
         try:
+            process.become_subreaper()
             self.client = MetadataClient(self.settings.metadata)
-            self.ctx = Context(self.settings, self.client, self._on_notice,
-                               config_path=self.config_path, inline_oneshots=False)
+            self.ctx = Context(self.settings, self.client, self._on_drain_request,
+                               config_path=self.config_path, inline_oneshots=False,
+                               lookup=self.supervisor.ready_service)
             for spec, service in build(self.ctx):
                 self._specs[service.name] = spec
-                self.supervisor.add(service)
+                self.supervisor.add(service, requirements(spec, service))
             server = control.ControlServer(d.run_dir / control.SOCKET_NAME, self.status)
             server.start()
             self._install_signals()
             self.supervisor.start()
             self.phase = "running"
-            log.warning("guestagent %s running: %s", __version__, ", ".join(self.supervisor.names))
+            log.warning("guestagent %s running (init: %s): %s", __version__, self.init,
+                        ", ".join(self.supervisor.names))
             self.notifier.ready(self._status_line())
             return self._loop()
         finally:
@@ -131,47 +137,64 @@ class Daemon:
         self._reload = True
         self._waker.wake()
 
-    def _on_notice(self, notice: Notice) -> None:
-        # Called from the spot thread; the main loop starts the drain.
-        if self._notice is None:
-            self._notice = notice
+    def _on_drain_request(self, request: DrainRequest) -> None:
+        # Called from a service thread; the main loop starts the drain.
+        if self._request is None:
+            self._request = request
             self._waker.wake()
 
+    # -- the main loop: one tick at a time ---------------------------------------------
     def _loop(self) -> int:
-        interval = self.notifier.watchdog_interval
-        next_ping = time.monotonic()
         while True:
-            now = time.monotonic()
-            if interval is not None and now >= next_ping:
-                self.notifier.watchdog()
-                next_ping = now + interval
-            if self._notice is not None and self._drain is None:
-                self._start_drain(self._notice)
-            if self._reload:
-                self._reload = False
-                self._reload_settings()
-            if self._stop_signal is not None:
-                if self._drain_thread is None:
-                    return self._shutdown(f"signal {signal.Signals(self._stop_signal).name}")
-                self._interrupt_drain()
-            if self._drain_thread is not None:
-                if not self._drain_thread.is_alive():
-                    if self.settings.spot.exit_after_drain or self._stop_signal is not None:
-                        return self._finish_after_drain()
-                elif self._hard_deadline is not None and now >= self._hard_deadline:
-                    return self._abandon_drain()
-                else:
-                    self._enforce_hooks_deadline(now)
-            self._refresh_status()
-            timeout = IDLE_TICK
-            if interval is not None:
-                timeout = min(timeout, max(next_ping - time.monotonic(), 0.0))
-            if self._drain is not None:
-                timeout = min(timeout, DRAIN_TICK)  # watch the drain's deadlines closely
-            self._waker.wait(timeout)
+            code = self._tick(time.monotonic())
+            if code is not None:
+                return code
+            self._waker.wait(self._sleep_for())
 
-    # -- spot drain -------------------------------------------------------------------
-    def _start_drain(self, notice: Notice) -> None:
+    def _tick(self, now: float) -> int | None:
+        """React to whatever happened; an exit code once the daemon should end."""
+        self._feed_watchdog(now)
+        if self._request is not None and self._drain is None:
+            self._start_drain(self._request)
+        if self._reload:
+            self._reload = False
+            self._reload_settings()
+        if self._stop_signal is not None:
+            if self._drain_thread is None:
+                return self._shutdown(f"signal {signal.Signals(self._stop_signal).name}")
+            self._interrupt_drain()
+        code = self._watch_drain(now) if self._drain_thread is not None else None
+        self._refresh_status()
+        return code
+
+    def _sleep_for(self) -> float:
+        timeout = IDLE_TICK
+        if self.notifier.watchdog_interval is not None:
+            timeout = min(timeout, max(self._next_ping - time.monotonic(), 0.0))
+        if self._drain is not None:
+            timeout = min(timeout, DRAIN_TICK)  # watch the drain's deadlines closely
+        return timeout
+
+    def _feed_watchdog(self, now: float) -> None:
+        """WATCHDOG=1 only while every running service's heartbeat is current: a hung
+        service stops the feeding and systemd restarts the agent. During a drain it is fed
+        regardless: the drain has its own, shorter deadline."""
+        interval = self.notifier.watchdog_interval
+        if interval is None or now < self._next_ping:
+            return
+        self._next_ping = now + interval
+        process.reap_adopted()
+        stale = self.supervisor.stale() if self._drain is None else {}
+        if not stale:
+            self.notifier.watchdog()
+            return
+        text = ", ".join(f"{name} ({age:.0f}s)" for name, age in sorted(stale.items()))
+        more = self._throttle.suffix("stale\0" + ",".join(sorted(stale)))
+        if more is not None:
+            log.error("watchdog not fed: no heartbeat from %s%s", text, more)
+
+    # -- drain ------------------------------------------------------------------------
+    def _start_drain(self, request: DrainRequest) -> None:
         assert self.ctx is not None
         ctx = self.ctx
 
@@ -183,8 +206,8 @@ class Daemon:
             self.supervisor.drain(deadline, on_step)
 
         self.phase = "draining"
-        self.notifier.status(f"draining: spot termination at {notice.key}")
-        self._drain = Drain(notice, self.settings.spot, self.settings.daemon.state_dir,
+        self.notifier.status(f"draining: {request.reason}")
+        self._drain = Drain(request, self.settings.daemon.state_dir,
                             stop_new_work=stop_new_work, drain_services=drain_services)
         drain = self._drain
 
@@ -196,6 +219,17 @@ class Daemon:
 
         self._drain_thread = threading.Thread(target=body, name="drain", daemon=True)
         self._drain_thread.start()
+
+    def _watch_drain(self, now: float) -> int | None:
+        assert self._drain_thread is not None and self._request is not None
+        if not self._drain_thread.is_alive():
+            if self._request.exit_after or self._stop_signal is not None:
+                return self._finish_after_drain()
+        elif self._hard_deadline is not None and now >= self._hard_deadline:
+            return self._abandon_drain()
+        else:
+            self._enforce_hooks_deadline(now)
+        return None
 
     def _interrupt_drain(self) -> None:
         """SIGTERM during a drain: keep draining, but finish within the stop budget."""
@@ -210,20 +244,21 @@ class Daemon:
 
     def _enforce_hooks_deadline(self, now: float) -> None:
         """A hook started before SIGTERM brought the deadline forward still has its old
-        timeout: kill it once the (new) hooks deadline has passed."""
+        timeout: end the drain's hooks (only those) once the hooks deadline has passed."""
         drain = self._drain
         if drain is None or drain.step != "hooks" or now < drain.hooks_deadline + HOOK_KILL_SLACK:
             return
-        killed = _kill_child_groups()
+        killed = drain.end_hooks()
         if killed:
-            log.error("killed %d hook(s) still running at the drain's hooks deadline", killed)
+            log.error("killed %d drain hook process(es) at the hooks deadline", killed)
 
     def _abandon_drain(self) -> int:
-        """The drain overran its (shortened) deadline: kill the hook in flight and go."""
-        killed = _kill_child_groups()
+        """The drain overran its (shortened) deadline: kill its hooks and go."""
+        assert self._drain is not None and self._drain_thread is not None
+        killed = self._drain.end_hooks()
         if killed:
-            log.error("killed %d overrunning hook(s) at the stop deadline", killed)
-        assert self._drain_thread is not None
+            log.error("killed %d overrunning drain hook process(es) at the stop deadline",
+                      killed)
         self._drain_thread.join(KILL_GRACE)
         return self._finish_after_drain()
 
@@ -233,8 +268,10 @@ class Daemon:
         deadline = time.monotonic() + self.settings.daemon.stop_timeout
         if self._hard_deadline is not None:
             deadline = min(deadline, self._hard_deadline + KILL_GRACE)
+        if self._drain is not None:
+            self._drain.end_hooks()  # what the hooks left behind ends with the drain
         self.supervisor.stop(deadline)
-        log.warning("guestagent exits after the spot drain")
+        log.warning("guestagent exits after the drain")
         return 0
 
     # -- plain stop -------------------------------------------------------------------
@@ -242,55 +279,83 @@ class Daemon:
         self.phase = "stopping"
         log.warning("stopping (%s)", why)
         self.notifier.stopping(f"stopping ({why})")
-        deadline = time.monotonic() + self.settings.daemon.stop_timeout
+        began = time.monotonic()
+        deadline = began + self.settings.daemon.stop_timeout
         assert self.ctx is not None
         self.ctx.draining.set()
         self.supervisor.freeze()
-        self.supervisor.drain(deadline)
+        # Drain and stop share the budget: the drain gets at most half of it.
+        self.supervisor.drain(began + (deadline - began) / 2)
         stuck = self.supervisor.stop(deadline)
         log.warning("guestagent stopped%s", f" ({', '.join(stuck)} did not)" if stuck else "")
         return 0
 
     # -- reload -----------------------------------------------------------------------
     def _reload_settings(self) -> None:
+        """Build the new settings and services first; swap only when all of it worked. A
+        bad value keeps the running settings (one log line); the daemon never exits."""
         if self._drain is not None or self.ctx is None:
             log.warning("SIGHUP ignored: draining")
             return
         self.notifier.reloading()
         try:
-            new = config.load(self.config_path)
-        except config.ConfigError as exc:
+            plan = self._plan_reload()
+        except Exception as exc:  # config error, bad allow-list user, broken factory ...
             log.error("reload failed, keeping the running settings: %s", exc)
             self.notifier.ready(self._status_line())
             return
+        self._apply_reload(*plan)
+        self.notifier.ready(self._status_line())
+
+    def _plan_reload(self) -> tuple[Settings, set[str], dict[str, Service],
+                                    MetadataClient | None]:
+        assert self.ctx is not None
+        new = config.load(self.config_path)
         old = self.settings
-        changed = {n for n in ("metadata", "credentials", "daemon", "spot", "userdata")
-                   if getattr(old, n) != getattr(new, n)}
+        changed = {f.name for f in dataclasses.fields(Settings)
+                   if getattr(old, f.name) != getattr(new, f.name)}
+        client = MetadataClient(new.metadata) if "metadata" in changed else None
+        trial = dataclasses.replace(self.ctx, settings=new, client=client or self.ctx.client)
+        names = [n for n, spec in self._specs.items() if changed & set(spec.sections)]
+        for name in list(names):  # what requires a rebuilt service is rebuilt too
+            names += [d for d in self.supervisor.dependents(name) if d not in names]
+        built: dict[str, Service] = {}
+        try:
+            for name in names:
+                service = self._specs[name].factory(trial)
+                if service is not None:
+                    built[name] = service
+        except Exception:
+            if client is not None:
+                client.close()
+            raise
+        return new, changed, built, client
+
+    def _apply_reload(self, new: Settings, changed: set[str], built: dict[str, Service],
+                      client: MetadataClient | None) -> None:
+        assert self.ctx is not None
+        old = self.settings
         if (old.daemon.state_dir, old.daemon.run_dir) != (new.daemon.state_dir,
                                                           new.daemon.run_dir):
             log.warning("daemon.state_dir/run_dir changes take effect at the next start")
         configure_logging(new.daemon.log_level)
-        self.settings = new
-        self.ctx.settings = new
+        self.settings = self.ctx.settings = new
         old_client = None
-        if "metadata" in changed:
-            old_client, self.client = self.client, MetadataClient(new.metadata)
-            self.ctx.client = self.client
-        rebuilt = []
-        for name, spec in list(self._specs.items()):
-            if not changed & set(spec.sections):
-                continue
-            service = spec.factory(self.ctx)
-            if service is None:
-                log.warning("service %s disabled: takes effect at the next start", name)
-                continue
-            self.supervisor.replace(service, new.daemon.stop_timeout)
-            rebuilt.append(name)
+        if client is not None:
+            old_client, self.client = self.client, client
+            self.ctx.client = client
+        for name in self.supervisor.names:
+            if name in built:
+                self.supervisor.replace(built[name], new.daemon.stop_timeout)
+        disabled = sorted(n for n, s in self._specs.items()
+                          if changed & set(s.sections) and n not in built)
+        if disabled:
+            log.warning("disabled now: %s (takes effect at the next start)",
+                        ", ".join(disabled))
         if old_client is not None:
             old_client.close()
         log.warning("settings reloaded; changed: %s; restarted: %s",
-                    ", ".join(sorted(changed)) or "nothing", ", ".join(rebuilt) or "none")
-        self.notifier.ready(self._status_line())
+                    ", ".join(sorted(changed)) or "nothing", ", ".join(built) or "none")
 
     # -- status -----------------------------------------------------------------------
     def status(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -300,28 +365,26 @@ class Daemon:
         if command != "status":
             raise ValueError(f"unknown command {command!r}")
         services = self.supervisor.snapshot()
-        spot: dict[str, Any] = {"state": "disabled"}
-        for entry in services:
-            if entry["name"] == "spot":
-                spot = dict(entry.get("details", {}))
-        drain = self._drain.snapshot() if self._drain is not None else load_report(
-            self.settings.daemon.state_dir)
-        if drain is not None:
-            spot["drain"] = {k: v for k, v in drain.items() if k not in ("hooks", "services")}
-            spot["drain"]["hooks"] = drain.get("hooks", [])
-        if self._drain is not None:
-            spot["state"] = "drained" if drain and drain.get("completed") else "draining"
-        return {
+        reply: dict[str, Any] = {
             "version": __version__,
             "pid": os.getpid(),
+            "init": self.init,
             "started_at": iso_ms(self.started_at),
             "uptime": round((datetime.now(UTC) - self.started_at).total_seconds(), 1),
             "phase": self.phase,
             "healthy": all(s["healthy"] for s in services),
             "services": services,
-            "credentials": _credentials_facts(services),
-            "spot": spot,
         }
+        # Each service's own facts under its name; registered ones not running: disabled.
+        for spec in specs(self.settings):
+            reply.setdefault(spec.name, {"state": "disabled"})
+        for entry in services:
+            reply[entry["name"]] = dict(entry.get("details", {}))
+        drain = self._drain.snapshot() if self._drain is not None else load_report(
+            self.settings.daemon.state_dir)
+        if drain is not None:
+            reply["drain"] = drain
+        return reply
 
     def _status_line(self) -> str:
         services = self.supervisor.snapshot()
@@ -336,25 +399,6 @@ class Daemon:
         if line != self._last_status:
             self._last_status = line
             self.notifier.status(line)
-
-
-def _credentials_facts(services: list[dict[str, Any]]) -> dict[str, Any]:
-    """The credential service's own report (state, expiry, last refresh)."""
-    for entry in services:
-        if entry["name"] == "credentials":
-            return dict(entry.get("details", {}))
-    return {"state": "disabled"}
-
-
-def _kill_child_groups() -> int:
-    """SIGKILL the process groups of our direct children (hooks run in their own group)."""
-    killed = 0
-    for child in psutil.Process().children():
-        with contextlib.suppress(ProcessLookupError, PermissionError, psutil.Error):
-            if os.getpgid(child.pid) == child.pid:
-                os.killpg(child.pid, signal.SIGKILL)
-                killed += 1
-    return killed
 
 
 def configure_logging(level: str) -> None:
@@ -375,7 +419,7 @@ def run_once(settings: Settings, names: list[str], verbose: int = 0,
     client = MetadataClient(settings.metadata)
     stop = threading.Event()
     try:
-        ctx = Context(settings, client, lambda notice: None)
+        ctx = Context(settings, client, lambda request: None)
         # Only the named ones are even built: constructors of the others may have effects.
         built = [spec.factory(ctx) for spec in specs(settings) if spec.name in names]
         chosen = [svc for svc in built if svc is not None]
@@ -407,5 +451,3 @@ def run_daemon(settings: Settings, config_path: str | None, verbose: int = 0) ->
 
 
 __all__ = ["Daemon", "Service", "run_daemon"]
-
-

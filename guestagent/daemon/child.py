@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from guestagent import process
-from guestagent.daemon.service import Service
+from guestagent.service import Service
 
 log = logging.getLogger(__name__)
 

@@ -60,8 +60,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _scenario(emu: Any, workdir: Path, release_after: float) -> int:
-    from guestagent.daemon.cli import render
     from guestagent.daemon.localrun import AgentProcess, local_config
+    from guestagent.daemon.render import render
 
     _say(f"local metadata service on {emu.url} (control API {emu.control_url})")
     cfg = local_config(emu.url, workdir)
@@ -100,9 +100,10 @@ def _scenario(emu: Any, workdir: Path, release_after: float) -> int:
         code = agent.wait(release_after + 30)
         _say(f"the daemon exited {code}, {time.monotonic() - posted:.2f}s after the notice")
         for line in agent.log().splitlines():
-            if "guestagent.spot." in line or "exits after" in line:
+            if any(k in line for k in ("guestagent.spot.", "guestagent.drain:",
+                                       "guestagent.hooks:", "exits after")):
                 print("  " + line.split(" ", 2)[-1])
-        from guestagent.spot.drain import load_report
+        from guestagent.drain import load_report
 
         report = load_report(agent.state_dir) or {}
         print(f"\ndrain: completed={report.get('completed')} "
@@ -117,7 +118,7 @@ def _scenario(emu: Any, workdir: Path, release_after: float) -> int:
 def _wait_credentials(agent: Any, timeout: float = 10.0) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        creds = agent.status().get("credentials", {})
+        creds = agent.status().get("credentials", {})  # that service's own facts
         if creds.get("state") in ("ok", "disabled", "absent"):
             return
         time.sleep(0.1)

@@ -33,7 +33,8 @@ def local_config(metadata_url: str, workdir: Path) -> Config:
                  "hooks_dir": str(workdir / "spot.d"), "hook_timeout": 5.0,
                  "maintenance_hooks_dir": str(workdir / "maintenance.d"),
                  "maintenance_interval": 1.0},
-        "credentials": {"socket_path": str(workdir / "run" / "credentials.sock")},
+        # An ephemeral TCP port: several local daemons (tests, demos) may run at once.
+        "credentials": {"socket_path": str(workdir / "run" / "credentials.sock"), "tcp_port": 0},
     }
 
 
@@ -67,7 +68,7 @@ class AgentProcess:
     """One daemon process; its output goes to ``workdir/agent.log``."""
 
     def __init__(self, config: Config, workdir: Path, env: Mapping[str, str] | None = None,
-                 verbose: int = 1) -> None:
+                 verbose: int = 1, python_flags: tuple[str, ...] = ()) -> None:
         self.config = config
         self.workdir = workdir
         self.config_path = workdir / "agent.toml"
@@ -76,6 +77,7 @@ class AgentProcess:
         self.state_dir = Path(config["daemon"]["state_dir"])
         self.env = dict(env or {})
         self.verbose = verbose
+        self.python_flags = python_flags  # e.g. ("-X", "importtime")
         self.proc: subprocess.Popen[bytes] | None = None
 
     def write_config(self) -> None:
@@ -90,8 +92,8 @@ class AgentProcess:
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         verbose = ["-v"] * self.verbose
-        argv = [sys.executable, "-m", "guestagent", *verbose, "run", "--config",
-                str(self.config_path)]
+        argv = [sys.executable, *self.python_flags, "-m", "guestagent", *verbose, "run",
+                "--config", str(self.config_path)]
         # A long-lived child we signal and watch: process.run() is for programs that run
         # to completion, so this development harness starts it itself.
         with open(self.log_path, "ab") as log:

@@ -1,6 +1,8 @@
-"""One daemon per state directory: an fcntl lock held for the daemon's life.
+"""One daemon per state directory and per run directory: fcntl locks held for the daemon's
+life, one in each (two daemons sharing only a run directory would fight over its control
+socket and pid file; sharing only a state directory, over drain and first-boot state).
 
-The kernel drops the lock when the process dies (even by kill -9), so a stale lock file
+The kernel drops the locks when the process dies (even by kill -9), so a stale lock file
 never blocks a restart.
 """
 
@@ -13,6 +15,8 @@ from pathlib import Path
 
 from guestagent.files import atomic_write
 
+LOCK_NAME = "daemon.lock"
+
 
 class AlreadyRunning(Exception):
     """Another daemon holds the lock; the message names its pid when known."""
@@ -20,13 +24,23 @@ class AlreadyRunning(Exception):
 
 class DaemonLock:
     def __init__(self, state_dir: Path, run_dir: Path) -> None:
-        self.path = state_dir / "daemon.lock"
+        self.paths = list(dict.fromkeys([state_dir / LOCK_NAME, run_dir / LOCK_NAME]))
+        self.path = self.paths[0]
         self.pid_file = run_dir / "guestagent.pid"
-        self._fd: int | None = None
+        self._fds: list[int] = []
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            for path in self.paths:
+                self._fds.append(self._take(path))
+        except BaseException:
+            self._close()
+            raise
+        atomic_write(self.pid_file, f"{os.getpid()}\n", mode=0o644)
+
+    def _take(self, path: Path) -> int:
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -34,10 +48,9 @@ class DaemonLock:
             pid = self._read_pid()
             who = f" (pid {pid})" if pid else ""
             raise AlreadyRunning(
-                f"another guestagent daemon is running{who}: it holds {self.path}"
+                f"another guestagent daemon is running{who}: it holds {path}"
             ) from None
-        self._fd = fd
-        atomic_write(self.pid_file, f"{os.getpid()}\n", mode=0o644)
+        return fd
 
     def _read_pid(self) -> int | None:
         try:
@@ -46,10 +59,14 @@ class DaemonLock:
             return None
 
     def release(self) -> None:
-        if self._fd is None:
+        if not self._fds:
             return
         with contextlib.suppress(FileNotFoundError):
             if self._read_pid() == os.getpid():
                 self.pid_file.unlink()
-        os.close(self._fd)  # closing drops the flock
-        self._fd = None
+        self._close()
+
+    def _close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)  # closing drops the flock
+        self._fds = []

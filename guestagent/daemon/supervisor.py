@@ -1,49 +1,38 @@
-"""Run services in threads: explicit start order, reverse stop order, restart with
-exponential backoff, and the same error logged at most once per period."""
+"""Run services in threads: a service starts once the services it requires are ready,
+restarts with exponential backoff, heartbeats are checked, the same error is logged at most
+once per period, and drain/stop go in reverse dependency order, each level in parallel
+within its fair share of one budget (one hung service never leaves the others unstopped).
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from guestagent.daemon.service import Service
+from guestagent.service import Service
+from guestagent.throttle import ErrorThrottle
 
 log = logging.getLogger(__name__)
 
 # Slot states, as ``guestagent status`` shows them.
-STARTING, RUNNING, BACKOFF, DONE, STOPPED = "starting", "running", "backoff", "done", "stopped"
+WAITING, STARTING, RUNNING, BACKOFF, DONE, STOPPED = (
+    "waiting", "starting", "running", "backoff", "done", "stopped")
+WAIT_STEP = 1.0  # a waiting slot re-checks its stop event this often
 
+StepCallback = Callable[[str, float, str | None], None]
 
-class ErrorThrottle:
-    """Says whether an error should be logged now: each key at most once per ``period``."""
-
-    def __init__(self, period: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.period = period
-        self._clock = clock
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def check(self, key: str) -> tuple[bool, int]:
-        """(log it now?, how many were suppressed since it was last logged)."""
-        now = self._clock()
-        with self._lock:
-            last = self._last.get(key)
-            if last is not None and now - last < self.period:
-                self._suppressed[key] = self._suppressed.get(key, 0) + 1
-                return False, 0
-            self._last[key] = now
-            return True, self._suppressed.pop(key, 0)
+__all__ = ["ErrorThrottle", "Supervisor"]
 
 
 @dataclass
 class _Slot:
     service: Service
+    requires: tuple[str, ...] = ()
     stop: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
     state: str = STARTING
@@ -52,6 +41,15 @@ class _Slot:
     last_error: str | None = None
     last_error_at: datetime | None = None
     started_at: datetime | None = None
+    started_mono: float | None = None
+
+    def beat_age(self, now: float) -> float | None:
+        """Seconds since the last heartbeat of the current run (None: not watched)."""
+        svc = self.service
+        if self.state != RUNNING or svc.heartbeat_timeout is None or svc.oneshot:
+            return None
+        marks = [m for m in (svc.last_beat, self.started_mono) if m is not None]
+        return now - max(marks) if marks else None
 
 
 class Supervisor:
@@ -69,14 +67,22 @@ class Supervisor:
         self.throttle = ErrorThrottle(error_period)
         self._slots: list[_Slot] = []
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a service became ready
         self._frozen = threading.Event()  # set while draining: failed services stay down
 
     # -- composition ------------------------------------------------------------------
-    def add(self, service: Service) -> None:
+    def add(self, service: Service, requires: Iterable[str] = ()) -> None:
+        """Add a service after those it requires (which must have been added first)."""
+        needs = tuple(dict.fromkeys([*requires, *getattr(service, "requires", ())]))
         with self._lock:
-            if any(s.service.name == service.name for s in self._slots):
+            names = [s.service.name for s in self._slots]
+            if service.name in names:
                 raise ValueError(f"service {service.name!r} added twice")
-            self._slots.append(_Slot(service))
+            missing = [n for n in needs if n not in names]
+            if missing:
+                raise ValueError(f"service {service.name!r} requires {', '.join(missing)}, "
+                                 "which is not running (enable it, or disable this one)")
+            self._slots.append(_Slot(service, needs))
 
     @property
     def names(self) -> list[str]:
@@ -87,6 +93,23 @@ class Supervisor:
         with self._lock:
             return next((s.service for s in self._slots if s.service.name == name), None)
 
+    def ready_service(self, name: str) -> Service | None:
+        """The service called ``name`` if it is ready now, else None."""
+        svc = self.service(name)
+        return svc if svc is not None and svc.ready else None
+
+    def dependents(self, name: str) -> list[str]:
+        """Services that require ``name``, directly or not, in start order."""
+        with self._lock:
+            slots = list(self._slots)
+        out: list[str] = []
+        wanted = {name}
+        for slot in slots:
+            if wanted & set(slot.requires):
+                out.append(slot.service.name)
+                wanted.add(slot.service.name)
+        return out
+
     def start(self) -> None:
         """Start every service that is not running yet, in the order they were added."""
         with self._lock:
@@ -95,30 +118,44 @@ class Supervisor:
             self._launch(slot)
 
     def _launch(self, slot: _Slot) -> None:
+        slot.service._on_ready = self._note_ready
         slot.thread = threading.Thread(
             target=self._loop, args=(slot,), name=f"svc-{slot.service.name}", daemon=True
         )
         slot.thread.start()
 
+    def _note_ready(self, service: Service) -> None:
+        log.debug("service %s is ready", service.name)
+        with self._changed:
+            self._changed.notify_all()
+
     # -- the per-service loop ---------------------------------------------------------
+    def _requirements_met(self, slot: _Slot) -> bool:
+        """Wait (state "waiting") until every required service is ready; False on stop."""
+        while not slot.stop.is_set():
+            with self._changed:
+                ready = {s.service.name for s in self._slots if s.service.ready}
+                if set(slot.requires) <= ready:
+                    return True
+                slot.state = WAITING
+                self._changed.wait(WAIT_STEP)
+        return False
+
     def _loop(self, slot: _Slot) -> None:
         svc = slot.service
-        while not slot.stop.is_set():
+        while self._requirements_met(slot):
+            svc._ready = False
             slot.state = RUNNING
             slot.started_at = datetime.now(UTC)
-            began = time.monotonic()
-            try:
-                svc.run(slot.stop)
-            except Exception as exc:  # a service bug must not take the daemon down
-                error = f"{type(exc).__name__}: {exc}"
-                self._record(slot, error, exc)
-            else:
-                if slot.stop.is_set():
-                    break
-                if svc.oneshot:
-                    slot.state = DONE
-                    return
-                self._record(slot, "run() returned before stop was asked", None)
+            began = slot.started_mono = time.monotonic()
+            if svc.ready_on_start:
+                svc.mark_ready()
+            error = self._run_once(slot)
+            if slot.state != DONE:
+                svc._ready = False
+            if error is None:  # stopped as asked, or a one-shot that finished
+                break
+            self._record(slot, error[0], error[1])
             if slot.stop.is_set() or self._frozen.is_set():
                 break
             if time.monotonic() - began >= self.reset_after:
@@ -130,30 +167,90 @@ class Supervisor:
             if slot.stop.wait(delay) or self._frozen.is_set():
                 break
             slot.restarts += 1
-        slot.state = STOPPED
+        if slot.state != DONE:
+            slot.state = STOPPED
+
+    def _run_once(self, slot: _Slot) -> tuple[str, BaseException | None] | None:
+        """One call of ``run``: None when it ended as it should, else (error, exception)."""
+        svc = slot.service
+        try:
+            svc.run(slot.stop)
+        except Exception as exc:  # a service bug must not take the daemon down
+            return f"{type(exc).__name__}: {exc}", exc
+        if slot.stop.is_set():
+            return None
+        if svc.oneshot:
+            slot.state = DONE
+            svc.mark_ready()  # what requires a one-shot waits for it to finish
+            return None
+        return "run() returned before stop was asked", None
 
     def _record(self, slot: _Slot, error: str, exc: BaseException | None) -> None:
         slot.last_error = error
         slot.last_error_at = datetime.now(UTC)
-        show, suppressed = self.throttle.check(f"{slot.service.name}\0{error}")
-        if show:
-            extra = f" (and {suppressed} more times since last logged)" if suppressed else ""
-            log.error("service %s failed: %s%s", slot.service.name, error, extra,
+        more = self.throttle.suffix(f"{slot.service.name}\0{error}")
+        if more is not None:
+            log.error("service %s failed: %s%s", slot.service.name, error, more,
                       exc_info=exc if log.isEnabledFor(logging.DEBUG) else None)
+
+    # -- heartbeats -------------------------------------------------------------------
+    def stale(self) -> dict[str, float]:
+        """Running services whose last heartbeat is older than their timeout: name -> age."""
+        now = time.monotonic()
+        with self._lock:
+            slots = list(self._slots)
+        out = {}
+        for slot in slots:
+            age = slot.beat_age(now)
+            limit = slot.service.heartbeat_timeout
+            if age is not None and limit is not None and age > limit:
+                out[slot.service.name] = age
+        return out
 
     # -- drain and stop ---------------------------------------------------------------
     def freeze(self) -> None:
         """Stop restarting failed services (the instance is draining)."""
         self._frozen.set()
 
-    def drain(self, deadline: float, on_step: Callable[[str, float, str | None], None]
-              | None = None) -> None:
-        """Ask each service to drain, in reverse start order, all before ``deadline``."""
+    def _levels(self) -> list[list[_Slot]]:
+        """Slots grouped by dependency depth, deepest (the dependents) first."""
         with self._lock:
-            slots = list(reversed(self._slots))
-        for slot in slots:
-            if slot.state in (STOPPED, DONE) and type(slot.service).drain is Service.drain:
-                continue
+            slots = list(self._slots)
+        depth: dict[str, int] = {}
+        for slot in slots:  # start order: requirements come first
+            depth[slot.service.name] = 1 + max((depth.get(r, 0) for r in slot.requires),
+                                               default=-1)
+        levels: dict[int, list[_Slot]] = {}
+        for slot in reversed(slots):
+            levels.setdefault(depth[slot.service.name], []).append(slot)
+        return [levels[d] for d in sorted(levels, reverse=True)]
+
+    def _in_waves(self, action: Callable[[_Slot], None], deadline: float,
+                  wanted: Callable[[_Slot], bool]) -> list[str]:
+        """``action`` on every wanted slot, a level at a time, the slots of a level in
+        parallel; a level gets an equal share of what is left. Returns the names still busy
+        when the deadline came."""
+        levels = [[s for s in level if wanted(s)] for level in self._levels()]
+        levels = [level for level in levels if level]
+        busy: list[str] = []
+        for i, level in enumerate(levels):
+            now = time.monotonic()
+            cutoff = now + max(deadline - now, 0.0) / (len(levels) - i)
+            workers = [threading.Thread(target=action, args=(slot,), daemon=True,
+                                        name=f"end-{slot.service.name}") for slot in level]
+            for worker in workers:
+                worker.start()
+            for slot, worker in zip(level, workers, strict=True):
+                worker.join(max(0.0, cutoff - time.monotonic()))
+                if worker.is_alive():
+                    busy.append(slot.service.name)
+        return busy
+
+    def drain(self, deadline: float, on_step: StepCallback | None = None) -> list[str]:
+        """Ask each service to drain, dependents first, all before ``deadline``; returns
+        the services still draining at the deadline."""
+
+        def one(slot: _Slot) -> None:
             began = time.monotonic()
             error: str | None = None
             if began >= deadline:
@@ -167,30 +264,39 @@ class Supervisor:
             if on_step is not None:
                 on_step(slot.service.name, time.monotonic() - began, error)
 
+        def wanted(slot: _Slot) -> bool:
+            return not (slot.state in (STOPPED, DONE)
+                        and type(slot.service).drain is Service.drain)
+
+        busy = self._in_waves(one, deadline, wanted)
+        if busy:
+            log.warning("services still draining at the deadline: %s", ", ".join(busy))
+        return busy
+
     def stop(self, deadline: float) -> list[str]:
-        """Stop services in reverse start order; return those still running at ``deadline``."""
-        with self._lock:
-            slots = list(reversed(self._slots))
-        stuck: list[str] = []
-        for slot in slots:
+        """Stop services, dependents first; return those still running at ``deadline``."""
+
+        def one(slot: _Slot) -> None:
             slot.stop.set()
+            with self._changed:
+                self._changed.notify_all()  # a slot waiting for its requirements
             if slot.thread is not None:
-                slot.thread.join(max(0.0, deadline - time.monotonic()))
-                if slot.thread.is_alive():
-                    stuck.append(slot.service.name)
+                slot.thread.join()
+
+        stuck = self._in_waves(one, deadline, lambda slot: True)
         if stuck:
             log.warning("services still stopping at the deadline: %s", ", ".join(stuck))
         return stuck
 
     def replace(self, service: Service, timeout: float) -> bool:
         """Swap the service of the same name for ``service`` (settings reload), keeping its
-        place in the order. False when the old one did not stop in time (then both run)."""
+        place and requirements. False when the old one did not stop in time (both run)."""
         with self._lock:
             slot = next((s for s in self._slots if s.service.name == service.name), None)
             if slot is None:
                 raise KeyError(service.name)
             index = self._slots.index(slot)
-            new = _Slot(service)
+            new = _Slot(service, slot.requires)
             self._slots[index] = new
         slot.stop.set()
         stopped = True
@@ -204,25 +310,39 @@ class Supervisor:
     def snapshot(self) -> list[dict[str, Any]]:
         with self._lock:
             slots = list(self._slots)
-        out = []
-        for slot in slots:
-            try:
-                extra = slot.service.status()
-                healthy = slot.service.healthy()
-            except Exception as exc:
-                extra, healthy = {"status_error": str(exc)}, False
-            out.append(
-                {
-                    "name": slot.service.name,
-                    "state": slot.state,
-                    "healthy": healthy and slot.state != BACKOFF,
-                    "restarts": slot.restarts,
-                    "last_error": slot.last_error,
-                    "last_error_at": _iso(slot.last_error_at),
-                    "started_at": _iso(slot.started_at),
-                    **({"details": extra} if extra else {}),
-                }
-            )
+        now = time.monotonic()
+        return [self._report(slot, now) for slot in slots]
+
+    def _report(self, slot: _Slot, now: float) -> dict[str, Any]:
+        svc = slot.service
+        try:
+            extra = svc.status()
+            healthy = svc.healthy()
+            problem = svc.problem()
+            summary = svc.summary()
+        except Exception as exc:
+            extra, healthy, problem, summary = {}, False, f"status failed: {exc}", None
+        age = slot.beat_age(now)
+        if age is not None and svc.heartbeat_timeout is not None and age > svc.heartbeat_timeout:
+            healthy, problem = False, f"no heartbeat for {age:.0f}s (hung?)"
+        healthy = healthy and problem is None and slot.state != BACKOFF
+        out: dict[str, Any] = {
+            "name": svc.name,
+            "state": slot.state,
+            "healthy": healthy,
+            "ready": svc.ready,
+            "restarts": slot.restarts,
+            "last_error": problem or slot.last_error,
+            "last_error_at": None if problem else _iso(slot.last_error_at),
+            "started_at": _iso(slot.started_at),
+            "heartbeat_age": None if age is None else round(age, 1),
+        }
+        if slot.requires:
+            out["requires"] = list(slot.requires)
+        if summary:
+            out["summary"] = summary
+        if extra:
+            out["details"] = extra
         return out
 
     def healthy(self) -> bool:

@@ -22,7 +22,7 @@ def require(*programs: str) -> dict[str, str]:
     """Paths of ``programs``; MissingTool naming the first absent one and its package."""
     found: dict[str, str] = {}
     for name in programs:
-        path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin:/bin")
+        path = shutil.which(name)
         if path is None:
             package = PACKAGES.get(name, name)
             raise MissingTool(

@@ -30,7 +30,10 @@ class ComponentFactory(Protocol):
 # Start order is this order; stop order is the reverse.
 COMPONENTS: dict[str, str] = {
     "metadata": "guestagent.localcloud.emulator.component:MetadataComponent",
+    "oss": "guestagent.localcloud.oss:MotoOss",
+    "oss-rclone": "guestagent.localcloud.oss:RcloneOss",
     "docker": "guestagent.localcloud.dockerd:DockerComponent",
+    "nas": "guestagent.localcloud.nas:NasComponent",
 }
 
 

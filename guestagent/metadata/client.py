@@ -80,6 +80,10 @@ class MetadataClient:
         self._token_renew_at = 0.0
         self._tokenless_until = 0.0
         self._cache: dict[str, tuple[float, bytes | None]] = {}
+        # Outcome of the last real request (any caller): what health reports are made of.
+        self.last_ok: float | None = None  # time.monotonic()
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> MetadataClient:
@@ -283,6 +287,15 @@ class MetadataClient:
         return self.settings.cache_ttl > 0 and not rel.startswith(DYNAMIC_PREFIXES)
 
     def _read(self, rel: str) -> bytes | None:
+        try:
+            value = self._read_retrying(rel)
+        except MetadataError as exc:
+            self.last_error, self.last_error_at = str(exc), time.monotonic()
+            raise
+        self.last_ok, self.last_error = time.monotonic(), None
+        return value
+
+    def _read_retrying(self, rel: str) -> bytes | None:
         target = f"{self._prefix}/{self.settings.version}/{rel}"
         retried_token = False
         attempt = 0

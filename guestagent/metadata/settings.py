@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from guestagent.checks import check_url
+
 DEFAULT_URL = "http://100.100.100.200"
 
 
@@ -28,8 +30,6 @@ class MetadataSettings:
     ca_cert: Path | None = None
 
     def validate(self) -> None:
-        from guestagent.config import check_url
-
         check_url(self.url, "url")
         if not 1 <= self.token_ttl <= 21600:
             raise ValueError(f"token_ttl: must be 1..21600 seconds, got {self.token_ttl}")

@@ -13,14 +13,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from guestagent.daemon.service import Service
-from guestagent.daemon.supervisor import ErrorThrottle
+from guestagent.drain import iso, iso_ms
 from guestagent.files import atomic_write
+from guestagent.hooks import run_hooks
 from guestagent.metadata.errors import MetadataError
 from guestagent.metadata.models import MaintenanceEvent
-from guestagent.spot.drain import iso, iso_ms
-from guestagent.spot.hooks import run_hooks
+from guestagent.service import Service
 from guestagent.spot.settings import SpotSettings
+from guestagent.throttle import ErrorThrottle
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ class MaintenanceWatcher(Service):
     ) -> None:
         self.client = client
         self.settings = settings
+        # One hook at a time may run its whole timeout between two heartbeats.
+        self.heartbeat_timeout = settings.hook_timeout + settings.maintenance_interval + 60
         self.path = state_dir / "spot" / "maintenance.json"
         self.draining = draining or threading.Event()
         self._throttle = ErrorThrottle(error_period)
@@ -64,7 +66,7 @@ class MaintenanceWatcher(Service):
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             self.poll()
-            stop.wait(self.settings.maintenance_interval)
+            self.wait(stop, self.settings.maintenance_interval)
 
     def poll(self) -> list[str]:
         """One poll; returns the ids of the events whose hooks ran now."""
@@ -72,9 +74,9 @@ class MaintenanceWatcher(Service):
             events = self.client.maintenance_events()
         except MetadataError as exc:
             self.last_error = str(exc)
-            show, _ = self._throttle.check(str(exc))
-            if show:
-                log.warning("maintenance poll failed: %s", exc)
+            more = self._throttle.suffix(str(exc))
+            if more is not None:
+                log.warning("maintenance poll failed: %s%s", exc, more)
             return []
         self.last_poll = datetime.now(UTC)
         self.last_error = None
@@ -91,7 +93,8 @@ class MaintenanceWatcher(Service):
                 "GUESTAGENT_EVENT_NOT_BEFORE": iso(event.not_before) if event.not_before else "",
             }
             results = run_hooks(self.settings.maintenance_hooks_dir, env,
-                                self.settings.hook_timeout, kind="maintenance hook")
+                                self.settings.hook_timeout, kind="maintenance hook",
+                                group="maintenance", progress=self.beat)
             self.hooks_run += len(results)
             self._handled = [*self._handled, event.event_id][-KEEP_IDS:]
             self._save()
@@ -103,6 +106,9 @@ class MaintenanceWatcher(Service):
             atomic_write(self.path, json.dumps({"handled": self._handled}) + "\n")
         except OSError as exc:
             log.error("cannot record handled maintenance events in %s: %s", self.path, exc)
+
+    def problem(self) -> str | None:
+        return f"maintenance poll failing: {self.last_error}" if self.last_error else None
 
     def status(self) -> dict[str, Any]:
         return {

@@ -1,4 +1,4 @@
-"""Watch ``instance/spot/termination-time`` and hand each new notice to the daemon once.
+"""Watch ``instance/spot/termination-time`` and ask the daemon, once per notice, for a drain.
 
 A metadata error is not a notice: it is counted, logged at most once per period, and the
 next poll goes on at the usual rate, so a flaky service during the notice window only delays
@@ -11,17 +11,49 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-from guestagent.daemon.service import Service
-from guestagent.daemon.supervisor import ErrorThrottle
+from guestagent.drain import DrainRequest, drained, iso, iso_ms
 from guestagent.metadata.errors import MetadataError
-from guestagent.spot.drain import Notice, iso, iso_ms, load_report
+from guestagent.service import Service
 from guestagent.spot.settings import SpotSettings
+from guestagent.throttle import ErrorThrottle
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Notice:
+    termination_time: datetime  # UTC aware
+    seen_at: datetime
+    seen_mono: float
+
+    @property
+    def key(self) -> str:
+        return iso(self.termination_time)
+
+
+def drain_request(notice: Notice, settings: SpotSettings) -> DrainRequest:
+    """The drain a notice asks for: done ``deadline_margin`` before the release."""
+    final: tuple[str, ...] = ()
+    if settings.final_action == "poweroff":
+        final = tuple(settings.poweroff_command)
+    return DrainRequest(
+        key=notice.key,
+        reason=f"spot termination at {notice.key}",
+        deadline_at=notice.termination_time - timedelta(seconds=settings.deadline_margin),
+        seen_at=notice.seen_at,
+        hooks_dir=settings.hooks_dir,
+        hook_env={"GUESTAGENT_TERMINATION_TIME": notice.key},
+        hook_timeout=settings.hook_timeout,
+        services_reserve=settings.services_reserve,
+        final_command=final,
+        exit_after=settings.exit_after_drain,
+        facts={"termination_time": notice.key},
+    )
 
 
 class SpotSource(Protocol):
@@ -36,13 +68,13 @@ class SpotWatcher(Service):
         client: SpotSource,
         settings: SpotSettings,
         state_dir: Path,
-        on_notice: Callable[[Notice], None],
+        request_drain: Callable[[DrainRequest], None],
         error_period: float = 300.0,
     ) -> None:
         self.client = client
         self.settings = settings
         self.state_dir = state_dir
-        self.on_notice = on_notice
+        self.request_drain = request_drain
         self._throttle = ErrorThrottle(error_period)
         self._lock = threading.Lock()
         self.notice: Notice | None = None
@@ -51,10 +83,6 @@ class SpotWatcher(Service):
         self.last_poll: datetime | None = None
         self.last_error: str | None = None
         self._failing = False
-        # A notice whose drain already completed (before a restart) is not drained again.
-        report = load_report(state_dir)
-        done = report is not None and report.get("completed")
-        self._done_key = report.get("termination_time") if report and done else None
 
     def run(self, stop: threading.Event) -> None:
         interval = self.settings.poll_interval
@@ -65,7 +93,7 @@ class SpotWatcher(Service):
             next_at += interval
             now = time.monotonic()
             next_at = max(next_at, now)
-            stop.wait(next_at - now)
+            self.wait(stop, next_at - now)
 
     def poll(self) -> Notice | None:
         """One poll; returns the notice when this poll is the one that first saw it."""
@@ -97,11 +125,11 @@ class SpotWatcher(Service):
                 return None
             notice = Notice(when, datetime.now(UTC), time.monotonic())
             self.notice = notice
-        if notice.key == self._done_key:
+        if drained(self.state_dir, notice.key):
             log.warning("spot notice for %s was already drained before a restart", notice.key)
             return None
         log.warning("spot termination notice: the instance is released at %s", notice.key)
-        self.on_notice(notice)
+        self.request_drain(drain_request(notice, self.settings))
         return notice
 
     def _error(self, message: str) -> None:
@@ -109,9 +137,8 @@ class SpotWatcher(Service):
             self.errors += 1
             self.last_error = message
             self._failing = True
-        show, suppressed = self._throttle.check(message)
-        if show:
-            more = f" ({suppressed} similar since last logged)" if suppressed else ""
+        more = self._throttle.suffix(message)
+        if more is not None:
             log.warning("spot poll failed: %s%s", message, more)
 
     def status(self) -> dict[str, Any]:
@@ -130,7 +157,19 @@ class SpotWatcher(Service):
                 out["seen_at"] = iso_ms(self.notice.seen_at)
             return out
 
-    def healthy(self) -> bool:
-        # A failing poll means a notice could be missed: that is worth a non-zero status.
+    def summary(self) -> str:
         with self._lock:
-            return not self._failing
+            if self.notice:
+                return (f"termination at {self.notice.key} "
+                        f"(seen {iso_ms(self.notice.seen_at)})")
+            text = "watching"
+            if self.last_poll:
+                text += f", last poll {iso_ms(self.last_poll)}"
+            if self._failing:
+                text += f", POLL FAILING: {self.last_error}"
+            return text
+
+    def problem(self) -> str | None:
+        # A failing poll means a notice could be missed: unhealthy at once, saying why.
+        with self._lock:
+            return f"spot poll failing: {self.last_error}" if self._failing else None

@@ -97,9 +97,11 @@ class SocketKeys:
         prefix: str = "",
         token: Callable[[], str | None] = lambda: None,
         timeout: float = 5.0,
+        patience: float = 15.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._path = socket_path
+        self.patience = patience
         self._prefix = prefix
         self._token = token
         self._timeout = timeout
@@ -111,15 +113,35 @@ class SocketKeys:
     def current(self) -> Keys:
         with self._lock:
             if self._keys is None or self._clock() >= self._refresh_at:
-                self._fetch()
+                self._fetch_patiently()
             assert self._keys is not None
             return self._keys
 
     def refresh(self) -> Keys:
         with self._lock:
-            self._fetch()
+            self._fetch_patiently()
             assert self._keys is not None
             return self._keys
+
+    def _fetch_patiently(self) -> None:
+        """Fetch; while the server is busy rotating (503) or restarting, keep a cached set
+        that is still valid, else retry for up to ``patience`` seconds."""
+        deadline = time.monotonic() + self.patience
+        delay = 0.05
+        while True:
+            try:
+                self._fetch()
+                return
+            except Unavailable:
+                if not self._path.exists():
+                    raise  # no agent here at all: say so at once
+                if self._keys is not None and self._clock() < self._keys.expiration - 1.0:
+                    self._refresh_at = self._clock() + min(1.0, delay)
+                    return
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(1.0, delay * 2)
 
     def _fetch(self) -> None:
         from guestagent.credentials.local import LocalError, UnixHTTPConnection, local_get

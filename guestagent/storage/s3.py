@@ -391,6 +391,12 @@ class S3Client:
         )
         return [_text(e, "Key") for e in _xml(resp.body).iter("Error")] if resp.body else []
 
+    def create_bucket(self, bucket: str) -> None:
+        """Create ``bucket`` (the local cloud's stand-ins; an existing one is fine)."""
+        resp = self.call("PUT", bucket, "", ok=(200, 409), what=f"oss://{bucket}/")
+        if resp.status == 409 and _error_code(resp.body) != "BucketAlreadyOwnedByYou":
+            raise _named_error(resp, _error_code(resp.body), bucket, "", f"oss://{bucket}/")
+
     def head_bucket(self, bucket: str) -> None:
         self.call("HEAD", bucket, "", what=f"oss://{bucket}/")
 
@@ -516,8 +522,10 @@ def _named_error(resp: Response, code: str, bucket: str, key: str, what: str) ->
     if resp.status == 403:
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch"):
             why = "the credentials were refused"
-        else:
+        elif code:
             why = "access denied"
+        else:  # HEAD answers carry no body, hence no code
+            why = "access denied: the credentials were refused or lack the permission"
         return AccessDenied(
             f"{where}: {why} ({label}); check the instance's RAM role and its OSS policy",
             resp.status, code,

@@ -138,7 +138,14 @@ class Transfers:
                 self._put(fd, st, local, dest)
                 resumed = False
             else:
-                resumed = self._multipart(fd, st, local, dest)
+                try:
+                    resumed = self._multipart(fd, st, local, dest)
+                except NotFound as exc:
+                    if exc.code != "NoSuchUpload":
+                        raise
+                    # The server forgot the upload (restarted, or aborted it): start over.
+                    log.warning("%s: the server lost upload state; starting again", dest)
+                    resumed = self._multipart(fd, st, local, dest)
         finally:
             os.close(fd)
         self.progress.finished(str(local), st.st_size)
@@ -259,22 +266,52 @@ class Transfers:
             assert exc is not None
             raise exc
 
+    # -- trees (guestagent.storage.trees) -----------------------------------------------------
+
+    def upload_tree(self, local_dir: Path, url: OssUrl, **kw: Any) -> list[str]:
+        """Upload every file under ``local_dir`` to the directory ``url``; the keys written."""
+        from guestagent.storage import trees
+
+        done = trees.upload_tree(self, local_dir, url, **kw)
+        return [url.prefix + rel for rel in done.copied]
+
+    def download_tree(self, url: OssUrl, local_dir: Path, **kw: Any) -> list[str]:
+        """Download every object under the directory ``url`` into ``local_dir``; the keys."""
+        from guestagent.storage import trees
+
+        done = trees.download_tree(self, url, local_dir, **kw)
+        return [url.prefix + rel for rel in done.copied]
+
     # -- download --------------------------------------------------------------------------
 
     def download_file(
-        self, src: OssUrl, local: Path, info: ObjectInfo | None = None, *, announce: bool = True
+        self, src: OssUrl, local: Path, info: ObjectInfo | None = None, *,
+        announce: bool = True, into_dir: bool = True,
     ) -> Outcome:
         """Download ``src`` to ``local`` (into it, if ``local`` is a directory)."""
         if info is None:
+            if src.is_dir:
+                raise BadInput(f"{src}: is a directory; download it as a tree (-r)")
             info = self.client.head_object(src.bucket, src.key)
             if info is None:
                 raise NotFound(f"{src}: no such object", 404, "NoSuchKey")
+        elif not info.meta and not integrity.is_plain(info.etag):
+            # A listing carries no metadata: the part size and mtime recorded at upload
+            # (what aligned ranges and sync need) come with a HEAD.
+            info = self.client.head_object(src.bucket, src.key) or info
         if local.is_dir():
+            if not into_dir:
+                raise BadInput(f"{local}: is a directory; cannot write {src} there")
             local = local / src.name
         if announce:
             self.progress.expect(info.size, 1)
         local.parent.mkdir(parents=True, exist_ok=True)
-        _check_space(local.parent, info.size)
+        check_space(local.parent, info.size)
+        return self.fetch(src, info, local)
+
+    def fetch(self, src: OssUrl, info: ObjectInfo, local: Path) -> Outcome:
+        """Download to exactly ``local`` whose directory exists and has room (checked by
+        the caller: trees check once for all their files)."""
         partial = local.with_name(local.name + PART_SUFFIX)
         try:
             if info.size < self.options.multipart_threshold:
@@ -289,8 +326,13 @@ class Transfers:
                 f"{local}: {exc}; nothing was left under that name (free space and retry)"
             ) from None
         mtime = _mtime(info)
-        os.utime(partial, (mtime, mtime))
-        os.replace(partial, local)
+        try:
+            os.utime(partial, (mtime, mtime))
+            os.replace(partial, local)
+        except OSError as exc:
+            with contextlib.suppress(FileNotFoundError):
+                partial.unlink()
+            raise StorageError(f"{local}: cannot put the download there: {exc.strerror}") from None
         self.progress.finished(str(local), info.size)
         return Outcome(local, src, info.size, resumed=resumed)
 
@@ -450,7 +492,7 @@ def _grow(fd: int, size: int) -> None:
         raise LocalWriteError(f"cannot size the download: {exc.strerror}") from None
 
 
-def _check_space(directory: Path, size: int) -> None:
+def check_space(directory: Path, size: int) -> None:
     try:
         fs = os.statvfs(directory)
     except OSError:

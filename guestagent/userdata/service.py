@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from guestagent.daemon.service import Service
+from guestagent.service import Service
 from guestagent.userdata.apply import Applier, Defaults, Report
 from guestagent.userdata.errors import UserdataError
 from guestagent.userdata.settings import UserdataSettings

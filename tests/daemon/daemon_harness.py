@@ -23,9 +23,10 @@ def fast_config(url: str, workdir: Path) -> dict[str, dict[str, Any]]:
                        deadline_margin=1.0)
     cfg["daemon"].update(stop_timeout=5.0, restart_backoff=0.1, restart_backoff_max=0.5,
                          metadata_check_interval=0.5)
-    # The real credential and first-boot services are switched on by the tests about them.
+    # The real credential, first-boot and storage services are switched on by their tests.
     cfg["credentials"]["enabled"] = False
     cfg["userdata"] = {"enabled": False}
+    cfg["storage"] = {"enabled": False}  # tests/storage switch it on
     return cfg
 
 
@@ -47,6 +48,7 @@ def agent_factory(emulator: Any, tmp_path: Path) -> Iterator[Callable[..., Agent
         start: bool = True,
         env: dict[str, str] | None = None,
         workdir: Path | None = None,
+        python_flags: tuple[str, ...] = (),
         **sections: dict[str, Any],
     ) -> AgentProcess:
         wd = workdir or tmp_path / "agent"
@@ -57,7 +59,7 @@ def agent_factory(emulator: Any, tmp_path: Path) -> Iterator[Callable[..., Agent
             cfg.setdefault(name, {}).update(values)
         full_env = {"PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
                     "PROBE_DIR": str(wd / "probe"), **(env or {})}
-        agent = AgentProcess(cfg, wd, full_env)
+        agent = AgentProcess(cfg, wd, full_env, python_flags=python_flags)
         started.append(agent)
         if start:
             agent.start()

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from guestagent.daemon.service import Service
+from guestagent.service import Service
 
 
 def _log(name: str, event: str) -> None:
@@ -21,13 +21,15 @@ def _log(name: str, event: str) -> None:
 
 
 class Probe(Service):
-    def __init__(self, name: str, ctx: Any) -> None:
+    def __init__(self, name: str, ctx: Any, requires: tuple[str, ...] = ()) -> None:
         self.name = name
         self.ctx = ctx
+        self.requires = requires
 
     def run(self, stop: threading.Event) -> None:
         _log(self.name, "run")
-        stop.wait()
+        while not self.wait(stop, 1.0):
+            pass
         _log(self.name, "stop")
 
     def drain(self, deadline: float) -> None:
@@ -65,12 +67,32 @@ class Flaky(Service):
         stop.wait()
 
 
+class Hang(Service):
+    """Beats until ``$PROBE_DIR/hang`` appears, then deadlocks (blocks without beating)."""
+
+    name = "hang"
+    heartbeat_timeout = 1.0
+
+    def run(self, stop: threading.Event) -> None:
+        _log(self.name, "run")
+        trigger = Path(os.environ["PROBE_DIR"]) / "hang"
+        while not self.wait(stop, 0.1):
+            if trigger.exists():
+                _log(self.name, "hung")
+                threading.Event().wait()
+
+
+def hang(ctx: Any) -> Service:
+    return Hang()
+
+
 def first(ctx: Any) -> Service:
     return Probe("first", ctx)
 
 
 def second(ctx: Any) -> Service:
-    return Probe("second", ctx)
+    """Requires "first": starts after it is ready, drains and stops before it."""
+    return Probe("second", ctx, requires=("first",))
 
 
 def broken(ctx: Any) -> Service:

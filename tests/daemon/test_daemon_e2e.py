@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -112,18 +113,43 @@ def test_sighup_reloads_settings(agent_factory: Any) -> None:
     # A broken file is refused and the running settings stay.
     agent.config_path.write_text("[spot]\npoll_interval = -1\n")
     agent.send(signal.SIGHUP)
-    time.sleep(0.5)
+    wait_for(lambda: "reload failed" in agent.log())
     assert agent.running() and agent.status()["spot"]["poll_interval"] == 0.7
-    assert "reload failed" in agent.log()
     # The probe was not restarted: only services whose settings changed are.
     assert [e for e in events(agent.workdir / "probe") if e[1] == "run"] == [("first", "run")]
 
 
-def test_sd_notify_ready_watchdog_stopping(agent_factory: Any, tmp_path: Path) -> None:
-    path = tmp_path / "notify.sock"
+def test_reload_with_a_value_a_service_refuses_keeps_everything_running(
+    agent_factory: Any
+) -> None:
+    agent = agent_factory(credentials={"enabled": True})
+    wait_for(lambda: agent.service("credentials")["ready"])
+    before = agent.service("credentials")["started_at"]
+    # Valid TOML and a valid [credentials] section, but a user this machine does not have:
+    # only building the service finds out. Nothing may change, and the daemon stays.
+    agent.config["credentials"]["allow_users"] = ["no-such-user-guestagent"]
+    agent.config["spot"]["poll_interval"] = 0.9
+    agent.write_config()
+    agent.send(signal.SIGHUP)
+    wait_for(lambda: "reload failed" in agent.log())
+    failed = [line for line in agent.log().splitlines() if "reload failed" in line]
+    assert len(failed) == 1 and "unknown user 'no-such-user-guestagent'" in failed[0]
+    assert agent.running()
+    status = agent.status()
+    assert status["spot"]["poll_interval"] == 0.2  # the whole reload was refused
+    assert agent.service("credentials")["started_at"] == before and status["healthy"]
+
+
+def _notify_socket(path: Path) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(path))
     sock.settimeout(5)
+    return sock
+
+
+def test_sd_notify_ready_watchdog_stopping(agent_factory: Any, tmp_path: Path) -> None:
+    path = tmp_path / "notify.sock"
+    sock = _notify_socket(path)
     agent = agent_factory(env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "200000"})
     got: list[str] = []
     wait_for(lambda: got.append(sock.recv(4096).decode()) or "WATCHDOG=1" in got)
@@ -136,6 +162,32 @@ def test_sd_notify_ready_watchdog_stopping(agent_factory: Any, tmp_path: Path) -
     sock.close()
 
 
+def test_a_deadlocked_service_stops_the_watchdog(agent_factory: Any, tmp_path: Path) -> None:
+    path = tmp_path / "notify.sock"
+    sock = _notify_socket(path)
+    agent = agent_factory(extra=["daemon_probes:hang"],
+                          env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "200000"})
+    got: list[str] = []
+    wait_for(lambda: got.append(sock.recv(4096).decode()) or got.count("WATCHDOG=1") >= 3)
+    (agent.workdir / "probe" / "hang").touch()
+    wait_for(lambda: ("hang", "hung") in events(agent.workdir / "probe"))
+    row = wait_for(lambda: (s := agent.service("hang")) and not s["healthy"] and s)
+    assert "no heartbeat" in row["last_error"]
+    wait_for(lambda: "watchdog not fed: no heartbeat from hang" in agent.log())
+    # From now on not one WATCHDOG=1: drain what was sent before, then 10 intervals of none.
+    sock.settimeout(0.1)
+    with contextlib.suppress(TimeoutError):
+        while True:
+            sock.recv(4096)
+    sock.settimeout(1.0)
+    late: list[str] = []
+    with contextlib.suppress(TimeoutError):
+        while True:
+            late.append(sock.recv(4096).decode())
+    assert "WATCHDOG=1" not in late and agent.running()
+    sock.close()
+
+
 def test_kill_9_then_restart_resumes(agent_factory: Any) -> None:
     agent = agent_factory(extra=["daemon_probes:first"])
     os.kill(agent.pid, signal.SIGKILL)
@@ -145,10 +197,18 @@ def test_kill_9_then_restart_resumes(agent_factory: Any) -> None:
     assert cli("status", config=again.config_path).returncode == 0
 
 
-def test_lean_entry_point_runs_the_same_daemon(agent_factory: Any) -> None:
-    agent = agent_factory(extra=["daemon_probes:first"], start=False)
-    agent.lean = True
-    agent.start()
-    assert [s["name"] for s in agent.status()["services"]] == [
-        "metadata", "first", "maintenance", "spot"]
+def test_the_daemon_does_not_import_what_it_does_not_run(agent_factory: Any) -> None:
+    # -X importtime lists every module as it is imported, for the life of the process.
+    agent = agent_factory(extra=["daemon_probes:first"], python_flags=("-X", "importtime"),
+                          userdata={"enabled": True, "default_dns": False,
+                                    "default_ntp": False, "defer_to_cloud_init": False})
+    wait_for(lambda: agent.service("userdata")["state"] == "done")
     assert agent.stop() == 0
+    imported = {line.rsplit("|", 1)[-1].strip() for line in agent.log().splitlines()
+                if line.startswith("import time:")}
+    assert "guestagent.daemon.agent" in imported  # the listing is real
+    # The local cloud, the other commands and first boot's heavy parts (it runs in a child).
+    for heavy in ("guestagent.localcloud", "guestagent.localcloud.emulator", "yaml",
+                  "guestagent.userdata.apply", "guestagent.metadata.cli",
+                  "guestagent.daemon.demo", "email.mime"):
+        assert heavy not in imported, heavy

@@ -25,7 +25,7 @@ def test_units_verify(tmp_path: Path) -> None:
     for unit in sorted(UNITS.glob("*.service")):
         (tmp_path / unit.name).write_text(unit.read_text().replace(BINARY, exe))
         names.append(str(tmp_path / unit.name))
-    assert len(names) == 3
+    assert len(names) >= 3
     res = subprocess.run(["systemd-analyze", "verify", *names], capture_output=True,
                          text=True, timeout=60)
     problems = [ln for ln in res.stderr.splitlines()

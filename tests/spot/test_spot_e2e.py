@@ -12,7 +12,7 @@ from daemon_harness import write_hook
 from daemon_probes import events
 from polling import wait_for
 
-from guestagent.spot.drain import load_report
+from guestagent.drain import load_report
 
 
 def test_notice_runs_hooks_in_order_drains_services_and_exits_0(
@@ -171,4 +171,4 @@ def test_final_action_runs_last(agent_factory: Any, emulator: Any, tmp_path: Pat
     assert out.read_text().splitlines() == ["hook", "poweroff"]
     report = load_report(agent.state_dir)
     assert report is not None
-    assert [s["step"] for s in report["steps"]][-1] == "poweroff" and report["deadline_held"]
+    assert [s["step"] for s in report["steps"]][-1] == "final" and report["deadline_held"]

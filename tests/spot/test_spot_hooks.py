@@ -7,7 +7,7 @@ from pathlib import Path
 
 from daemon_harness import write_hook
 
-from guestagent.spot.hooks import list_hooks, run_hooks
+from guestagent.hooks import list_hooks, run_hooks
 
 
 def test_hooks_run_in_name_order_with_env(tmp_path: Path) -> None:

@@ -79,31 +79,10 @@ def bucket(s3: Any) -> Callable[..., str]:
     return make
 
 
-class BotoTransfers:
-    """The facade's Transfers over boto3 (until the agent's own transfer module is wired)."""
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-
-    def download_file(self, url: Any, local: Path) -> None:
-        self.client.download_file(url.bucket, url.key, str(local))
-
-    def upload_file(self, local: Path, url: Any) -> None:
-        self.client.upload_file(str(local), url.bucket, url.key)
-
-    def upload_tree(self, local_dir: Path, url: Any) -> list[str]:
-        keys = []
-        for path in sorted(local_dir.rglob("*")):
-            if path.is_file() and not path.is_symlink():
-                key = url.prefix + str(path.relative_to(local_dir))
-                self.client.upload_file(str(path), url.bucket, key)
-                keys.append(key)
-        return keys
-
-
 @pytest.fixture
-def boto_transfers(bucket: Any) -> BotoTransfers:
-    return BotoTransfers(bucket.client)
+def agent_transfers(transfers: Transfers) -> Transfers:
+    """The agent's own transfers (our S3 client) on the moto server, for the facade."""
+    return transfers
 
 
 # -- transfers: our own client on the moto server -----------------------------------------
@@ -134,3 +113,30 @@ def options(tmp_path: Path) -> Options:
 def transfers(client: S3Client, options: Options) -> Iterator[Transfers]:
     with Transfers(client, options) as t:
         yield t
+
+
+class RcloneAuth:
+    """``rclone serve s3`` that checks signatures against one key pair (test-only keys)."""
+
+    key_id = "AKIDRCLONETEST"
+    secret = "rclone-test-secret"
+
+    def __init__(self, oss: Any) -> None:
+        self.oss = oss
+        self.data = oss.data
+        self.endpoint = from_url(oss.url, path_style=True)
+
+
+@pytest.fixture
+def rclone_auth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RcloneAuth]:
+    from guestagent.localcloud.oss import RcloneOss
+
+    # rclone reads --auth-key from its environment (never argv); a list flag's value from
+    # the environment is CSV, so the pair is quoted as one item.
+    monkeypatch.setenv("RCLONE_AUTH_KEY", f'"{RcloneAuth.key_id},{RcloneAuth.secret}"')
+    oss = RcloneOss(tmp_path / "rclone", {"GUESTAGENT_LOCALCLOUD_BUCKETS": "bkt"})
+    oss.start()
+    try:
+        yield RcloneAuth(oss)
+    finally:
+        oss.stop()

@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from system_harness import CACHE, RECIPE, SHARED_HOST_NETWORK, agent_toml
 
 from guestagent.images import agent, nspawn, rootfs, tools
 
-CACHE = Path(os.environ.get("GUESTAGENT_TEST_CACHE", "/var/cache/guestagent-test"))
-RECIPE = rootfs.Recipe()
 _names = itertools.count(1)
 
 
@@ -76,10 +75,6 @@ def _probe_boot(base: Path, work: Path) -> None:
             machine.poweroff()
 
 
-def agent_toml(emulator: Any, extra: str = "") -> str:
-    return f'[metadata]\nurl = "{emulator.url}"\n' + extra
-
-
 @pytest.fixture
 def guest_factory(system_layers: list[Path]) -> Iterator[Callable[..., nspawn.Machine]]:
     """``make(emulator, config="", files={guest path: text})`` → an unbooted guest."""
@@ -96,7 +91,8 @@ def guest_factory(system_layers: list[Path]) -> Iterator[Callable[..., nspawn.Ma
             machine = nspawn.Machine(root, f"ga-{os.getpid()}-{next(_names)}", work / "boot.log")
             stack.callback(machine.poweroff)
             made.append(machine)
-            conf = {"/etc/guestagent/agent.toml": agent_toml(emulator, config), **(files or {})}
+            conf = {"/etc/guestagent/agent.toml": agent_toml(emulator, config),
+                    **SHARED_HOST_NETWORK, **(files or {})}
             for inside, text in conf.items():
                 path = machine.path(inside)
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,9 @@
 """Run the executables of a hook directory (``spot.d``, ``maintenance.d``) in name order.
 
 Each hook gets its own timeout, never more than what is left before the deadline; its output
-is logged line by line; one failing or hanging hook never stops the next.
+is logged line by line; one failing or hanging hook never stops the next. A hook runs in its
+own process group and whatever it leaves behind (``setsid sleep 600 &``) is ended with it
+(see :func:`guestagent.process.run`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ log = logging.getLogger(__name__)
 
 PRIVATE_ENV = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
                          "LISTEN_PID", "LISTEN_FDNAMES"})
+SKIPPED = "skipped: deadline passed"
 MAX_LOGGED_LINES = 200  # per stream: a chatty hook must not flood the journal
 
 
@@ -71,47 +74,61 @@ def list_hooks(directory: Path) -> list[Path]:
     return hooks
 
 
+def hook_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The agent's environment without systemd's private variables, plus ``env``."""
+    inherited = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
+    return {**inherited, **env}
+
+
+def run_hook(hook: Path, env: Mapping[str, str], limit: float, kind: str = "hook", *,
+             group: str | None = None) -> HookResult:
+    """Run one hook (``env`` complete, see :func:`hook_env`) for at most ``limit`` seconds.
+    ``group`` tags its process so that only this group's hooks can be ended early."""
+    log.info("running %s %s (timeout %.1fs)", kind, hook.name, limit)
+    began = time.monotonic()
+    try:
+        res = process.run([str(hook)], timeout=limit, env=env, cwd="/", group=group)
+    except process.ProcessError as exc:
+        log.error("%s %s could not start: %s", kind, hook.name, exc)
+        return HookResult(hook.name, None, time.monotonic() - began, error=str(exc))
+    _log_output(kind, hook.name, "stdout", res.stdout)
+    _log_output(kind, hook.name, "stderr", res.stderr)
+    if res.timed_out:
+        log.error("%s %s killed after its %.1fs timeout", kind, hook.name, limit)
+    elif res.returncode != 0:
+        log.error("%s %s exited %s after %.2fs", kind, hook.name, res.returncode, res.seconds)
+    else:
+        log.info("%s %s done in %.2fs", kind, hook.name, res.seconds)
+    return HookResult(hook.name, res.returncode, res.seconds, res.timed_out)
+
+
 def run_hooks(
     directory: Path,
     env: Mapping[str, str],
     timeout: float,
     deadline: Callable[[], float] = lambda: math.inf,
     kind: str = "hook",
+    *,
+    group: str | None = None,
+    progress: Callable[[], None] | None = None,
 ) -> list[HookResult]:
     """Run every hook of ``directory`` with ``env`` added to the agent's environment.
 
-    ``deadline`` is read before each hook (a ``time.monotonic()`` value) so a deadline that
-    moves earlier meanwhile (SIGTERM during a drain) is honoured by the hooks still to run.
+    ``progress`` is called before each hook. ``deadline`` is read before each hook (a
+    ``time.monotonic()`` value) so a deadline that moves earlier meanwhile (SIGTERM during
+    a drain) is honoured by the hooks still to run.
     """
     results = []
-    # systemd's notify/watchdog variables are the daemon's own, not for its hooks.
-    inherited = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
-    full_env = {**inherited, **env}
+    full_env = hook_env(env)
     for hook in list_hooks(directory):
+        if progress is not None:
+            progress()  # e.g. the caller's heartbeat: each hook is bounded by its timeout
         remaining = deadline() - time.monotonic()
         if remaining <= 0:
             log.warning("%s %s skipped: the deadline has passed", kind, hook.name)
-            results.append(HookResult(hook.name, None, 0.0, error="skipped: deadline passed"))
+            results.append(HookResult(hook.name, None, 0.0, error=SKIPPED))
             continue
-        limit = min(timeout, remaining)
-        log.info("running %s %s (timeout %.1fs)", kind, hook.name, limit)
-        began = time.monotonic()
-        try:
-            res = process.run([str(hook)], timeout=limit, env=full_env, cwd="/")
-        except process.ProcessError as exc:
-            log.error("%s %s could not start: %s", kind, hook.name, exc)
-            results.append(HookResult(hook.name, None, time.monotonic() - began, error=str(exc)))
-            continue
-        _log_output(kind, hook.name, "stdout", res.stdout)
-        _log_output(kind, hook.name, "stderr", res.stderr)
-        result = HookResult(hook.name, res.returncode, res.seconds, res.timed_out)
-        if res.timed_out:
-            log.error("%s %s killed after its %.1fs timeout", kind, hook.name, limit)
-        elif res.returncode != 0:
-            log.error("%s %s exited %s after %.2fs", kind, hook.name, res.returncode, res.seconds)
-        else:
-            log.info("%s %s done in %.2fs", kind, hook.name, res.seconds)
-        results.append(result)
+        results.append(run_hook(hook, full_env, min(timeout, remaining), kind, group=group))
     return results
 
 

@@ -1,0 +1,301 @@
+"""Directory trees: upload, download, sync (only what changed), remove.
+
+Everything a tree operation will do is planned and checked first; a bad entry (a key that
+would escape the destination, a control character, a symlink out of the upload tree)
+refuses the whole operation with one line before any byte moves. Files then go in
+parallel; each one is atomic on its own (see :mod:`guestagent.storage.transfer`).
+
+"Changed" means: sizes differ, or for a single-PUT object (ETag = MD5) the local MD5
+differs, or for a multipart object the local mtime differs from the one recorded in the
+object's metadata at upload.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+from guestagent.storage import integrity
+from guestagent.storage.errors import BadInput, NotFound, StorageError
+from guestagent.storage.ossurl import OssUrl, check_key
+from guestagent.storage.s3 import ObjectInfo, S3Client
+from guestagent.storage.transfer import Transfers, check_space
+
+log = logging.getLogger(__name__)
+
+DELETE_BATCH = 1000
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    path: Path  # what to read (a symlink inside the tree is read through)
+    rel: str  # '/'-separated path under the root
+    size: int
+    mtime: float
+
+
+@dataclass
+class Summary:
+    copied: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    nbytes: int = 0
+
+
+# -- planning ------------------------------------------------------------------------------
+
+
+def scan_local(root: Path) -> list[LocalFile]:
+    """Regular files under ``root``, checked as object keys. Symlinks are followed only
+    when they stay inside ``root``; one that leaves it (or dangles) refuses the upload."""
+    if not root.is_dir():
+        raise BadInput(f"{root}: not a directory")
+    real_root = os.path.realpath(root)
+    found: list[LocalFile] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in sorted(dirnames):
+            full = os.path.join(dirpath, name)
+            if os.path.islink(full):
+                _inside(full, real_root, root)
+                log.info("%s: symlink to a directory inside the tree; not followed", full)
+        for name in sorted(filenames):
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, root).replace(os.sep, "/")
+            try:
+                rel.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadInput(
+                    f"{full!r}: file name is not UTF-8; OSS keys must be UTF-8 (rename it)"
+                ) from None
+            check_key(rel, full)
+            if os.path.islink(full):
+                _inside(full, real_root, root)
+            try:
+                st = os.stat(full)
+            except OSError as exc:
+                raise BadInput(f"{full}: cannot read: {exc.strerror}") from None
+            if stat.S_ISDIR(st.st_mode):
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                log.warning("%s: not a regular file (fifo, socket or device); skipped", full)
+                continue
+            found.append(LocalFile(Path(full), rel, st.st_size, st.st_mtime))
+    return found
+
+
+def _inside(link: str, real_root: str, root: Path) -> None:
+    target = os.path.realpath(link)
+    if not os.path.exists(target):
+        raise BadInput(f"{link}: symlink to {os.readlink(link)!r} points nowhere; "
+                       "remove it or copy the file into the tree")
+    if target != real_root and not target.startswith(real_root + os.sep):
+        raise BadInput(f"{link}: symlink to {target} points outside {root}; not followed "
+                       "(copy the file into the tree to upload it)")
+
+
+def list_remote(client: S3Client, src: OssUrl) -> dict[str, ObjectInfo]:
+    """Objects under the directory ``src`` by relative key (directory markers left out)."""
+    client.head_bucket(src.bucket)  # a missing bucket is named as such, not "empty"
+    prefix = src.prefix
+    out: dict[str, ObjectInfo] = {}
+    for item in client.list_objects(src.bucket, prefix):
+        if isinstance(item, str):
+            continue
+        rel = item.key[len(prefix):]
+        if not rel or rel.endswith("/"):
+            continue
+        out[rel] = item
+    return out
+
+
+def safe_target(root: Path, rel: str, where: str) -> Path:
+    """``root/rel`` if it stays under ``root`` (no ``..``, absolute or symlinked escape)."""
+    check_key(rel, where)  # control characters, '.'/'..' segments, limits
+    target = root.joinpath(*rel.split("/"))
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(target)
+    if not real.startswith(real_root + os.sep):
+        raise BadInput(f"{where}: would be written outside {root} (at {real}); refused")
+    return target
+
+
+def plan_download(remote: dict[str, ObjectInfo], src: OssUrl, root: Path
+                  ) -> list[tuple[ObjectInfo, Path]]:
+    plan = []
+    for rel, info in sorted(remote.items()):
+        plan.append((info, safe_target(root, rel, f"oss://{src.bucket}/{info.key}")))
+    dirs = {rel.rsplit("/", 1)[0] for rel in remote if "/" in rel}
+    for rel in remote:
+        if rel in dirs or any(d.startswith(rel + "/") for d in dirs):
+            raise BadInput(f"oss://{src.bucket}/{src.prefix}{rel}: is both an object and a "
+                           "directory prefix; it cannot be downloaded as a tree")
+    return plan
+
+
+# -- unchanged? ----------------------------------------------------------------------------
+
+
+def same(local: Path, size: int, mtime: float, info: ObjectInfo,
+         head: Callable[[], ObjectInfo | None]) -> bool:
+    if size != info.size:
+        return False
+    if integrity.is_plain(info.etag):
+        fd = os.open(local, os.O_RDONLY)
+        try:
+            return integrity.file_md5(fd).hex() == info.etag.lower()
+        finally:
+            os.close(fd)
+    full = head()
+    recorded = full.meta.get("mtime") if full else None
+    try:
+        return recorded is not None and abs(float(recorded) - mtime) < 0.001
+    except ValueError:
+        return False
+
+
+# -- operations ----------------------------------------------------------------------------
+
+
+def _run(fns: list[Callable[[], object]], workers: int) -> None:
+    """Run every job; report how many failed with the first error (others still ran)."""
+    errors: list[BaseException] = []
+    with ThreadPoolExecutor(workers, thread_name_prefix="oss-file") as pool:
+        for future in [pool.submit(fn) for fn in fns]:
+            exc = future.exception()
+            if exc is not None:
+                errors.append(exc)
+    if errors:
+        first = errors[0]
+        if len(errors) == 1 and isinstance(first, StorageError):
+            raise first
+        raise StorageError(f"{len(errors)} of {len(fns)} files failed; first: {first}")
+
+
+def upload_tree(
+    t: Transfers, root: Path, dest: OssUrl, *, only_changed: bool = False,
+    delete: bool = False, dry_run: bool = False,
+) -> Summary:
+    """Upload every file under ``root`` to the directory ``dest``."""
+    files = scan_local(root)
+    for f in files:
+        dest.join(f.rel)  # the whole key within OSS's limits, checked before any upload
+    remote = list_remote(t.client, dest) if (only_changed or delete) else {}
+    summary = Summary()
+    todo: list[LocalFile] = []
+    for f in files:
+        info = remote.get(f.rel)
+        if info is not None and only_changed and same(
+            f.path, f.size, f.mtime, info, partial(t.client.head_object, dest.bucket, info.key)
+        ):
+            summary.skipped.append(f.rel)
+        else:
+            todo.append(f)
+    summary.copied = [f.rel for f in todo]
+    summary.nbytes = sum(f.size for f in todo)
+    if delete:
+        local = {f.rel for f in files}
+        summary.deleted = sorted(dest.prefix + rel for rel in remote if rel not in local)
+    if dry_run:
+        return summary
+    t.progress.expect(summary.nbytes, len(todo))
+    _run([_upload_job(t, f, dest) for f in todo], _workers(t))
+    if summary.deleted:
+        _delete_keys(t.client, dest.bucket, summary.deleted)
+    return summary
+
+
+def _upload_job(t: Transfers, f: LocalFile, dest: OssUrl) -> Callable[[], object]:
+    return lambda: t.upload_file(f.path, dest.join(f.rel), announce=False)
+
+
+def download_tree(
+    t: Transfers, src: OssUrl, root: Path, *, only_changed: bool = False,
+    delete: bool = False, dry_run: bool = False,
+) -> Summary:
+    """Download every object under the directory ``src`` into ``root``."""
+    remote = list_remote(t.client, src)
+    if not dry_run:
+        root.mkdir(parents=True, exist_ok=True)
+    plan = plan_download(remote, src, root)
+    summary = Summary()
+    todo: list[tuple[ObjectInfo, Path]] = []
+    for info, target in plan:
+        rel = info.key[len(src.prefix):]
+        if only_changed and target.is_file():
+            st = target.stat()
+            if same(target, st.st_size, st.st_mtime, info,
+                    partial(t.client.head_object, src.bucket, info.key)):
+                summary.skipped.append(rel)
+                continue
+        todo.append((info, target))
+    summary.copied = [info.key[len(src.prefix):] for info, _ in todo]
+    summary.nbytes = sum(info.size for info, _ in todo)
+    if delete and root.is_dir():
+        wanted = {target for _, target in plan}
+        summary.deleted = sorted(
+            str(p) for p in _local_files(root) if p not in wanted
+        )
+    if dry_run:
+        return summary
+    check_space(root, summary.nbytes)
+    for parent in sorted({target.parent for _, target in todo}):
+        parent.mkdir(parents=True, exist_ok=True)
+    t.progress.expect(summary.nbytes, len(todo))
+    _run([_download_job(t, src, info, target) for info, target in todo], _workers(t))
+    for name in summary.deleted:
+        Path(name).unlink()
+    return summary
+
+
+def _download_job(t: Transfers, src: OssUrl, info: ObjectInfo, target: Path
+                  ) -> Callable[[], object]:
+    url = OssUrl(src.bucket, info.key)
+    if not info.meta and not integrity.is_plain(info.etag):
+        # Multipart objects need their metadata (part size, mtime): the full path HEADs.
+        return lambda: t.download_file(url, target, info, announce=False, into_dir=False)
+    return lambda: t.fetch(url, info, target)
+
+
+def _local_files(root: Path) -> Iterator[Path]:
+    for dirpath, _dirs, names in os.walk(root, followlinks=False):
+        for name in names:
+            if not name.endswith(".part"):
+                yield Path(dirpath) / name
+
+
+def _workers(t: Transfers) -> int:
+    # Small files are latency-bound: more in flight than the part pool keeps the link busy.
+    return max(4, t.options.concurrency * 2)
+
+
+def remove(client: S3Client, url: OssUrl, *, recursive: bool = False,
+           dry_run: bool = False) -> list[str]:
+    """Delete the object ``url`` (or with ``recursive`` everything under it); the keys."""
+    if not recursive:
+        if url.is_dir:
+            raise BadInput(f"{url}: is a directory; use -r to remove everything under it")
+        if client.head_object(url.bucket, url.key) is None:
+            raise NotFound(f"{url}: no such object", 404, "NoSuchKey")
+        if not dry_run:
+            client.delete_object(url.bucket, url.key)
+        return [url.key]
+    client.head_bucket(url.bucket)
+    keys = [i.key for i in client.list_objects(url.bucket, url.prefix) if isinstance(i, ObjectInfo)]
+    if not dry_run:
+        _delete_keys(client, url.bucket, keys)
+    return keys
+
+
+def _delete_keys(client: S3Client, bucket: str, keys: list[str]) -> None:
+    failed: list[str] = []
+    for i in range(0, len(keys), DELETE_BATCH):
+        failed += client.delete_objects(bucket, keys[i:i + DELETE_BATCH])
+    if failed:
+        raise StorageError(f"oss://{bucket}/: {len(failed)} objects could not be deleted, "
+                           f"first {failed[0]!r}")
