@@ -35,6 +35,9 @@ class Context:
 class Handler(ABC):
     name: ClassVar[str]
     frequency: ClassVar[str] = "per-instance"
+    # First-boot stage it runs in (see guestagent.userdata.stages): configuration is
+    # "local" (before sshd and the network are up), commands are "final".
+    stage: ClassVar[str] = "local"
     keys: ClassVar[tuple[str, ...]]
 
     @abstractmethod
@@ -46,7 +49,7 @@ class Handler(ABC):
 
 def all_handlers() -> list[Handler]:
     """The handlers in the order they run (cloud-init's stage order)."""
-    from guestagent.userdata.handlers import accounts, dns, ntp, repos, runcmd, write_files
+    from guestagent.userdata.handlers import accounts, dns, ntp, repos, runcmd, sshd, write_files
 
     return [
         write_files.WriteFiles(),
@@ -54,6 +57,7 @@ def all_handlers() -> list[Handler]:
         ntp.Ntp(),
         repos.Repos(),
         accounts.Accounts(),
+        sshd.Sshd(),
         write_files.WriteFilesDeferred(),
         runcmd.RunCmd(),
     ]
