@@ -111,6 +111,7 @@ class Transfers:
 
     def close(self) -> None:
         self._parts.shutdown(wait=True, cancel_futures=True)
+        self.client.close()
 
     def __enter__(self) -> Transfers:
         return self
@@ -383,6 +384,8 @@ class Transfers:
                 rec.save()
             else:
                 fd = os.open(partial, os.O_RDWR)
+                log.info("%s: resuming download, %d of %d parts already here", src,
+                         len(done), count)
             try:
                 self.progress.advance(sum(_span(n, part, size)[1] for n in done))
                 self._fetch_parts(src, info, fd, part, count=count, done=done, rec=rec)
