@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from system_harness import CACHE, RECIPE, agent_toml
+from system_harness import CACHE, RECIPE, SHARED_HOST_NETWORK, agent_toml
 
 from guestagent.images import agent, nspawn, rootfs, tools
 
@@ -91,7 +91,8 @@ def guest_factory(system_layers: list[Path]) -> Iterator[Callable[..., nspawn.Ma
             machine = nspawn.Machine(root, f"ga-{os.getpid()}-{next(_names)}", work / "boot.log")
             stack.callback(machine.poweroff)
             made.append(machine)
-            conf = {"/etc/guestagent/agent.toml": agent_toml(emulator, config), **(files or {})}
+            conf = {"/etc/guestagent/agent.toml": agent_toml(emulator, config),
+                    **SHARED_HOST_NETWORK, **(files or {})}
             for inside, text in conf.items():
                 path = machine.path(inside)
                 path.parent.mkdir(parents=True, exist_ok=True)
