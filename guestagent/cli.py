@@ -28,6 +28,7 @@ COMMANDS = {
     "image": "guestagent.images.cli",
     "storage": "guestagent.storage.cli",
     "tasks": "guestagent.tasks.cli",
+    "migrate": "guestagent.migrate.cli",
 }
 
 EXIT_OK, EXIT_ABSENT, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3

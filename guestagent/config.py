@@ -22,6 +22,7 @@ from guestagent.checks import check_url
 from guestagent.credentials.settings import CredentialSettings
 from guestagent.daemon.settings import DaemonSettings
 from guestagent.metadata.settings import MetadataSettings
+from guestagent.migrate.settings import MigrateSettings
 from guestagent.spot.settings import SpotSettings
 from guestagent.storage.settings import StorageSettings
 from guestagent.tasks.settings import TasksSettings
@@ -54,6 +55,7 @@ class Settings:
     userdata: UserdataSettings = field(default_factory=UserdataSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     tasks: TasksSettings = field(default_factory=TasksSettings)
+    migrate: MigrateSettings = field(default_factory=MigrateSettings)
 
 
 def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
