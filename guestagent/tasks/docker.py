@@ -189,12 +189,22 @@ class DockerRunner:
 
     def adopt(self, ref: str, launch: Launch) -> _Container | None:
         try:
+            ref = ref or self._by_labels(launch)
+            if not ref:
+                return None
             status = self.status(ref)
         except _errors() as exc:
             raise TaskError(f"{launch.name}: the engine cannot be asked: {_short(exc)}") from None
         if status is None:
             return None
         return _Container(self, ref, launch)
+
+    def _by_labels(self, launch: Launch) -> str:
+        """The attempt's container found by its labels (the agent died before saving its
+        id), or ""."""
+        labels = [f"{k}={v}" for k, v in launch.labels.items()]
+        found = self.client().containers.list(all=True, filters={"label": labels})
+        return str(found[0].id) if found else ""
 
     def status(self, ref: str) -> tuple[bool, int] | None:
         """(running, exit code) of the container, None if it no longer exists."""

@@ -22,10 +22,12 @@ from guestagent.tasks.errors import TaskError
 
 log = logging.getLogger(__name__)
 
-# Keeps the command's exit code on disk for a restarted agent: the shell traps TERM/INT
+# Leaves traces on disk for a restarted agent: its own pid first (found again even if the
+# agent died before recording it), then the command's exit code. The shell traps TERM/INT
 # (a handler, not "ignore", so the command itself keeps the default disposition), waits
 # for the command and writes its status atomically (tmp + rename) before exiting with it.
-_SHIM = 'f=$1; shift; trap : TERM INT; "$@"; rc=$?; echo $rc >"$f.tmp"; mv "$f.tmp" "$f"; exit $rc'
+_SHIM = ('f=$1; echo $$ >"$2"; shift 2; trap : TERM INT; "$@"; rc=$?; '
+         'echo $rc >"$f.tmp"; mv "$f.tmp" "$f"; exit $rc')
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,13 @@ def _start_time(pid: int) -> str | None:
     return fields[19]
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 class HostRunner:
     """The command in its own process group on the host, with the Docker contract's env."""
 
@@ -149,7 +158,8 @@ class HostRunner:
         exit_file = launch.state_dir / "exit"
         with contextlib.suppress(FileNotFoundError):
             exit_file.unlink()
-        argv = ["/bin/sh", "-c", _SHIM, "guestagent-task", str(exit_file), *launch.argv]
+        argv = ["/bin/sh", "-c", _SHIM, "guestagent-task", str(exit_file),
+                str(launch.state_dir / "pid"), *launch.argv]
         try:
             child = process.spawn(argv, name=launch.name, env=dict(launch.env),
                                   cwd=str(launch.workdir), log_path=launch.stdout,
@@ -160,6 +170,8 @@ class HostRunner:
         return _HostChild(child, f"{child.pid}:{start}:{exit_file}")
 
     def adopt(self, ref: str, launch: Launch) -> _AdoptedHost | None:
+        if not ref:
+            ref = self._traces(launch)
         try:
             pid_text, start, exit_path = ref.split(":", 2)
             pid = int(pid_text)
@@ -169,3 +181,16 @@ class HostRunner:
         if handle._alive() or handle._code() is not None:
             return handle
         return None
+
+    @staticmethod
+    def _traces(launch: Launch) -> str:
+        """A ref rebuilt from the attempt's own files (the agent died before saving it)."""
+        exit_file = launch.state_dir / "exit"
+        try:
+            pid = int((launch.state_dir / "pid").read_text().strip())
+        except (OSError, ValueError):
+            return ""
+        start = ""
+        if str(exit_file).encode() in _cmdline(pid):  # that pid is still our shell
+            start = _start_time(pid) or ""
+        return f"{pid}:{start}:{exit_file}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -270,6 +271,9 @@ class Scheduler:
                 continue
             if not self.slots.acquire(timeout=0):
                 return
+            # No trace of an earlier attempt may pass for this one's after a crash.
+            shutil.rmtree(self._job_dir(run) / name / str(inst.index) / "run",
+                          ignore_errors=True)
             self.store.claimed(run.job_id, name, inst.index)
             self._spawn_thread(run, inst, adopt=None)
 
@@ -398,12 +402,16 @@ class Scheduler:
                                   name=name)
             handle: Handle | None
             started = time.time()
-            if adopt is not None and adopt.ref:
-                handle = runner.adopt(adopt.ref, launch)
+            handle = runner.adopt(adopt.ref, launch) if adopt is not None else None
+            if adopt is not None and handle is None and adopt.ref:
+                return _Outcome(inst.task, inst.index, FAILED, None,
+                                "lost: its process ended while the agent was down")
+            if handle is not None:
+                assert adopt is not None
                 started = adopt.started or started
-                if handle is None:
-                    return _Outcome(inst.task, inst.index, FAILED, None,
-                                    "lost: its process ended while the agent was down")
+                if not adopt.ref:  # found by its traces: save what names it now
+                    self.store.started(run.job_id, inst.task, inst.index, runner.kind,
+                                       handle.ref)
             else:
                 staging.prepare(layout, task, storage, docker)
                 handle = runner.start(launch)
