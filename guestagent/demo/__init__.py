@@ -88,9 +88,9 @@ def _story(stack: contextlib.ExitStack, workdir: Path, args: argparse.Namespace)
     agent.credentials(cfg)
     storage.run(cloud, daemon, workdir, data)
     if agent.has_tasks():
-        from guestagent.demo import tasks
+        import importlib
 
-        tasks.run(cloud, daemon, workdir)
+        importlib.import_module("guestagent.demo.tasks").run(cloud, daemon, workdir)
     else:
         print("\n== tasks: not in this build of the agent (guestagent.tasks.service)")
     release = 20.0 if args.quick else args.release_after
