@@ -81,7 +81,8 @@ def _inside(guest: nspawn.Machine, emu: object) -> int:
     print(f"guestagent.service active {time.monotonic() - start:.1f} s after nspawn started")
     guest.wait_booted()
     for title, cmd in (
-        ("first boot", ["systemctl", "--no-pager", "status", "guestagent-firstboot.service"]),
+        ("first boot (local stage: configuration before sshd and network-online)",
+         ["systemctl", "--no-pager", "status", "guestagent-firstboot-local.service"]),
         ("DNS from user-data", ["cat", "/etc/resolv.conf"]),
         ("the sudo account from user-data", ["id", "ops"]),
         ("the agent inside", ["guestagent", "status"]),
