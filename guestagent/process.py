@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +75,54 @@ _live_lock = threading.Lock()
 # Tags of finished children per group: what they left behind is ended with the group.
 _past: dict[str, list[str]] = {}
 MAX_PAST = 500
-_state = {"subreaper": False}
+_state: dict[str, Any] = {"subreaper": False, "owner": ""}
 
 
 def _new_tag() -> str:
-    return f"{os.getpid()}.{next(_serial)}"
+    return f"{_state['owner']}|{os.getpid()}.{next(_serial)}"
+
+
+def set_owner(owner: str) -> None:
+    """Name the agent instance (its state directory) in every child's tag, so that the next
+    instance can find what a killed one left running (:func:`end_orphans`)."""
+    _state["owner"] = owner.replace("|", "/")
+
+
+def end_orphans() -> int:
+    """Kill children of a previous agent instance with the same owner that died with their
+    parent gone (kill -9, a crash): their output had no reader left and their work is run
+    again. Only processes tagged with this owner are looked at, so another agent's children
+    are never touched. Returns how many were killed."""
+    import psutil
+
+    owner = _state["owner"]
+    if not owner:
+        return 0
+    killed = 0
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError, ValueError):
+            tag = proc.environ().get(TAG_ENV, "")
+            tag_owner, _, rest = tag.rpartition("|")
+            if tag_owner != owner:
+                continue
+            agent = int(rest.split(".", 1)[0])
+            if agent == os.getpid() or _alive_since(agent, proc.create_time()):
+                continue
+            proc.kill()
+            killed += 1
+    if killed:
+        log.warning("killed %d process(es) left running by a previous agent", killed)
+    return killed
+
+
+def _alive_since(pid: int, before: float) -> bool:
+    """Whether ``pid`` is a process that already existed at time ``before`` (not a reuse)."""
+    import psutil
+
+    try:
+        return bool(psutil.Process(pid).create_time() <= before)
+    except psutil.Error:
+        return False
 
 
 def _track(entry: _Entry) -> None:
@@ -133,7 +177,7 @@ def _tagged(tags: set[str]) -> list[int]:
 
 
 def _subreaper_on() -> bool:
-    return _state["subreaper"]
+    return bool(_state["subreaper"])
 
 
 def _kill_tree(leader: int, tag: str, sig: int = signal.SIGKILL) -> int:
@@ -386,14 +430,13 @@ class Child:
             os.killpg(self._proc.pid, sig)
 
     def stop(self, grace: float = 5.0) -> int | None:
+        """SIGTERM to the group, ``grace`` seconds, then SIGKILL to the group and to every
+        descendant still running (escaped ones included)."""
         if self._proc.poll() is None:
             self.signal(signal.SIGTERM)
-            if self.wait(grace) is None:
-                _kill_tree(self._proc.pid, self.tag)
-                self.wait(grace)
-        else:
-            # The leader is gone; members of its group, or escaped ones, may not be.
-            _kill_tree(self._proc.pid, self.tag)
+            self.wait(grace)
+        _kill_tree(self._proc.pid, self.tag)
+        self.wait(grace)
         _untrack(self.tag)
         return self._proc.returncode
 

@@ -99,6 +99,8 @@ class Daemon:
         server: control.ControlServer | None = None
         try:
             process.become_subreaper()
+            process.set_owner(str(d.state_dir.resolve()))
+            process.end_orphans()
             self.client = MetadataClient(self.settings.metadata)
             self.ctx = Context(self.settings, self.client, self._on_drain_request,
                                config_path=self.config_path, inline_oneshots=False,
