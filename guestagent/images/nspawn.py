@@ -89,9 +89,14 @@ class Machine:
             f"--directory={self.root}",
             f"--machine={self.name}",
             "--console=passive",
+            # The image's own resolv.conf, timezone and journal: first boot writes them.
+            "--resolv-conf=off",
+            "--timezone=off",
+            "--link-journal=no",
             *self.extra,
         ]
         self.booted_at = time.monotonic()
+        self.leader = None
         self.child = process.spawn(argv, name=f"nspawn-{self.name}", log_path=self.log_path)
         end = time.monotonic() + timeout
         while self.leader is None:
