@@ -233,17 +233,32 @@ def reap_adopted() -> int:
 
 # -- between fork and exec --------------------------------------------------------------
 
+def _own_oom_adj() -> int:
+    try:
+        with open("/proc/self/oom_score_adj") as fh:
+            return int(fh.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
 def _preexec(memory_limit: int | None, die_with_parent: bool) -> Callable[[], None] | None:
-    """What the child does between fork and exec (nothing that allocates or locks).
+    """What the child does between fork and exec (system calls only, nothing that locks).
 
     ``die_with_parent``: PR_SET_PDEATHSIG, the kernel kills the child when the thread that
-    forked it ends, which for :func:`run` (it waits) is when the agent dies."""
-    if memory_limit is None and not die_with_parent:
+    forked it ends, which for :func:`run` (it waits) is when the agent dies. A negative
+    OOM score adjustment (the agent's unit sets one for the agent alone) is reset to 0:
+    hooks and user-data are ordinary work, first in line for the OOM killer like any."""
+    reset_oom = _own_oom_adj() < 0
+    if memory_limit is None and not die_with_parent and not reset_oom:
         return None
     prctl = ctypes.CDLL(None, use_errno=True).prctl if die_with_parent else None
     parent = os.getpid()
 
     def apply() -> None:
+        if reset_oom:
+            fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+            os.write(fd, b"0")
+            os.close(fd)
         if memory_limit is not None:
             resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
         if prctl is not None:
@@ -252,6 +267,10 @@ def _preexec(memory_limit: int | None, die_with_parent: bool) -> Callable[[], No
                 os._exit(1)
 
     return apply
+
+
+def _untagged(env: Mapping[str, str] | None) -> dict[str, str]:
+    return {k: v for k, v in (os.environ if env is None else env).items() if k != TAG_ENV}
 
 
 def _child_env(env: Mapping[str, str] | None, tag: str) -> dict[str, str]:
@@ -450,15 +469,19 @@ def spawn(
     log_path: str | os.PathLike[str] | None = None,
     stdin: bytes | None = None,
     group: str | None = None,
+    survive_agent: bool = False,
 ) -> Child:
     """Start ``argv`` in the background in its own process group.
 
     Output goes to ``log_path`` (appended) or is discarded: never to a pipe that nobody
-    reads. The caller ends it with :meth:`Child.stop`. It dies with the agent's cgroup
-    under systemd; work that must outlive an agent restart is not for this function.
+    reads. The caller ends it with :meth:`Child.stop`. Under systemd it dies with the
+    agent's cgroup: work that must outlive an agent restart goes through
+    :func:`guestagent.detached.start` (a transient unit there). ``survive_agent`` (used by
+    that module without systemd) leaves it untagged and untracked, so nothing of the agent
+    ends it as a leftover.
     """
     args = tuple(str(a) for a in argv)
-    tag = _new_tag()
+    tag = "" if survive_agent else _new_tag()
     out = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
     try:
         proc = subprocess.Popen(
@@ -466,16 +489,18 @@ def spawn(
             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=_child_env(env, tag),
+            env=_child_env(env, tag) if tag else _untagged(env),
             cwd=cwd,
             start_new_session=True,
+            preexec_fn=_preexec(None, False),  # noqa: PLW1509 - see _preexec
         )
     except OSError as exc:
         raise ProcessError(f"cannot start {args[0]}: {exc.strerror or exc}") from exc
     finally:
         if log_path is not None:
             out.close()  # type: ignore[union-attr]
-    _track(_Entry(tag, proc.pid, group))
+    if tag:
+        _track(_Entry(tag, proc.pid, group))
     if stdin is not None and proc.stdin is not None:
         with contextlib.suppress(BrokenPipeError):
             proc.stdin.write(stdin)

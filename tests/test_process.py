@@ -164,3 +164,19 @@ def test_the_next_agent_ends_what_a_killed_one_left(tmp_path: Path,
     finally:
         process._state["owner"] = previous
     wait_for(lambda: gone(bg))
+
+
+def test_children_do_not_inherit_the_agents_oom_protection() -> None:
+    # The agent's unit sets OOMScoreAdjust=-500; its hooks must not be protected with it.
+    code = (
+        "import sys\n"
+        "from guestagent import process\n"
+        "open('/proc/self/oom_score_adj', 'w').write('-500')\n"
+        "res = process.run(['cat', '/proc/self/oom_score_adj'])\n"
+        "sys.stdout.write(res.text())\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0"
