@@ -223,6 +223,21 @@ def _credentials(ctx: Context) -> Service | None:
     return service
 
 
+def _storage(ctx: Context) -> Service | None:
+    if not ctx.settings.storage.enabled:
+        return None
+    cls = _optional("guestagent.storage.service", "StorageService")
+    if cls is None:
+        return None
+    from guestagent.credentials.consumers import CredentialAccess
+
+    def source() -> Any:
+        return ctx.service("credentials", CredentialAccess).source  # type: ignore[type-abstract]
+
+    service: Service = cls(ctx.settings, source=source)
+    return service
+
+
 def _maintenance(ctx: Context) -> Service | None:
     if not (ctx.settings.spot.enabled and ctx.settings.spot.maintenance_enabled):
         return None
@@ -244,5 +259,8 @@ def _spot(ctx: Context) -> Service | None:
 register(ServiceSpec("userdata", 10, _firstboot, ("userdata", "metadata")))
 register(ServiceSpec("metadata", 20, _metadata, ("metadata", "daemon")))
 register(ServiceSpec("credentials", 30, _credentials, ("credentials", "metadata")))
+# After credentials (rclone and uploads need them), drained before them: outputs flushed.
+register(ServiceSpec("storage", 40, _storage, ("storage", "credentials", "daemon"),
+                     requires=("credentials",)))
 register(ServiceSpec("maintenance", 80, _maintenance, ("spot", "metadata")))
 register(ServiceSpec("spot", 90, _spot, ("spot", "metadata")))

@@ -33,6 +33,7 @@ COMPONENTS: dict[str, str] = {
     "oss": "guestagent.localcloud.oss:MotoOss",
     "oss-rclone": "guestagent.localcloud.oss:RcloneOss",
     "docker": "guestagent.localcloud.dockerd:DockerComponent",
+    "nas": "guestagent.localcloud.nas:NasComponent",
 }
 
 

@@ -59,7 +59,7 @@ class _StandIn:
     program = ""
 
     def __init__(self, workdir: Path, env: Mapping[str, str]) -> None:
-        self.workdir = Path(workdir) / self.name
+        self.workdir = Path(workdir)
         self.buckets = _buckets(env)
         self.port = 0
         self._child: process.Child | None = None
@@ -84,8 +84,16 @@ class _StandIn:
         self._child = process.spawn(self.argv(), name=self.program, env=env,
                                     cwd=str(self.workdir), log_path=log)
         _wait_listening(self.port, self._child, log)
-        self.make_buckets()
+        from guestagent.storage.errors import StorageError
+
+        try:
+            self.make_buckets()
+        except (OSError, StorageError) as exc:
+            self.stop()
+            raise OssStandInError(f"{self.name}: cannot create buckets: {exc}") from None
+        own = "GUESTAGENT_LOCALCLOUD_" + self.name.upper().replace("-", "_") + "_URL"
         return {
+            own: self.url,  # both stand-ins stay reachable when both run
             "GUESTAGENT_STORAGE_ENDPOINT": self.url,
             "GUESTAGENT_STORAGE_PATH_STYLE": "true",
         }

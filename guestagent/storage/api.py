@@ -18,29 +18,29 @@ import contextlib
 import logging
 import os
 import tempfile
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from guestagent.storage.errors import BadInput, StorageError
+from guestagent.storage.keys import KeyProvider
 from guestagent.storage.mappings import local_dir, parse_package_path
 from guestagent.storage.mounts import Mount, MountTable, Options, RcloneRemote
 from guestagent.storage.ossurl import OssUrl
+from guestagent.storage.outputs import FlushReport, OutputSession
 from guestagent.storage.package import DEFAULT_LIMITS, Limits, Unpacked, unpack
 
 log = logging.getLogger(__name__)
 
 
 class Transfers(Protocol):
-    """What the facade needs from the transfers module."""
+    """What the facade needs from the transfers module (``transfer.Transfers``)."""
 
-    def download_file(self, url: OssUrl, local: Path) -> object: ...
+    def download_file(self, src: OssUrl, local: Path) -> object: ...
 
-    def upload_file(self, local: Path, url: OssUrl) -> object: ...
-
-    def upload_tree(self, local_dir: Path, url: OssUrl) -> list[str]:
-        """Upload every regular file under ``local_dir``; the keys written."""
-        ...
+    def upload_file(self, local: Path, dest: OssUrl) -> object: ...
 
 
 @dataclass
@@ -73,12 +73,26 @@ class Storage:
         remote: RcloneRemote | None = None,
         options: Options | None = None,
         package_limits: Limits = DEFAULT_LIMITS,
+        remote_factory: Callable[[], RcloneRemote] | None = None,
     ) -> None:
         self.transfers = transfers
         self.mounts = mounts if mounts is not None else MountTable()
         self.remote = remote
+        self._remote_factory = remote_factory
         self.options = options
         self.package_limits = package_limits
+        self.sessions: list[OutputSession] = []
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Any, keys: KeyProvider | None = None,
+                      environ: Mapping[str, str] | None = None) -> Storage:
+        """The agent's storage: transfers signed with ``keys`` (default: the credential
+        server's socket, as the CLI does; the daemon passes its credential Source), mounts
+        whose rclone reads keys from the credential server's loopback listener."""
+        env = dict(os.environ if environ is None else environ)
+        return cls(_LazyTransfers(settings, keys, env), options=mount_options(settings),
+                   remote_factory=lambda: rclone_remote(settings, env))
 
     def _transfers(self) -> Transfers:
         if self.transfers is None:
@@ -103,12 +117,49 @@ class Storage:
                 archive.unlink()
 
     def upload_dir(self, local: Path, url: str | OssUrl) -> list[str]:
-        """Upload everything under ``local`` to the OSS directory ``url`` (OutputMapping)."""
-        dest = _oss_dir(url, "upload_dir")
-        source = Path(local_dir(str(local), "upload_dir"))
-        if not source.is_dir():
-            raise BadInput(f"upload_dir: {source} is not a directory")
-        return self._transfers().upload_tree(source, dest)
+        """Upload everything under ``local`` to the OSS directory ``url`` (OutputMapping);
+        the keys written. Symlinks are not followed. Raises if any file failed."""
+        session = self.open_output(local, url)
+        try:
+            report = session.finish()
+        finally:
+            self.close_output(session)
+        if report.failed:
+            rel, why = next(iter(report.failed.items()))
+            raise StorageError(f"upload of {local} to {url}: {len(report.failed)} file(s) "
+                               f"failed, first {rel}: {why}")
+        return [session.dest.join(rel).key for rel in report.uploaded]
+
+    def open_output(self, local: Path, url: str | OssUrl, *, streaming: bool = False,
+                    kind: str = "output") -> OutputSession:
+        """An OutputMapping (or LogMapping, ``kind="log"``) of a running task: pending files
+        are flushed by :meth:`flush_all` on a drain; streaming ones upload each closed file."""
+        if kind == "log":
+            dest = url if isinstance(url, OssUrl) else OssUrl.parse(url, "LogMapping")
+            source = Path(local_dir(str(local), "LogMapping"))
+        else:
+            dest = _oss_dir(url, "OutputMapping")
+            source = Path(local_dir(str(local), "OutputMapping"))
+            if source.exists() and not source.is_dir():
+                raise BadInput(f"OutputMapping: {source} is not a directory")
+        session = OutputSession(source, dest, self._transfers(), streaming=streaming, kind=kind)
+        session.start()
+        with self._lock:
+            self.sessions.append(session)
+        return session
+
+    def close_output(self, session: OutputSession) -> None:
+        session.stop_watching()
+        with self._lock:
+            if session in self.sessions:
+                self.sessions.remove(session)
+
+    def flush_all(self, deadline: float | None = None) -> dict[str, FlushReport]:
+        """Upload what every open output/log session has pending (a spot drain)."""
+        return {str(s.local): s.flush(deadline) for s in list(self.sessions)}
+
+    def pending_uploads(self) -> int:
+        return sum(len(s.pending()) for s in list(self.sessions))
 
     def upload_file(self, local: Path, url: str | OssUrl) -> OssUrl:
         """Upload one file; ``url`` may be a directory (the file keeps its name)."""
@@ -127,14 +178,82 @@ class Storage:
                            "mount read-only and upload results with an OutputMapping")
         source = _oss_dir(source_url, "mount")
         path = Path(local_dir(str(dest), "mount"))
-        if self.remote is None or self.options is None:
-            raise StorageError("OSS mounts are not configured in this agent "
-                               "(no credential endpoint for rclone)")
-        self.mounts.add(Mount(source, path, self.remote, self.options, origin="task"))
+        remote = self.rclone_remote()
+        if self.options is None:
+            raise StorageError("OSS mounts are not configured in this agent")
+        self.mounts.add(Mount(source, path, remote, self.options, origin="task"))
         return MountHandle(source, path, self.mounts)
 
+    def rclone_remote(self) -> RcloneRemote:
+        if self.remote is None and self._remote_factory is not None:
+            self.remote = self._remote_factory()
+        if self.remote is None:
+            raise StorageError("OSS mounts are not configured in this agent "
+                               "(no credential endpoint for rclone)")
+        return self.remote
+
     def close(self) -> None:
+        if isinstance(self.transfers, _LazyTransfers):
+            self.transfers.close()
+        for session in list(self.sessions):
+            self.close_output(session)
         self.mounts.stop_all()
+
+
+class _LazyTransfers:
+    """The transfers module's client, built on first use (an endpoint may need metadata)."""
+
+    def __init__(self, settings: Any, keys: KeyProvider | None,
+                 environ: Mapping[str, str]) -> None:
+        self._args = (settings, keys, environ)
+        self._inner: Any = None
+        self._lock = threading.Lock()
+
+    def _get(self) -> Any:
+        with self._lock:
+            if self._inner is None:
+                from guestagent.storage import transfer
+                from guestagent.storage.connect import client_for
+
+                settings, keys, environ = self._args
+                client = client_for(settings, keys, environ)
+                self._inner = transfer.Transfers(client, transfer.Options.from_settings(settings))
+            return self._inner
+
+    def download_file(self, src: OssUrl, local: Path) -> object:
+        return self._get().download_file(src, local)
+
+    def upload_file(self, local: Path, dest: OssUrl) -> object:
+        return self._get().upload_file(local, dest)
+
+    def close(self) -> None:
+        if self._inner is not None:
+            self._inner.close()
+            self._inner.client.close()
+
+
+def mount_options(settings: Any) -> Options:
+    st = settings.storage
+    return Options(run_dir=Path(settings.daemon.run_dir) / "storage",
+                   ready_timeout=st.mount_ready_timeout, stat_timeout=st.mount_stat_timeout)
+
+
+def rclone_remote(settings: Any, environ: Mapping[str, str]) -> RcloneRemote:
+    """rclone's view of OSS: the [storage] endpoint, keys from the credential server's
+    loopback TCP listener (rclone's AWS SDK reads an http URL, not a Unix socket)."""
+    from guestagent.storage import endpoint
+
+    cs = settings.credentials
+    if not cs.tcp_enabled:
+        raise StorageError("OSS mounts need the credential server's loopback listener "
+                           "(rclone reads keys over HTTP): set [credentials] tcp_enabled = true")
+    prefix = f"/{cs.path_secret}" if cs.path_secret else ""
+    url = f"http://{cs.tcp_host}:{cs.tcp_port}{prefix}/v1/credentials/aws"
+    ep = endpoint.resolve(settings.storage, environ,
+                          lambda: endpoint.from_instance(settings.metadata))
+    return RcloneRemote(endpoint=f"{ep.scheme}://{ep.netloc}", credentials_url=url,
+                        region=ep.region, path_style=ep.path_style, token_file=cs.token_file,
+                        rclone=settings.storage.rclone)
 
 
 def _oss_dir(url: str | OssUrl, where: str) -> OssUrl:

@@ -12,11 +12,12 @@ from guestagent.cli import EXIT_USAGE
 # Modules with ``register(subparsers)`` adding commands under ``storage``.
 PARTS = [
     "guestagent.storage.transfercli",  # cp, ls, sync, rm
+    "guestagent.storage.mountcli",  # mount, umount, mounts, nas
 ]
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser("storage", help="OSS transfers, mounts and NAS")
+    parser = subparsers.add_parser("storage", help="OSS transfers and mounts, NAS mounts")
     sub = parser.add_subparsers(dest="storage_command", metavar="COMMAND")
     for name in PARTS:
         importlib.import_module(name).register(sub)

@@ -227,7 +227,7 @@ def parse_mount_entries(raw: Any) -> tuple[MountEntry, ...]:
         entries = [entries]
     if not isinstance(entries, list):
         raise BadInput("Mounts.Entries: want a list of {Source, Destination, WriteSupport}")
-    return tuple(_mount_entry(e, f"Mounts.Entries[{i}]") for i, e in enumerate(entries))
+    return tuple(mount_entry(e, f"Mounts.Entries[{i}]") for i, e in enumerate(entries))
 
 
 def parse_config(raw: Any, where: str) -> MountConfig:
@@ -252,10 +252,10 @@ def parse_mount_spec(text: str, where: str = "mount") -> MountEntry:
     source, sep, dest = text.rpartition(":")
     if not sep or not source or not dest.startswith("/"):
         raise BadInput(f"{where}: want SOURCE:/local/dir, got {text!r}")
-    return _mount_entry({"Source": source, "Destination": dest}, where)
+    return mount_entry({"Source": source, "Destination": dest}, where)
 
 
-def _mount_entry(raw: Any, where: str) -> MountEntry:
+def mount_entry(raw: Any, where: str) -> MountEntry:
     entry = _table(raw, where)
     unknown = set(entry) - {"Source", "Destination", "WriteSupport"}
     if unknown:
@@ -410,6 +410,7 @@ __all__ = [
     "OutputMap",
     "check",
     "local_dir",
+    "mount_entry",
     "parse_input_mapping",
     "parse_log_mapping",
     "parse_mount_entries",

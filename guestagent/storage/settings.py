@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +17,8 @@ MAX_PARTS = 10_000
 
 @dataclass(frozen=True)
 class StorageSettings:
+    # The daemon's storage service (mounts of [storage] mounts, output flush on a drain).
+    enabled: bool = True
     # S3-compatible endpoint URL; empty: derived from the instance's region-id and
     # network-type (or BATCH_COMPUTE_OSS_HOST). Set it for the local cloud.
     endpoint: str = ""
@@ -39,7 +41,31 @@ class StorageSettings:
     # Where resumable transfers keep their state; empty: <daemon.state_dir>/storage.
     state_dir: Path | None = None
 
+    # Mounts made by the daemon's storage service and kept healthy, "SOURCE:/local/dir"
+    # each as `bcs sub -r` writes them: oss://bucket/dir/:/mnt/in (read-only, rclone) or
+    # nas://<id>.<region>.nas.aliyuncs.com:/path/:/mnt/nas (a systemd mount unit).
+    mounts: list[str] = field(default_factory=list)
+    rclone: str = "rclone"
+    mount_check_interval: float = 2.0  # health check (stat with a timeout) of each mount
+    mount_stat_timeout: float = 2.0
+    mount_ready_timeout: float = 30.0
+    # NAS: NFS version ("3" or "4.0"), locks (Lock: true drops nolock), mount on first use.
+    nas_version: Literal["3", "4.0"] = "3"
+    nas_lock: bool = False
+    nas_automount: bool = False
+
     def validate(self) -> None:
+        for name in ("mount_check_interval", "mount_stat_timeout", "mount_ready_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        for spec in self.mounts:
+            from guestagent.storage.errors import BadInput
+            from guestagent.storage.mappings import parse_mount_spec
+
+            try:
+                parse_mount_spec(spec, "mounts")
+            except BadInput as exc:
+                raise ValueError(str(exc)) from None
         if self.endpoint:
             check_url(self.endpoint, "endpoint")
         if self.region and not all(p.isalnum() for p in self.region.split("-")):

@@ -307,6 +307,11 @@ class Transfers:
             self.progress.expect(info.size, 1)
         local.parent.mkdir(parents=True, exist_ok=True)
         check_space(local.parent, info.size)
+        return self.fetch(src, info, local)
+
+    def fetch(self, src: OssUrl, info: ObjectInfo, local: Path) -> Outcome:
+        """Download to exactly ``local`` whose directory exists and has room (checked by
+        the caller: trees check once for all their files)."""
         partial = local.with_name(local.name + PART_SUFFIX)
         try:
             if info.size < self.options.multipart_threshold:
@@ -321,8 +326,13 @@ class Transfers:
                 f"{local}: {exc}; nothing was left under that name (free space and retry)"
             ) from None
         mtime = _mtime(info)
-        os.utime(partial, (mtime, mtime))
-        os.replace(partial, local)
+        try:
+            os.utime(partial, (mtime, mtime))
+            os.replace(partial, local)
+        except OSError as exc:
+            with contextlib.suppress(FileNotFoundError):
+                partial.unlink()
+            raise StorageError(f"{local}: cannot put the download there: {exc.strerror}") from None
         self.progress.finished(str(local), info.size)
         return Outcome(local, src, info.size, resumed=resumed)
 

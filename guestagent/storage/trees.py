@@ -244,6 +244,8 @@ def download_tree(
     if dry_run:
         return summary
     check_space(root, summary.nbytes)
+    for parent in sorted({target.parent for _, target in todo}):
+        parent.mkdir(parents=True, exist_ok=True)
     t.progress.expect(summary.nbytes, len(todo))
     _run([_download_job(t, src, info, target) for info, target in todo], _workers(t))
     for name in summary.deleted:
@@ -254,7 +256,10 @@ def download_tree(
 def _download_job(t: Transfers, src: OssUrl, info: ObjectInfo, target: Path
                   ) -> Callable[[], object]:
     url = OssUrl(src.bucket, info.key)
-    return lambda: t.download_file(url, target, info, announce=False, into_dir=False)
+    if not info.meta and not integrity.is_plain(info.etag):
+        # Multipart objects need their metadata (part size, mtime): the full path HEADs.
+        return lambda: t.download_file(url, target, info, announce=False, into_dir=False)
+    return lambda: t.fetch(url, info, target)
 
 
 def _local_files(root: Path) -> Iterator[Path]:

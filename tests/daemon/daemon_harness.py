@@ -23,9 +23,10 @@ def fast_config(url: str, workdir: Path) -> dict[str, dict[str, Any]]:
                        deadline_margin=1.0)
     cfg["daemon"].update(stop_timeout=5.0, restart_backoff=0.1, restart_backoff_max=0.5,
                          metadata_check_interval=0.5)
-    # The real credential and first-boot services are switched on by the tests about them.
+    # The real credential, first-boot and storage services are switched on by their tests.
     cfg["credentials"]["enabled"] = False
     cfg["userdata"] = {"enabled": False}
+    cfg["storage"] = {"enabled": False}  # tests/storage switch it on
     return cfg
 
 

@@ -79,31 +79,10 @@ def bucket(s3: Any) -> Callable[..., str]:
     return make
 
 
-class BotoTransfers:
-    """The facade's Transfers over boto3 (until the agent's own transfer module is wired)."""
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-
-    def download_file(self, url: Any, local: Path) -> None:
-        self.client.download_file(url.bucket, url.key, str(local))
-
-    def upload_file(self, local: Path, url: Any) -> None:
-        self.client.upload_file(str(local), url.bucket, url.key)
-
-    def upload_tree(self, local_dir: Path, url: Any) -> list[str]:
-        keys = []
-        for path in sorted(local_dir.rglob("*")):
-            if path.is_file() and not path.is_symlink():
-                key = url.prefix + str(path.relative_to(local_dir))
-                self.client.upload_file(str(path), url.bucket, key)
-                keys.append(key)
-        return keys
-
-
 @pytest.fixture
-def boto_transfers(bucket: Any) -> BotoTransfers:
-    return BotoTransfers(bucket.client)
+def agent_transfers(transfers: Transfers) -> Transfers:
+    """The agent's own transfers (our S3 client) on the moto server, for the facade."""
+    return transfers
 
 
 # -- transfers: our own client on the moto server -----------------------------------------

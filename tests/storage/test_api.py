@@ -27,32 +27,32 @@ def tarball(members: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def test_fetch_package_unpacks_into_the_workdir(bucket, boto_transfers, tmp_path):
+def test_fetch_package_unpacks_into_the_workdir(bucket, agent_transfers, tmp_path):
     name = bucket({"test/worker.tar.gz": tarball({"test.py": b"print('hello')\n"})})
     workdir = tmp_path / "batchcompute" / "workdir"
-    result = Storage(boto_transfers).fetch_package(f"oss://{name}/test/worker.tar.gz", workdir)
+    result = Storage(agent_transfers).fetch_package(f"oss://{name}/test/worker.tar.gz", workdir)
     assert (workdir / "test.py").read_bytes() == b"print('hello')\n"
     assert result.members == 1
     assert sorted(p.name for p in workdir.parent.iterdir()) == ["workdir"]
 
 
-def test_a_package_that_escapes_changes_nothing(bucket, boto_transfers, tmp_path):
+def test_a_package_that_escapes_changes_nothing(bucket, agent_transfers, tmp_path):
     name = bucket({"w.tar.gz": tarball({"ok.txt": b"1", "../../evil.sh": b"rm -rf /"})})
     workdir = tmp_path / "wd"
     workdir.mkdir()
     with pytest.raises(BadInput, match=re.escape("contains '..'")):
-        Storage(boto_transfers).fetch_package(f"oss://{name}/w.tar.gz", workdir)
+        Storage(agent_transfers).fetch_package(f"oss://{name}/w.tar.gz", workdir)
     assert list(workdir.iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["agent.toml", "wd"]
 
 
-def test_upload_dir_and_file(bucket, boto_transfers, tmp_path):
+def test_upload_dir_and_file(bucket, agent_transfers, tmp_path):
     name = bucket()
     out = tmp_path / "out"
     (out / "sub").mkdir(parents=True)
     (out / "a.txt").write_text("A")
     (out / "sub" / "b.txt").write_text("B")
-    storage = Storage(boto_transfers)
+    storage = Storage(agent_transfers)
     assert storage.upload_dir(out, f"oss://{name}/results/") == ["results/a.txt",
                                                                  "results/sub/b.txt"]
     log = tmp_path / "task.log"

@@ -92,3 +92,58 @@ def test_a_non_empty_directory_is_refused(bucket, remote, table, tmp_path):
     with pytest.raises(BadInput, match="directory is not empty"):
         table.add(Mount(OssUrl(bucket(), ""), dest, remote, options(tmp_path)))
     assert (dest / "mine.txt").read_text() == "keep" and mountinfo(dest) is None
+
+
+def run_cli(config, *args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "guestagent", "--config", str(config),
+                           "storage", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_mount_mounts_umount(bucket, creds, s3, tmp_path):
+    import json
+    from urllib.parse import urlsplit
+
+    name = bucket({"in/a.txt": b"from the CLI"})
+    port = urlsplit(creds.aws_url).port
+    config = tmp_path / "cli.toml"
+    config.write_text(
+        f'[daemon]\nrun_dir = "{tmp_path / "run"}"\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[credentials]\ntcp_enabled = true\ntcp_port = {port}\n'
+        f'token_file = "{creds.token_file}"\n'
+        f'[storage]\nendpoint = "{s3.url}"\npath_style = true\nregion = "us-east-1"\n'
+        'mount_ready_timeout = 60.0\n')
+    dest = tmp_path / "in"
+    out = run_cli(config, "mount", f"oss://{name}/in/", str(dest))
+    assert out.returncode == 0, out.stderr
+    assert f"mounted oss://{name}/in/ at {dest}" in out.stdout
+    try:
+        assert (dest / "a.txt").read_bytes() == b"from the CLI"
+        listing = run_cli(config, "mounts", "--json")
+        assert listing.returncode == 0, listing.stderr
+        (row,) = json.loads(listing.stdout)["mounts"]
+        assert row["dest"] == str(dest) and row["health"] == "ok" and row["origin"] == "cli"
+        os.killpg(row["pid"], signal.SIGKILL)
+        wait_for(lambda: run_cli(config, "mounts").returncode == 1, timeout=30, step=0.5)
+        table = run_cli(config, "mounts").stdout
+        assert "DEST" in table and str(dest) in table
+        assert "process-dead" in table or "disconnected" in table
+    finally:
+        done = run_cli(config, "umount", str(dest))
+    assert done.returncode == 0, done.stderr
+    assert mountinfo(dest) is None
+    assert run_cli(config, "mounts").stdout.strip() == "no mounts"
+    again = run_cli(config, "umount", str(dest))
+    assert again.returncode == 1 and "not a mount made by the agent" in again.stderr
+
+
+def test_cli_mount_needs_the_tcp_listener(tmp_path):
+    config = tmp_path / "cli.toml"
+    config.write_text(f'[daemon]\nrun_dir = "{tmp_path / "run"}"\n'
+                      '[storage]\nendpoint = "http://127.0.0.1:9"\n')
+    out = run_cli(config, "mount", "oss://bkt/in/", str(tmp_path / "in"))
+    assert out.returncode == 3
+    assert "set [credentials] tcp_enabled = true" in out.stderr
+    assert not (tmp_path / "in").exists()

@@ -1,0 +1,217 @@
+"""The daemon's ``storage`` service: mounts declared in ``[storage] mounts`` made at start and
+kept healthy (and the CLI's mounts supervised too), OutputMapping/LogMapping uploads flushed
+on a spot drain within its deadline, and both shown by ``guestagent status``.
+
+Mounts outlive an agent restart: stopping the service leaves them (a restarted agent adopts
+them from their records); a drain flushes outputs and then unmounts lazily.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from guestagent.service import Service
+from guestagent.storage.api import Storage, mount_options
+from guestagent.storage.errors import StorageError, Unavailable
+from guestagent.storage.keys import Keys, SourceKeys
+from guestagent.storage.mappings import MountEntry, NasSource, parse_mount_spec
+from guestagent.storage.ossurl import OssUrl
+
+log = logging.getLogger(__name__)
+
+RETRY_MIN, RETRY_MAX = 2.0, 60.0
+UNMOUNT_RESERVE = 3.0  # seconds of a drain kept for the lazy unmounts
+
+
+class _Declared:
+    """A mount from the settings, and when to try it again after a failure."""
+
+    def __init__(self, entry: MountEntry) -> None:
+        self.entry = entry
+        self.error = ""
+        self.state = "pending"
+        self.failures = 0
+        self.next_try = 0.0
+
+    def failed(self, message: str) -> None:
+        if message != self.error:
+            log.warning("storage mount %s: %s", self.entry.destination, message)
+        self.error = message
+        self.state = "error"
+        self.failures += 1
+        self.next_try = time.monotonic() + min(RETRY_MAX, RETRY_MIN * 2 ** (self.failures - 1))
+
+
+class _DaemonKeys:
+    """Keys from the credential service's Source, found through the daemon when first
+    needed (the service is required, so it is ready by then)."""
+
+    def __init__(self, source: Callable[[], Any]) -> None:
+        self._source = source
+        self._keys: SourceKeys | None = None
+
+    def _get(self) -> SourceKeys:
+        if self._keys is None:
+            try:
+                self._keys = SourceKeys(self._source())
+            except LookupError as exc:
+                raise Unavailable(f"credentials: {exc}") from None
+        return self._keys
+
+    def current(self) -> Keys:
+        return self._get().current()
+
+    def refresh(self) -> Keys:
+        return self._get().refresh()
+
+
+class StorageService(Service):
+    name = "storage"
+    ready_on_start = False  # ready once the declared mounts were tried
+
+    def __init__(self, settings: Any, storage: Storage | None = None,
+                 source: Callable[[], Any] | None = None) -> None:
+        """``source`` returns the credential service's Source (in the daemon); without it
+        transfers use the credential server's socket, as the CLI does."""
+        self.settings = settings
+        if storage is None:
+            keys = _DaemonKeys(source) if source is not None else None
+            storage = Storage.from_settings(settings, keys=keys)
+        self.storage = storage
+        self.declared = [_Declared(parse_mount_spec(s, "storage.mounts"))
+                         for s in settings.storage.mounts]
+        self.interval = float(settings.storage.mount_check_interval)
+        self.last_drain: dict[str, Any] | None = None
+        self._wake = threading.Event()
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        self._adopt_recorded()
+        self._ensure()
+        self.mark_ready()
+        while not self.wait(stop, self.interval):
+            self._ensure()
+            self.storage.mounts.check_all()
+        # Leave the mounts: a restarted agent adopts them (see the module docstring).
+
+    def _ensure(self) -> None:
+        now = time.monotonic()
+        mounted = {m.dest for m in self.storage.mounts.mounts()}
+        for d in self.declared:
+            dest = Path(d.entry.destination)
+            if d.state == "ok" and (d.entry.is_nas or dest in mounted):
+                continue
+            if now < d.next_try:
+                continue
+            try:
+                if isinstance(d.entry.source, NasSource):
+                    self._nas(d)
+                else:
+                    self.storage.mount(d.entry.source, dest)
+                    for m in self.storage.mounts.mounts():
+                        if m.dest == dest:
+                            m.origin = "settings"
+                d.state, d.error, d.failures = "ok", "", 0
+            except StorageError as exc:
+                d.failed(str(exc))
+
+    def _nas(self, d: _Declared) -> None:
+        from guestagent.storage import nas
+
+        st = self.settings.storage
+        plan = nas.plan(d.entry, version=st.nas_version, lock=st.nas_lock,
+                        automount=st.nas_automount)
+        if not nas.kernel_has_nfs():
+            raise StorageError("this kernel has no NFS client; the mount unit would be "
+                               f"{plan.start_unit} (see 'guestagent storage nas plan')")
+        nas.check_preflight(nas.preflight(plan.source), plan.source)
+        nas.install(plan)
+
+    def _adopt_recorded(self) -> None:
+        """Supervise mounts made by ``storage mount`` (and by an earlier agent)."""
+        from guestagent.storage.mounts import Mount, records
+
+        declared = {Path(d.entry.destination) for d in self.declared}
+        options = mount_options(self.settings)
+        for record in records(options.run_dir):
+            dest = Path(str(record.get("dest")))
+            if dest in declared:
+                continue  # _ensure adopts it through the table
+            try:
+                source = OssUrl.parse(str(record.get("source")))
+                remote = self.storage.rclone_remote()
+                self.storage.mounts.add(Mount(source, dest, remote, options,
+                                              origin=str(record.get("origin", "cli"))))
+            except StorageError as exc:
+                log.warning("storage: cannot supervise the mount at %s: %s", dest, exc)
+
+    # -- drain -----------------------------------------------------------------------------
+
+    def drain(self, deadline: float) -> None:
+        """Flush every pending output/log upload, then unmount; report what is left."""
+        started = time.monotonic()
+        reports = self.storage.flush_all(deadline - UNMOUNT_RESERVE)
+        left = {local: r.as_dict() for local, r in reports.items() if not r.complete}
+        self.last_drain = {
+            "seconds": round(time.monotonic() - started, 3),
+            "uploaded": sum(len(r.uploaded) for r in reports.values()),
+            "incomplete": left,
+        }
+        if left:
+            log.error("storage drain: uploads not finished: %s", left)
+        for session in list(self.storage.sessions):
+            self.storage.close_output(session)
+        self.storage.mounts.stop_all(grace=max(0.5, min(5.0, deadline - time.monotonic())))
+
+    # -- reporting -------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        rows = self.storage.mounts.describe()
+        made = {r["dest"] for r in rows}
+        for d in self.declared:
+            dest = str(d.entry.destination)
+            if dest in made:
+                continue
+            row: dict[str, Any] = {"source": str(d.entry.source), "dest": dest,
+                                   "kind": "nas" if d.entry.is_nas else "oss",
+                                   "origin": "settings", "health": d.state}
+            if d.error:
+                row["error"] = d.error
+            rows.append(row)
+        out: dict[str, Any] = {
+            "mounts": rows,
+            "pending_uploads": self.storage.pending_uploads(),
+            "outputs": [s.describe() for s in list(self.storage.sessions)],
+        }
+        if self.last_drain is not None:
+            out["drain"] = self.last_drain
+        return out
+
+    def summary(self) -> str | None:
+        rows = self.status()["mounts"]
+        ok = sum(1 for r in rows if r.get("health") == "ok")
+        text = f"{ok}/{len(rows)} mount(s) ok, {self.storage.pending_uploads()} pending upload(s)"
+        bad = [f"{r['dest']} {r.get('health')}" for r in rows if r.get("health") != "ok"]
+        return text + (f"; {', '.join(bad)}" if bad else "")
+
+    def problem(self) -> str | None:
+        for d in self.declared:
+            if d.error:
+                return f"{d.entry.destination}: {d.error}"
+        for m in self.storage.mounts.mounts():
+            if m.health not in ("ok", "new"):
+                return f"{m.dest}: {m.health}" + (f" ({m.last_error})" if m.last_error else "")
+        return None
+
+    def healthy(self) -> bool:
+        return all(d.state == "ok" for d in self.declared) and all(
+            m.health in ("ok", "new") for m in self.storage.mounts.mounts())
+
+
+__all__ = ["StorageService"]
