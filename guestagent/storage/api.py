@@ -252,7 +252,7 @@ def rclone_remote(settings: Any, environ: Mapping[str, str]) -> RcloneRemote:
     ep = endpoint.resolve(settings.storage, environ,
                           lambda: endpoint.from_instance(settings.metadata))
     return RcloneRemote(endpoint=f"{ep.scheme}://{ep.netloc}", credentials_url=url,
-                        region=ep.region, path_style=ep.path_style, token_file=cs.token_file,
+                        region=ep.region, path_style=ep.path_style, token_file=cs.token_path,
                         rclone=settings.storage.rclone)
 
 

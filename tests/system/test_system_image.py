@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from system_harness import CACHE, agent_toml
+from system_harness import CACHE, SHARED_HOST_NETWORK, agent_toml
 
 from guestagent.images import nspawn, rootfs
 
@@ -41,6 +41,9 @@ def test_built_image_is_clean_and_boots_the_agent(system_layers, emulator):
         assert os.readlink(tree / "usr/local/bin/guestagent").startswith("/opt/guestagent/")
 
         (tree / "etc/guestagent/agent.toml").write_text(agent_toml(emulator))
+        for inside, text in SHARED_HOST_NETWORK.items():
+            (tree / inside.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+            (tree / inside.lstrip("/")).write_text(text)
         guest = nspawn.Machine(tree, f"ga-img-{os.getpid()}", work / "boot.log")
         try:
             guest.boot()
