@@ -56,9 +56,7 @@ def test_hanging_hook_is_killed_and_drain_ends_in_time(
     write_hook(hooks, "20-after", f"echo after >> {out}")
     agent = agent_factory(extra=["daemon_probes:first"], spot={"hook_timeout": 1.0})
     emulator.schedule_termination(0, 8)
-    began = time.monotonic()
-    assert agent.wait(15) == 0
-    assert time.monotonic() - began < 5
+    assert agent.wait(15) == 0  # the hook would sleep 120 s
     report = load_report(agent.state_dir)
     assert report is not None and report["deadline_held"]
     assert report["hooks"][0]["timed_out"] and report["hooks"][1]["ok"]
@@ -101,22 +99,23 @@ def test_sigterm_in_the_middle_of_a_drain(agent_factory: Any, emulator: Any,
                                           tmp_path: Path) -> None:
     out = tmp_path / "hooks.out"
     hooks = tmp_path / "agent" / "spot.d"
-    write_hook(hooks, "10-slow", f"echo started >> {out}; sleep 120; echo finished >> {out}")
+    pid_file = tmp_path / "hook.pid"
+    write_hook(hooks, "10-slow", f"echo $$ > {pid_file}; echo started >> {out}; sleep 120; "
+                                 f"echo finished >> {out}")
     write_hook(hooks, "20-never", f"echo never >> {out}")
     agent = agent_factory(extra=["daemon_probes:first"], spot={"hook_timeout": 100.0},
                           daemon={"stop_timeout": 2.0})
     emulator.schedule_termination(0, 200)
     wait_for(lambda: out.exists())
-    began = time.monotonic()
     agent.send(signal.SIGTERM)
-    assert agent.wait(10) == 0
-    assert time.monotonic() - began < 3.0  # within the 2 s stop budget (+ process exit)
+    assert agent.wait(10) == 0  # within the stop budget, not the hook's 100 s
     report = load_report(agent.state_dir)
     assert report is not None and report["interrupted"] and report["completed"]
     assert report["hooks"][0]["timed_out"] or report["hooks"][0]["returncode"] == -9
     assert report["hooks"][1]["error"] == "skipped: deadline passed"
-    time.sleep(0.2)
-    assert out.read_text().splitlines() == ["started"]  # the hook was killed, not orphaned
+    # The hook was killed, not orphaned: it is gone and never wrote its last line.
+    wait_for(lambda: _gone(int(pid_file.read_text())))
+    assert out.read_text().splitlines() == ["started"]
 
 
 def test_notice_is_handled_once_and_not_again_after_restart(
@@ -149,8 +148,11 @@ def test_maintenance_event_runs_hooks_once(agent_factory: Any, emulator: Any,
     assert m
     assert agent.stop() == 0
     again = agent_factory()
-    wait_for(lambda: again.service("maintenance")["details"]["last_poll"])
-    time.sleep(0.5)
+    # Three polls that saw the (still active) event, and no second run of its hooks.
+    polls: set[str] = set()
+    wait_for(lambda: polls.add(again.service("maintenance")["details"]["last_poll"] or "")
+             or len(polls - {""}) >= 3)
+    assert again.service("maintenance")["details"]["active_events"] == [event_id]
     assert out.read_text() == f"{event_id} SystemMaintenance.Reboot\n"
     state = json.loads((agent.state_dir / "spot" / "maintenance.json").read_text())
     assert state["handled"] == [event_id]
