@@ -37,7 +37,8 @@ def test_built_image_is_clean_and_boots_the_agent(system_layers, emulator):
         assert list((tree / "var/lib/guestagent").iterdir()) == []
         wants = tree / "etc/systemd/system/multi-user.target.wants"
         assert (wants / "guestagent.service").is_symlink()
-        assert (wants / "guestagent-firstboot.service").is_symlink()
+        for stage in ("local", "final"):
+            assert (wants / f"guestagent-firstboot-{stage}.service").is_symlink()
         assert os.readlink(tree / "usr/local/bin/guestagent").startswith("/opt/guestagent/")
 
         (tree / "etc/guestagent/agent.toml").write_text(agent_toml(emulator))
@@ -48,7 +49,9 @@ def test_built_image_is_clean_and_boots_the_agent(system_layers, emulator):
         try:
             guest.boot()
             guest.wait_unit("guestagent.service")
-            assert guest.wait_unit("guestagent-firstboot.service")["Result"] == "success"
+            for stage in ("local", "final"):
+                unit = f"guestagent-firstboot-{stage}.service"
+                assert guest.wait_unit(unit)["Result"] == "success"
             assert len(guest.path("/etc/machine-id").read_text().strip()) == 32
             assert guest.run(["guestagent", "status"]).ok
         finally:
