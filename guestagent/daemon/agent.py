@@ -251,8 +251,9 @@ class Daemon:
         if drain is None or drain.step != "hooks" or now < drain.hooks_deadline + HOOK_KILL_SLACK:
             return
         killed = drain.end_hooks()
-        if killed:
-            log.error("killed %d drain hook process(es) at the hooks deadline", killed)
+        more = self._throttle.suffix("hooks deadline") if killed else None
+        if more is not None:  # checked ten times a second: say it once
+            log.error("killed %d drain hook process(es) at the hooks deadline%s", killed, more)
 
     def _abandon_drain(self) -> int:
         """The drain overran its (shortened) deadline: kill its hooks and go."""
