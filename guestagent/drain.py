@@ -273,7 +273,10 @@ class Drain:
             return json.loads(json.dumps(self.report))  # type: ignore[no-any-return]
 
     def _save(self) -> None:
-        try:
-            atomic_write(self.path, json.dumps(self.snapshot(), indent=2) + "\n", mode=0o644)
-        except OSError as exc:
-            log.error("cannot record drain progress in %s: %s", self.path, exc)
+        # Under the lock: a late service drain saving an older snapshot must never land
+        # after the final one.
+        with self._lock:
+            try:
+                atomic_write(self.path, json.dumps(self.report, indent=2) + "\n", mode=0o644)
+            except OSError as exc:
+                log.error("cannot record drain progress in %s: %s", self.path, exc)

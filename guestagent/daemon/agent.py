@@ -39,6 +39,10 @@ IDLE_TICK = 30.0  # main-loop wake-up when nothing asks for one (cheap: one sele
 DRAIN_TICK = 0.1
 HOOK_KILL_SLACK = 0.2  # process.run's own timeout normally fires first
 KILL_GRACE = 1.0  # after killing an overrunning hook, time left to the drain to wind down
+# Past its deadline the drain only skips and records (hooks killed, service drains not
+# waited for): it ends in milliseconds, but a loaded machine may take longer to schedule
+# it. Waiting this long at most keeps its report whole, well inside TimeoutStopSec.
+WIND_DOWN = 5.0
 
 
 class _Waker:
@@ -262,7 +266,7 @@ class Daemon:
         if killed:
             log.error("killed %d overrunning drain hook process(es) at the stop deadline",
                       killed)
-        self._drain_thread.join(KILL_GRACE)
+        self._drain_thread.join(WIND_DOWN)
         return self._finish_after_drain()
 
     def _finish_after_drain(self) -> int:
