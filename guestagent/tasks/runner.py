@@ -161,7 +161,9 @@ class HostRunner:
         argv = ["/bin/sh", "-c", _SHIM, "guestagent-task", str(exit_file),
                 str(launch.state_dir / "pid"), *launch.argv]
         try:
-            child = process.spawn(argv, name=launch.name, env=dict(launch.env),
+            # An instance outlives an agent restart (re-adopted by the next agent): not a
+            # leftover for the agent to end.
+            child = process.spawn(argv, name=launch.name, env=dict(launch.env), survive_agent=True,
                                   cwd=str(launch.workdir), log_path=launch.stdout,
                                   stderr_path=launch.stderr)
         except process.ProcessError as exc:
