@@ -161,9 +161,7 @@ class HostRunner:
         argv = ["/bin/sh", "-c", _SHIM, "guestagent-task", str(exit_file),
                 str(launch.state_dir / "pid"), *launch.argv]
         try:
-            # An instance outlives an agent restart (re-adopted by the next agent): not a
-            # leftover for the agent to end.
-            child = process.spawn(argv, name=launch.name, env=dict(launch.env), survive_agent=True,
+            child = process.spawn(argv, name=launch.name, env=dict(launch.env),
                                   cwd=str(launch.workdir), log_path=launch.stdout,
                                   stderr_path=launch.stderr)
         except process.ProcessError as exc:
