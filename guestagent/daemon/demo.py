@@ -60,8 +60,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _scenario(emu: Any, workdir: Path, release_after: float) -> int:
-    from guestagent.daemon.localrun import AgentProcess, local_config
-    from guestagent.daemon.render import render
+    from guestagent.daemon.localrun import local_config
 
     _say(f"local metadata service on {emu.url} (control API {emu.control_url})")
     cfg = local_config(emu.url, workdir)
@@ -71,6 +70,21 @@ def _scenario(emu: Any, workdir: Path, release_after: float) -> int:
         hook.parent.mkdir(parents=True, exist_ok=True)
         hook.write_text(HOOK.format(name=name))
         hook.chmod(hook.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    from guestagent.storage.demo import StorageDemo
+
+    storage = StorageDemo(workdir, _say)
+    try:
+        storage.configure(cfg)
+        return _run_agent(emu, workdir, cfg, storage, release_after)
+    finally:
+        storage.stop()
+
+
+def _run_agent(emu: Any, workdir: Path, cfg: dict[str, Any], storage: Any,
+               release_after: float) -> int:
+    from guestagent.daemon.localrun import AgentProcess
+    from guestagent.daemon.render import render
+
     agent = AgentProcess(cfg, workdir)
     _say(f"starting `guestagent run --config {agent.config_path}`")
     try:
@@ -89,6 +103,10 @@ def _scenario(emu: Any, workdir: Path, release_after: float) -> int:
         shown = {k: (v[:4] + "****" if k in ("AccessKeySecret", "SecurityToken") else v)
                  for k, v in doc.items()}
         print(json.dumps(shown, indent=2))
+
+        if not storage.run_task(agent):
+            return fail(EXIT_UNAVAILABLE, "the storage part of the demo failed")
+        print(render(agent.status()), end="")
 
         _say(f"spot notice: POST {emu.control_url}/spot (released in {release_after:.0f}s)")
         body = json.dumps({"in_seconds": 0, "release_after": release_after}).encode()
@@ -109,7 +127,8 @@ def _scenario(emu: Any, workdir: Path, release_after: float) -> int:
         print(f"\ndrain: completed={report.get('completed')} "
               f"deadline_held={report.get('deadline_held')} "
               f"seen_at={report.get('seen_at')} deadline={report.get('deadline')}")
-        ok = code == 0 and report.get("completed") and report.get("deadline_held")
+        released = storage.after_drain()
+        ok = code == 0 and report.get("completed") and report.get("deadline_held") and released
         return EXIT_OK if ok else EXIT_UNAVAILABLE
     finally:
         agent.stop()

@@ -210,7 +210,7 @@ class StorageService(Service):
         return None
 
     def healthy(self) -> bool:
-        return all(d.state == "ok" for d in self.declared) and all(
+        return all(d.state != "error" for d in self.declared) and all(
             m.health in ("ok", "new") for m in self.storage.mounts.mounts())
 
 
