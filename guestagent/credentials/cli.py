@@ -10,9 +10,12 @@ import sys
 import threading
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from guestagent.cli import EXIT_ABSENT, EXIT_OK, EXIT_UNAVAILABLE, UsageError, load_settings
+from guestagent.credentials.clientenv import CLIENTS
 from guestagent.credentials.local import LocalError, UnixHTTPConnection, local_get
 from guestagent.metadata.models import RoleCredentials, mask, parse_time
 
@@ -30,7 +33,16 @@ def register(subparsers: Any) -> None:
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(handler=cmd_show)
 
-    env = sub.add_parser("env", help="print export lines (secrets in clear; warns on stderr)")
+    env = sub.add_parser(
+        "env", help="print the lines a client needs (--for), or static secrets (warns)",
+        description="With --for: the environment lines that point a client at the local "
+        "server (asked of the running server). Without: the current set as export lines "
+        "(live secrets that expire; prefer --for).",
+    )
+    env.add_argument("--for", dest="client", choices=(*CLIENTS, "all"),
+                     help="alibaba (SDKs, aliyun CLI), oss2, aws (boto3, AWS CLI, SDKs), "
+                     "rclone, or all")
+    env.add_argument("--export", action="store_true", help="prefix lines with 'export '")
     _source_args(env)
     env.set_defaults(handler=cmd_env)
 
@@ -149,8 +161,29 @@ def cmd_env(args: argparse.Namespace) -> int:
     return _guard(_env, args)
 
 
+def endpoints(cs: Any) -> dict[str, str]:
+    """The running server's own account of where each format is served."""
+    try:
+        doc = local_get(UnixHTTPConnection(str(cs.socket_path), 5.0), "/v1/endpoints")
+    except LocalError as exc:
+        raise Unavailable(f"{exc} (is the agent running? socket {cs.socket_path})") from None
+    return {str(k): str(v) for k, v in doc.items()}
+
+
 def _env(args: argparse.Namespace) -> int:
     from guestagent.credentials.credfiles import env_lines
+
+    if args.client:
+        from guestagent.credentials.clientenv import NoEndpoint, lines_for
+
+        try:
+            lines = lines_for(args.client, endpoints(load_settings(args).credentials))
+        except NoEndpoint as exc:
+            raise Unavailable(str(exc)) from None
+        prefix = "export " if args.export else ""
+        for line in lines:
+            print(line if line.startswith("#") else prefix + line)
+        return EXIT_OK
 
     creds, _role, _where = _fetch(args)
     print(
@@ -194,6 +227,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_targets(cs: Any) -> list[tuple[str, http.client.HTTPConnection, str, str | None]]:
+    """The socket, then each TCP endpoint as its clients reach it (from the server itself)."""
+    sock = str(cs.socket_path)
+    out: list[tuple[str, http.client.HTTPConnection, str, str | None]] = [
+        (f"socket {sock}", UnixHTTPConnection(sock, 5.0), "/v1/credentials/aws", None)
+    ]
+    try:
+        where = endpoints(cs)
+    except Unavailable:
+        return out  # the socket probe reports why
+    token = None
+    if where.get("token_file"):
+        try:
+            token = Path(where["token_file"]).read_text().strip()
+        except OSError:
+            token = None  # the probe then shows the 401 this user would get
+    for fmt, key in (("aws", "aws"), ("alibaba, capability path", "alibaba")):
+        url = urlsplit(where.get(key, ""))
+        if url.hostname and url.port:
+            conn = http.client.HTTPConnection(url.hostname, url.port, timeout=5.0)
+            out.append((f"tcp {url.hostname}:{url.port} ({fmt})", conn, url.path,
+                        token if key == "aws" else None))
+    return out
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     """Probe each hop and print one verdict line per hop, then an overall verdict."""
     from guestagent.metadata.client import MetadataClient
@@ -222,16 +280,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     finally:
         client.close()
 
-    targets: list[tuple[str, http.client.HTTPConnection]] = [
-        (f"socket {cs.socket_path}", UnixHTTPConnection(str(cs.socket_path), 5.0))
-    ]
-    if cs.tcp_enabled:
-        targets.append((f"tcp {cs.tcp_host}:{cs.tcp_port}",
-                        http.client.HTTPConnection(cs.tcp_host, cs.tcp_port, timeout=5.0)))
-    for name, conn in targets:
+    for name, conn, path, token in _check_targets(cs):
         started = time.monotonic()
         try:
-            doc = local_get(conn, _prefix(cs) + "/v1/credentials/aws", _token(cs))
+            doc = local_get(conn, path, token)
             expires = parse_time(str(doc.get("Expiration")), name)
             left = (expires - datetime.now(UTC)).total_seconds()
             same = key_id is None or doc.get("AccessKeyId") == key_id

@@ -44,10 +44,15 @@ class Consumer:
     token_digest: bytes | None = field(default=None, repr=False)
     capability: str | None = field(default=None, repr=False)
     hint: str = ""  # how to be allowed, for the 403 message
+    # The capability path alone authenticates (clients that cannot send a header: the
+    # Alibaba SDKs, oss2); otherwise the path selects and the token authenticates.
+    path_suffices: bool = False
+    # Peers with no uid (not on loopback: a container on a bridge) allowed by address.
+    addresses: frozenset[str] = frozenset()
 
     def permits(self, peer: Peer) -> bool:
         if peer.uid is None:
-            return False
+            return bool(self.addresses) and peer.address.rsplit(":", 1)[0] in self.addresses
         if peer.uid == 0 or peer.uid in self.uids:
             return True
         return (peer.gid is not None and peer.gid in self.gids) or bool(peer.groups & self.gids)
@@ -115,6 +120,7 @@ class Registry:
         *,
         uids: Iterable[int] = (),
         gids: Iterable[int] = (),
+        addresses: Iterable[str] = (),
         with_path: bool = True,
     ) -> Minted:
         """A new scoped consumer with a random token (and path); returns its secrets once."""
@@ -125,6 +131,7 @@ class Registry:
             source=source,
             uids=frozenset(uids),
             gids=frozenset(gids),
+            addresses=frozenset(addresses),
             token_digest=digest(token),
             capability=path or None,
             hint=f"scoped endpoint {name!r}",
@@ -146,25 +153,28 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._named)
 
-    def resolve(self, path: bytes, authorization: bytes | None) -> tuple[Consumer | None, bytes]:
-        """The consumer a request addresses, and the path left after its capability prefix.
+    def resolve(
+        self, path: bytes, authorization: bytes | None
+    ) -> tuple[Consumer | None, bytes, bool]:
+        """The consumer a request addresses, the path left after its capability prefix,
+        and whether that prefix was used.
 
-        None when the request names no reachable endpoint (the host endpoint has a
-        capability path and the request did not use it).
+        None when the request names no reachable endpoint (the host endpoint has only a
+        capability path, no token, and the request did not use it).
         """
         if len(path) > 1:
             end = path.find(b"/", 1)
             first = path[1:end] if end > 0 else path[1:]
             consumer = self._by_capability.get(first.decode("latin-1"))
             if consumer is not None:
-                return consumer, path[end:] if end > 0 else b"/"
+                return consumer, path[end:] if end > 0 else b"/", True
         if authorization is not None and self._by_token:
             consumer = self._by_token.get(digest(bearer(authorization)))
             if consumer is not None:
-                return consumer, path
-        if self.default.capability:
-            return None, path
-        return self.default, path
+                return consumer, path, False
+        if self.default.capability and self.default.token_digest is None:
+            return None, path, False
+        return self.default, path, False
 
 
 @runtime_checkable
@@ -176,6 +186,7 @@ class CredentialAccess(Protocol):
     def source(self) -> Source: ...
 
     def mint(self, name: str, source: Source | None = None, *, uids: Iterable[int] = (),
-             gids: Iterable[int] = (), with_path: bool = True) -> Minted: ...
+             gids: Iterable[int] = (), addresses: Iterable[str] = (),
+             with_path: bool = True) -> Minted: ...
 
     def remove(self, name: str) -> None: ...

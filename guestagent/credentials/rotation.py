@@ -82,8 +82,12 @@ class Snapshot:
     offered_stale: bool = False
 
     def verdict(self, now: float) -> Verdict:
-        """``serve`` now; ``wait`` for a refresh (mandatory window); or ``refuse``."""
-        if self.credentials is None or now >= self.serve_until:
+        """``serve`` now; ``wait`` for a refresh (mandatory window, or the first fetch
+        after a start: clients queued across a restart get an answer, not a 503); or
+        ``refuse``."""
+        if self.credentials is None:
+            return "wait" if self.state == "pending" else "refuse"
+        if now >= self.serve_until:
             return "refuse"
         if self.wall() >= self.host_deadline:
             return "refuse"  # clients would reject it: see the module docstring
@@ -372,8 +376,9 @@ class Rotator:
                 f"LastUpdated {format_time(creds.last_updated)}"
             )
         wall = self._wall()
-        if self._offset is not None:
-            # The service's own clock (Date) against its own LastUpdated: no host clock in it.
+        if self._offset is not None and abs(self._offset) > DATE_TOLERANCE:
+            # The host clock is off: the service's own clock (Date, whole seconds) against
+            # its own LastUpdated. When the two agree the host clock is the finer one.
             age = min(max(wall + self._offset - issued, 0.0), validity)
         elif issued - CLOCK_TOLERANCE <= wall <= expires:
             age = min(max(wall - issued, 0.0), validity)

@@ -11,8 +11,12 @@ Routes (after an optional capability prefix ``/<secret>``):
 - ``GET /v1/credentials/alibaba`` the metadata service's JSON (ALIBABA_CLOUD_CREDENTIALS_URI, oss2)
 - ``GET /v1/credentials/aws``     container-credentials JSON (AWS_CONTAINER_CREDENTIALS_FULL_URI)
 - ``GET /v1/health``              state without secrets (no token needed)
-- ``/latest/...``                  EC2-style role credentials (see :mod:`.ec2`), capability
-                                   path only
+- ``GET /v1/endpoints``           where each format is served (Unix socket only)
+- ``/latest/...``                  EC2-style role credentials (see :mod:`.ec2`): under a
+                                   capability path, or with an IMDSv2 session token
+
+On TCP the host endpoint wants its token, or its capability path (``path_suffices``); on
+the Unix socket ``SO_PEERCRED`` alone decides.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ import contextlib
 import grp
 import json
 import logging
-import os
 import socket
 import threading
 import time
@@ -40,6 +43,7 @@ from guestagent.credentials.http import (
     error_response,
     response,
 )
+from guestagent.credentials.listeners import Access, Listeners, open_listeners
 from guestagent.credentials.peers import Peer, is_loopback
 from guestagent.credentials.rotation import DATE_TOLERANCE, Snapshot
 
@@ -47,6 +51,7 @@ log = logging.getLogger(__name__)
 
 _ROUTES = {b"/v1/credentials/alibaba": "alibaba", b"/v1/credentials/aws": "aws"}
 _HEALTH = b"/v1/health"
+_ENDPOINTS = b"/v1/endpoints"
 _PROXY_HEADERS = {
     b"x-forwarded-for": "X-Forwarded-For",
     b"forwarded": "Forwarded",
@@ -82,27 +87,33 @@ class CredentialServer:
         registry: Registry,
         *,
         socket_path: Path | None,
-        socket_mode: int = 0o660,
-        socket_gid: int | None = None,
+        access: Access | None = None,
         tcp: tuple[str, int] | None = None,
+        inherit: bool = True,
         request_wait: float = 2.0,
         limits: Limits | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if tcp is not None and not is_loopback(tcp[0]):
+            raise ValueError(f"credential TCP listener must be on loopback, not {tcp[0]}")
         self.registry = registry
         self.socket_path = socket_path
-        self.socket_mode = socket_mode
-        self.socket_gid = socket_gid
+        self.access = access or Access()
         self.tcp = tcp
+        self.inherit = inherit
         self.request_wait = request_wait
         self.clock = clock
         self.tcp_address: tuple[str, int] | None = None
+        self.tcp_error = ""
+        self.token_file = ""  # where TCP clients read the host endpoint's token
+        self.sessions = ec2.SessionTokens(clock)  # IMDSv2-style, for the EC2 routes
         self.requests = 0
         self.refused = 0
         self.connections = Connections(limits or Limits())
+        self.listeners = Listeners()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._servers: list[asyncio.base_events.Server] = []
+        self._servers: dict[int, asyncio.base_events.Server] = {}  # by listening fd
         self._rendered: dict[int, _Rendered] = {}  # id(source) -> responses of its snapshot
         self._published: asyncio.Event | None = None
         self._ready = threading.Event()
@@ -111,10 +122,14 @@ class CredentialServer:
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> CredentialServer:
+        self.listeners = open_listeners(self.socket_path, self.access, self.tcp,
+                                        inherit=self.inherit)
+        self.tcp_error = self.listeners.tcp_error
         self._thread = threading.Thread(target=self._serve, name="credentials-server", daemon=True)
         self._thread.start()
         self._ready.wait()
         if self._error is not None:
+            self.listeners.close()
             raise self._error
         return self
 
@@ -124,9 +139,37 @@ class CredentialServer:
             loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
             self._thread.join(timeout)
-        if self.socket_path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.socket_path.unlink()
+        # Only a socket file we created goes away; systemd's stays bound for the next start.
+        self.listeners.close()
+
+    def add_listener(self, sock: socket.socket, *, loopback_only: bool = True) -> None:
+        """Serve on one more listening socket (thread-safe), e.g. a task launcher's address
+        on a container bridge. With ``loopback_only=False`` peers that are not on loopback
+        are answered too; they have no uid, so only a consumer minted for their address
+        (``Registry.mint(..., addresses=...)``) lets them in. The caller keeps ``sock``."""
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("credential server is not running")
+        kind = "unix" if sock.family == socket.AF_UNIX else "tcp"
+        dup = sock.dup()
+        dup.setblocking(False)
+        future = asyncio.run_coroutine_threadsafe(self._serve_on(dup, kind, loopback_only), loop)
+        future.result(timeout=10)
+
+    def remove_listener(self, sock: socket.socket) -> None:
+        """Stop serving a socket given to :meth:`add_listener` (open connections finish)."""
+        loop = self._loop
+        if loop is None:
+            return
+        name = sock.getsockname()
+
+        def close() -> None:
+            for fd, srv in list(self._servers.items()):
+                if any(s.getsockname() == name for s in srv.sockets):
+                    srv.close()
+                    del self._servers[fd]
+
+        loop.call_soon_threadsafe(close)
 
     def published(self) -> None:
         """A source published a snapshot (any thread): wake requests waiting for it."""
@@ -155,7 +198,7 @@ class CredentialServer:
         try:
             loop.run_forever()
         finally:
-            for srv in self._servers:
+            for srv in self._servers.values():
                 srv.close()
             for task in asyncio.all_tasks(loop):
                 task.cancel()
@@ -164,42 +207,29 @@ class CredentialServer:
             loop.close()
 
     async def _listen(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self.socket_path is not None:
-            sock = self._unix_socket(self.socket_path)
-            srv = await loop.create_unix_server(
-                lambda: Connection(self, self.connections, "unix"), sock=sock
-            )
-            self._servers.append(srv)
-            log.info("credential server listening on %s", self.socket_path)
-        if self.tcp is not None:
-            host, port = self.tcp
-            if not is_loopback(host):
-                raise OSError(f"credential TCP listener must be on loopback, not {host}")
-            srv = await loop.create_server(
-                lambda: Connection(self, self.connections, "tcp"), host, port, reuse_address=True
-            )
-            self._servers.append(srv)
-            self.tcp_address = srv.sockets[0].getsockname()[:2]
+        # asyncio closes the sockets it serves: it gets duplicates, the originals stay with
+        # self.listeners (closed by stop(), never when an add_listener socket goes).
+        unix, tcp = self.listeners.unix, self.listeners.tcp
+        if unix is not None:
+            await self._serve_on(unix.dup(), "unix", True)
+            log.info("credential server listening on %s", self.listeners.unix_path)
+        if tcp is not None:
+            await self._serve_on(tcp.dup(), "tcp", True)
+            self.tcp_address = tcp.getsockname()[:2]
             log.info("credential server listening on http://%s:%s", *self.tcp_address)
 
-    def _unix_socket(self, path: Path) -> socket.socket:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # Created with no access at all, opened up only once mode and group are right.
-        old = os.umask(0o777)
-        try:
-            sock.bind(str(path))
-        finally:
-            os.umask(old)
-        if self.socket_gid is not None:
-            os.chown(path, -1, self.socket_gid)
-        os.chmod(path, self.socket_mode)
-        sock.listen(512)
+    async def _serve_on(self, sock: socket.socket, kind: str, loopback_only: bool) -> None:
+        loop = asyncio.get_running_loop()
         sock.setblocking(False)
-        return sock
+
+        def factory() -> Connection:
+            return Connection(self, self.connections, kind, loopback_only=loopback_only)
+
+        if kind == "unix":
+            srv = await loop.create_unix_server(factory, sock=sock)
+        else:
+            srv = await loop.create_server(factory, sock=sock)
+        self._servers[sock.fileno()] = srv
 
     # -- requests ----------------------------------------------------------------------
 
@@ -224,7 +254,8 @@ class CredentialServer:
                 close,
             )
         path = target.split(b"?", 1)[0]
-        consumer, rest = self.registry.resolve(path, headers.get(b"authorization"))
+        auth = headers.get(b"authorization")
+        consumer, rest, by_path = self.registry.resolve(path, auth)
         if consumer is None:
             return self._refuse(peer, 404, "NotFound", "no such endpoint", close)
         if not consumer.permits(peer):
@@ -236,8 +267,10 @@ class CredentialServer:
             return self._refuse(peer, 403, "Forbidden", why, close)
         if rest == _HEALTH:
             return self._health(consumer, close)
+        if rest == _ENDPOINTS and peer.address == "unix" and consumer is self.registry.default:
+            return self._endpoints(close)
         if rest.startswith(ec2.PREFIX):
-            return self._ec2(consumer, method, rest, req.headers, close)
+            return self._ec2(consumer, by_path, req, rest)
         fmt = _ROUTES.get(rest)
         if fmt is None:
             return error_response(
@@ -246,12 +279,35 @@ class CredentialServer:
             )
         if method != b"GET":
             return error_response(405, "MethodNotAllowed", "only GET is served", close=close)
-        if not consumer.token_ok(headers.get(b"authorization")):
+        if not self._authenticated(consumer, by_path, peer, auth):
             return self._refuse(
                 peer, 401, "Unauthorized", "missing or wrong Authorization token; send the "
                 "content of the endpoint's token file", close,
             )
         return self._answer(consumer, fmt, close)
+
+    def _authenticated(self, consumer: Consumer, by_path: bool, peer: Peer,
+                       auth: bytes | None) -> bool:
+        if by_path and consumer.path_suffices:
+            return True
+        if consumer is self.registry.default and not by_path and peer.address == "unix":
+            return True  # SO_PEERCRED names the process exactly: no request forgery here
+        return consumer.token_ok(auth)
+
+    def _endpoints(self, close: bool) -> bytes:
+        """Where each client format is served, for ``guestagent credentials env``
+        (over the Unix socket only: it names the capability path)."""
+        doc: dict[str, str] = {"socket": str(self.listeners.unix_path or "")}
+        if self.tcp_address is not None:
+            host, port = self.tcp_address
+            base = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+            cap = self.registry.default.capability
+            if cap:
+                doc["alibaba"] = f"{base}/{cap}/v1/credentials/alibaba"
+            doc["aws"] = f"{base}/v1/credentials/aws"
+            if self.token_file:
+                doc["token_file"] = self.token_file
+        return response(200, json.dumps(doc).encode(), close=close)
 
     def _answer(self, consumer: Consumer, fmt: str, close: bool) -> bytes | Snapshot:
         rendered = self.rendered(consumer)
@@ -266,11 +322,13 @@ class CredentialServer:
             consumer.source.kick()  # a fresh set, or a corrected clock, ends this
         return self._unavailable(snap, close)
 
-    def _ec2(self, consumer: Consumer, method: bytes, rest: bytes,
-             headers: dict[bytes, bytes], close: bool) -> bytes | Snapshot:
-        if consumer.capability is None and consumer.token_digest is not None:
-            return error_response(404, "NotFound", "EC2-style routes are served only under "
-                                  "a capability path", close=close)
+    def _ec2(self, consumer: Consumer, by_path: bool, req: Request,
+             rest: bytes) -> bytes | Snapshot:
+        method, headers, close = req.method, req.headers, req.close
+        if rest != ec2.TOKEN and not by_path and not self.sessions.valid(headers):
+            return error_response(401, "Unauthorized", "EC2-style reads need a session token: "
+                                  "PUT /latest/api/token first (or use a capability path)",
+                                  close=close)
         if rest == ec2.TOKEN:
             if method != b"PUT":
                 return error_response(405, "MethodNotAllowed", "PUT a token", close=close)
@@ -278,7 +336,7 @@ class CredentialServer:
             if ttl is None:
                 return error_response(400, "BadRequest", "X-aws-ec2-metadata-token-ttl-seconds"
                                       " must be 1..21600", close=close)
-            return response(200, ec2.new_token(), close=close,
+            return response(200, self.sessions.issue(ttl), close=close,
                             extra=b"X-Aws-Ec2-Metadata-Token-Ttl-Seconds: %d\r\n" % ttl)
         role = ec2.role_of(rest)
         if role is None or method != b"GET":
@@ -296,7 +354,7 @@ class CredentialServer:
         _method, target, headers, close = req
         deadline = self.clock() + self.request_wait
         path = target.split(b"?", 1)[0]
-        consumer, rest = self.registry.resolve(path, headers.get(b"authorization"))
+        consumer, rest, _by_path = self.registry.resolve(path, headers.get(b"authorization"))
         assert consumer is not None  # handle() resolved it before asking to wait
         fmt = _ROUTES.get(rest) or ("ec2" if ec2.role_of(rest) else "aws")
         while True:

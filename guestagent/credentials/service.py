@@ -7,8 +7,10 @@ Other services reach it through the daemon's context as
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pwd
+import re
 import secrets
 import threading
 import time
@@ -21,6 +23,7 @@ from guestagent.config import Settings
 from guestagent.credentials.consumers import Consumer, Minted, Registry, Source, digest
 from guestagent.credentials.credfiles import CredentialFiles, resolve_owner
 from guestagent.credentials.http import Limits
+from guestagent.credentials.listeners import Access
 from guestagent.credentials.rotation import DATE_TOLERANCE, Rotator, Snapshot
 from guestagent.credentials.server import CredentialServer, resolve_group
 from guestagent.credentials.settings import CredentialSettings
@@ -48,7 +51,9 @@ class CredentialService(Service):
         self.rotator = Rotator(self.settings, client.ram_role_names, client.ram_credentials,
                                wall=wall, service_clock=client.service_clock)
         self.files = CredentialFiles(self.settings)
-        self.registry = Registry(host_consumer(self.settings, self.rotator))
+        self.access = socket_access(self.settings)
+        self.token_file = token_path(self.settings)
+        self.registry = Registry(host_consumer(self.settings, self.rotator, self.access))
         self.server: CredentialServer | None = None
         self._rotating: threading.Thread | None = None
         self._inner: threading.Event | None = None
@@ -75,10 +80,11 @@ class CredentialService(Service):
         return self.rotator
 
     def mint(self, name: str, source: Source | None = None, *, uids: Iterable[int] = (),
-             gids: Iterable[int] = (), with_path: bool = True) -> Minted:
+             gids: Iterable[int] = (), addresses: Iterable[str] = (),
+             with_path: bool = True) -> Minted:
         """A task-scoped endpoint (its own token and path); see :meth:`Registry.mint`."""
         return self.registry.mint(name, source or self.rotator, uids=uids, gids=gids,
-                                  with_path=with_path)
+                                  addresses=addresses, with_path=with_path)
 
     def remove(self, name: str) -> None:
         self.registry.remove(name)
@@ -90,8 +96,7 @@ class CredentialService(Service):
         server = CredentialServer(
             self.registry,
             socket_path=s.socket_path,
-            socket_mode=s.socket_mode,
-            socket_gid=resolve_group(s.socket_group) if s.socket_group else None,
+            access=self.access,
             tcp=(s.tcp_host, s.tcp_port) if s.tcp_enabled else None,
             request_wait=s.request_wait,
             limits=Limits(
@@ -101,6 +106,7 @@ class CredentialService(Service):
                 max_per_peer=s.max_connections_per_peer,
             ),
         )
+        server.token_file = str(self.token_file)
         server.start()
         self.server = server
         self._rotating = threading.Thread(
@@ -164,6 +170,8 @@ class CredentialService(Service):
             out["requests"] = self.server.requests
             out["refused"] = self.server.refused
             out["socket"] = str(self.settings.socket_path)
+            if self.server.tcp_error:
+                out["tcp_error"] = self.server.tcp_error
             if self.server.tcp_address:
                 host, port = self.server.tcp_address
                 out["tcp"] = f"http://{host}:{port}"
@@ -175,10 +183,14 @@ class CredentialService(Service):
         # A set the host clock calls expired is useless to clients: unhealthy.
         snap = self.rotator.snapshot
         rotating = self._rotating is None or self._rotating.is_alive()
-        return rotating and snap.state in ("ok", "pending", "absent") and not snap.host_expired()
+        listening = self.server is None or not self.server.tcp_error
+        return (rotating and listening and snap.state in ("ok", "pending", "absent")
+                and not snap.host_expired())
 
     def problem(self) -> str | None:
         snap = self.rotator.snapshot
+        if self.server is not None and self.server.tcp_error:
+            return f"credential TCP listener: {self.server.tcp_error}"
         if snap.host_expired():
             return f"credentials expired by the host clock: {snap.error or 'clock skew?'}"
         if snap.state in ("ok", "pending", "absent"):
@@ -193,13 +205,32 @@ class CredentialService(Service):
         return text
 
 
-def host_consumer(settings: CredentialSettings, source: Rotator) -> Consumer:
-    """The instance-wide endpoint, from the settings' allow-list and secrets."""
-    uids = frozenset(_uid(u) for u in settings.allow_users)
-    gids = frozenset(resolve_group(g) for g in settings.allow_groups)
-    token_digest = None
-    if settings.token_file is not None:
-        token_digest = digest(load_or_create_token(settings.token_file, settings.token_owner))
+def socket_access(settings: CredentialSettings) -> Access:
+    """Who may open the Unix socket: its mode and group, plus the allow-list (ACL)."""
+    return Access(
+        mode=settings.socket_mode,
+        gid=resolve_group(settings.socket_group) if settings.socket_group else None,
+        uids=frozenset(_uid(u) for u in settings.allow_users),
+        gids=frozenset(resolve_group(g) for g in settings.allow_groups),
+    )
+
+
+def token_path(settings: CredentialSettings) -> Path:
+    """The host endpoint's token file: configured, or beside the socket."""
+    return settings.token_file or settings.socket_path.parent / "credentials.token"
+
+
+def host_consumer(
+    settings: CredentialSettings, source: Rotator, access: Access | None = None
+) -> Consumer:
+    """The instance-wide endpoint: the allow-list; on TCP, a token (AWS SDKs send it) and a
+    capability path (the Alibaba SDKs and oss2 cannot send a header)."""
+    access = access or socket_access(settings)
+    # The token file is readable by whoever may open the socket, and nobody else.
+    token_access = Access(mode=0o640 if access.gid is not None else 0o600, gid=access.gid,
+                          uids=access.uids,
+                          gids=access.gids, perm=0o4)
+    token = load_or_create_token(token_path(settings), settings.token_owner, token_access)
     hint = (
         "ask the administrator to add the user, or a group of it, to "
         "credentials.allow_users / credentials.allow_groups"
@@ -207,16 +238,18 @@ def host_consumer(settings: CredentialSettings, source: Rotator) -> Consumer:
     return Consumer(
         name="host",
         source=source,
-        uids=uids,
-        gids=gids,
-        token_digest=token_digest,
-        capability=settings.path_secret or None,
+        uids=access.uids,
+        gids=access.gids,
+        token_digest=digest(token),
+        capability=settings.path_secret or load_or_create_path_secret(settings.socket_path),
         hint=hint,
+        path_suffices=True,
     )
 
 
-def load_or_create_token(path: Path, owner: str = "") -> str:
-    """The endpoint token: read from its 0600 file, created with a random one if missing."""
+def load_or_create_token(path: Path, owner: str = "", access: Access | None = None) -> str:
+    """The endpoint token: read from its file, created with a random one if missing.
+    Readable by ``owner`` and ``access`` (the socket's allow-list), never by others."""
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -224,14 +257,33 @@ def load_or_create_token(path: Path, owner: str = "") -> str:
         token = secrets.token_urlsafe(32)
         # No trailing newline: the AWS Go SDK rejects a token file that has one.
         atomic_write(path, token, mode=0o600, uid=uid, gid=gid)
+        if access is not None:
+            access.apply(path)
         log.info("created credential endpoint token file %s", path)
         return token
-    if st.st_mode & 0o077:
-        raise ValueError(f"{path}: token file must be mode 0600 (is {st.st_mode & 0o777:o})")
+    if st.st_mode & 0o007:
+        raise ValueError(f"{path}: token file must not be readable by others "
+                         f"(mode {st.st_mode & 0o777:o}); chmod o-rwx it")
     token = path.read_text().strip()
     if len(token) < 16:
         raise ValueError(f"{path}: token too short (want at least 16 characters)")
+    if access is not None:
+        access.apply(path)  # the allow-list may have changed since it was made
     return token
+
+
+def load_or_create_path_secret(socket_path: Path) -> str:
+    """The host endpoint's capability path, kept (0600) beside the socket so that it
+    survives daemon restarts; a reboot makes a new one (set ``path_secret`` to pin it)."""
+    path = socket_path.parent / "credentials.path"
+    with contextlib.suppress(FileNotFoundError):
+        text = path.read_text().strip()
+        if re.fullmatch(r"[A-Za-z0-9_-]{16,}", text):
+            return text
+        log.warning("%s: not a capability path; making a new one", path)
+    secret = secrets.token_urlsafe(24)
+    atomic_write(path, secret, mode=0o600)
+    return secret
 
 
 def _uid(name: str) -> int:

@@ -44,10 +44,12 @@ class CredentialSettings:
     allow_users: list[str] = field(default_factory=list)
     allow_groups: list[str] = field(default_factory=list)
 
-    # Optional loopback TCP listener (most SDKs only take an http:// URL).
-    tcp_enabled: bool = False
+    # Loopback TCP listener (most SDKs only take an http:// URL). The port is privileged
+    # (< 1024) so no unprivileged user can bind it while the agent is down; 977 is
+    # unassigned by IANA. Under systemd, guestagent.socket holds it (keep both in step).
+    tcp_enabled: bool = True
     tcp_host: str = "127.0.0.1"
-    tcp_port: int = 51680
+    tcp_port: int = 977
 
     # HTTP limits (each closes only the offending connection): a request head must arrive
     # within header_timeout of its first byte; a connection idle this long is closed; caps
@@ -57,11 +59,14 @@ class CredentialSettings:
     max_connections: int = 512
     max_connections_per_peer: int = 64
 
-    # Per-consumer secrets of the host endpoint. A token file (0600) whose content clients
-    # send as ``Authorization`` (AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE); created if missing.
+    # Secrets of the host endpoint on TCP (the Unix socket needs none: SO_PEERCRED).
+    # A token file whose content clients send as ``Authorization``
+    # (AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE), created if missing, readable by whoever
+    # may open the socket; unset: credentials.token beside the socket.
     token_file: Path | None = None
-    token_owner: str = ""  # user[:group] that may read the token file; empty: root
-    # A secret path prefix ("capability URL"), for clients that cannot send a header.
+    token_owner: str = ""  # user[:group] owning the token file; empty: root
+    # A secret path prefix ("capability URL") for clients that cannot send a header (the
+    # Alibaba SDKs, oss2); unset: a random one kept beside the socket (new at each boot).
     path_secret: str = field(default="", metadata={"secret": True})
 
     # Opt-in credential files, rewritten atomically (0600) on every rotation.

@@ -33,7 +33,8 @@ def local_config(metadata_url: str, workdir: Path) -> Config:
                  "hooks_dir": str(workdir / "spot.d"), "hook_timeout": 5.0,
                  "maintenance_hooks_dir": str(workdir / "maintenance.d"),
                  "maintenance_interval": 1.0},
-        "credentials": {"socket_path": str(workdir / "run" / "credentials.sock")},
+        # An ephemeral TCP port: several local daemons (tests, demos) may run at once.
+        "credentials": {"socket_path": str(workdir / "run" / "credentials.sock"), "tcp_port": 0},
     }
 
 

@@ -51,12 +51,20 @@ class Running:
     def tcp_url(self) -> str:
         return "http://{}:{}".format(*self.tcp)
 
-    def get(self, path: str, *, via: str = "unix", headers: dict[str, str] | None = None
-            ) -> tuple[int, dict[str, Any]]:
+    @property
+    def token(self) -> str:
+        return self.service.token_file.read_text().strip()
+
+    def get(self, path: str, *, via: str = "unix", headers: dict[str, str] | None = None,
+            auth: bool = True) -> tuple[int, dict[str, Any]]:
+        """GET over a listener; on TCP with the endpoint's token unless ``auth=False``."""
         conn = unix_connection(self.socket_path) if via == "unix" else \
             http.client.HTTPConnection(*self.tcp, timeout=10)
+        headers = dict(headers or {})
+        if via == "tcp" and auth and "Authorization" not in headers:
+            headers["Authorization"] = self.token
         try:
-            conn.request("GET", path, headers=headers or {})
+            conn.request("GET", path, headers=headers)
             resp = conn.getresponse()
             return resp.status, json.loads(resp.read())
         finally:
@@ -70,9 +78,7 @@ class Running:
             time.sleep(0.02)
 
     def served_key(self, via: str = "unix") -> str | None:
-        token_file = self.settings.credentials.token_file
-        headers = {"Authorization": token_file.read_text().strip()} if token_file else None
-        status, doc = self.get("/v1/credentials/aws", via=via, headers=headers)
+        status, doc = self.get("/v1/credentials/aws", via=via)
         return doc.get("AccessKeyId") if status == 200 else None
 
 

@@ -1,7 +1,11 @@
 """Real, unchanged clients fetch credentials from the local server and use them against a
 real S3 server (moto; OSS is reached through its S3-compatible API). The key that signed
 each request (recorded by moto) must be the set the agent serves, before and after a
-rotation, with no client restart."""
+rotation, with no client restart.
+
+Each client runs with the default set-up: exactly the lines
+``guestagent credentials env --for CLIENT`` prints (Alibaba format by capability path,
+AWS format with the token file), nothing added by hand."""
 
 from __future__ import annotations
 
@@ -29,21 +33,59 @@ def bucket_name() -> str:
     return "b-" + uuid.uuid4().hex[:12]
 
 
+def client_env(svc, client: str, tmp_path) -> dict[str, str]:
+    """What ``guestagent credentials env --for CLIENT`` prints, as a dict (the real CLI)."""
+    config = tmp_path / f"env-{client}.toml"
+    config.write_text(f'[credentials]\nsocket_path = "{svc.socket_path}"\n')
+    out = subprocess.run([sys.executable, "-m", "guestagent", "credentials", "env", "--for",
+                          client], env={**os.environ, "GUESTAGENT_CONFIG": str(config)},
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    pairs = [ln.split("=", 1) for ln in out.splitlines() if ln and not ln.startswith("#")]
+    return dict(pairs)
+
+
 @pytest.fixture
 def svc(credential_service, tmp_path):
     # Unscaled 6 h sets: clients cache them, so a rotation is a real test of re-fetching.
     # Clients refresh well before expiry; make the served set look near its end to them
     # by rotating explicitly and checking that the next call uses the new key.
-    return credential_service(scaled=False, poll_interval=0.1, token_file=tmp_path / "token")
+    return credential_service(scaled=False, poll_interval=0.1)
 
 
-def test_boto3_container_credentials_put_get(svc, emulator, s3, monkeypatch):
+def test_env_lines_for_each_client(svc, tmp_path):
+    every = client_env(svc, "all", tmp_path)
+    alibaba = client_env(svc, "alibaba", tmp_path)
+    assert alibaba["ALIBABA_CLOUD_ECS_METADATA_DISABLED"] == "true"
+    uri = alibaba["ALIBABA_CLOUD_CREDENTIALS_URI"]
+    assert uri.startswith(svc.tcp_url + "/") and uri.endswith("/v1/credentials/alibaba")
+    assert uri != svc.tcp_url + "/v1/credentials/alibaba"  # a capability path, no header
+    aws = client_env(svc, "aws", tmp_path)
+    assert aws == {"AWS_CONTAINER_CREDENTIALS_FULL_URI": svc.tcp_url + "/v1/credentials/aws",
+                   "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE": str(svc.service.token_file),
+                   "AWS_EC2_METADATA_DISABLED": "true"}
+    assert client_env(svc, "rclone", tmp_path) == {**aws, "RCLONE_S3_ENV_AUTH": "true"}
+    assert client_env(svc, "oss2", tmp_path) == {"GUESTAGENT_CREDENTIALS_URI": uri}
+    assert every == {**alibaba, **aws, "RCLONE_S3_ENV_AUTH": "true",
+                     "GUESTAGENT_CREDENTIALS_URI": uri}
+
+
+def test_env_without_a_server_is_one_line(tmp_path):
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[credentials]\nsocket_path = "{tmp_path / "none.sock"}"\n')
+    res = subprocess.run([sys.executable, "-m", "guestagent", "credentials", "env", "--for",
+                          "aws"], env={**os.environ, "GUESTAGENT_CONFIG": str(config)},
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 3 and res.stdout == ""
+    assert res.stderr.count("\n") == 1 and "agent running" in res.stderr
+
+
+def test_boto3_container_credentials_put_get(svc, emulator, s3, monkeypatch, tmp_path):
     import boto3
 
-    token = (svc.settings.credentials.token_file).read_text().strip()
-    monkeypatch.setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", svc.tcp_url + "/v1/credentials/aws")
-    monkeypatch.setenv("AWS_CONTAINER_AUTHORIZATION_TOKEN", token)
-    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+    for key, value in client_env(svc, "aws", tmp_path).items():
+        monkeypatch.setenv(key, value)
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                "AWS_CONTAINER_AUTHORIZATION_TOKEN"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
@@ -78,18 +120,15 @@ for line in sys.stdin:
 def test_alibabacloud_credentials_uri(credential_service, emulator, s3, tmp_path):
     import boto3
 
-    from guestagent.credentials.consumers import Consumer
-
     # 6 min sets: the SDK treats a set as stale 15 min before Expiration, so it asks the
     # server on every call and a rotation must show up at once, without a restart.
     emulator.set_time_scale(60)
     svc = credential_service(scaled=False, advisory_window=30, mandatory_window=10,
                              safety_margin=5, poll_interval=0.1)
-    # The Alibaba SDK sends no header: it gets a capability-path consumer.
-    path = uuid.uuid4().hex + uuid.uuid4().hex
-    svc.service.registry.add(Consumer("alibaba-sdk", svc.service.rotator, capability=path))
+    # The Alibaba SDK sends no header: the printed URI carries the capability path, and
+    # the SDK's metadata provider (ahead of the URI in its chain) is switched off.
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALIBABA_CLOUD")}
-    env["ALIBABA_CLOUD_CREDENTIALS_URI"] = f"{svc.tcp_url}/{path}/v1/credentials/alibaba"
+    env.update(client_env(svc, "alibaba", tmp_path))
     env["HOME"] = str(tmp_path)
     proc = subprocess.Popen([sys.executable, "-c", ALIBABA], env=env, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -117,16 +156,11 @@ def test_alibabacloud_credentials_uri(credential_service, emulator, s3, tmp_path
         proc.wait()
 
 
-def test_oss2_ecs_ram_role_provider(svc, emulator, s3):
+def test_oss2_ecs_ram_role_provider(svc, emulator, s3, tmp_path):
     import oss2
 
-    from guestagent.credentials.consumers import Consumer
-
-    path = uuid.uuid4().hex + uuid.uuid4().hex
-    svc.service.registry.add(Consumer("oss2", svc.service.rotator, capability=path))
-    provider = oss2.credentials.EcsRamRoleCredentialsProvider(
-        f"{svc.tcp_url}/{path}/v1/credentials/alibaba"
-    )
+    env = client_env(svc, "oss2", tmp_path)
+    provider = oss2.credentials.EcsRamRoleCredentialsProvider(env["GUESTAGENT_CREDENTIALS_URI"])
     auth = oss2.ProviderAuth(provider)
     name = bucket_name()
     import urllib.request
@@ -158,18 +192,15 @@ def test_rclone_env_auth_lists_a_bucket(svc, emulator, s3, tmp_path):
                          aws_access_key_id="admin", aws_secret_access_key="admin")
     admin.create_bucket(Bucket=name)
     admin.put_object(Bucket=name, Key="listed.txt", Body=b"x")
-    token_file = svc.settings.credentials.token_file
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RCLONE_"))}
+    env.update(client_env(svc, "rclone", tmp_path))  # env_auth comes from these lines
     env.update(
         HOME=str(tmp_path),
         RCLONE_CONFIG=str(tmp_path / "none.conf"),
         RCLONE_CONFIG_OSS_TYPE="s3",
         RCLONE_CONFIG_OSS_PROVIDER="Other",
-        RCLONE_CONFIG_OSS_ENV_AUTH="true",
         RCLONE_CONFIG_OSS_ENDPOINT=s3.url,
         RCLONE_CONFIG_OSS_REGION="us-east-1",
-        AWS_CONTAINER_CREDENTIALS_FULL_URI=svc.tcp_url + "/v1/credentials/aws",
-        AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE=str(token_file),
     )
     keys = []
     for _ in range(2):

@@ -59,5 +59,17 @@ def test_ec2_route_refusals(credential_service: Any, tmp_path: Any) -> None:
     assert _call(running, "GET", f"{base}/latest/api/token")[0] == 405
     assert _call(running, "GET",
                  f"{base}/latest/meta-data/iam/security-credentials/other-role")[0] == 404
-    # A token-protected host endpoint is not reachable EC2-style (those SDKs send no token).
-    assert _call(running, "GET", "/latest/meta-data/iam/security-credentials/")[0] == 404
+    # Outside a capability path (aws-sdk-go drops it), IMDSv2 rules: no session token, no
+    # answer (a request forged through a local web app cannot PUT with a header) ...
+    roles = "/latest/meta-data/iam/security-credentials/"
+    assert _call(running, "GET", roles)[0] == 401
+    assert _call(running, "GET", roles, {"X-aws-ec2-metadata-token": "made-up"})[0] == 401
+    # ... and with one from a PUT, the role and its document.
+    status, _, session = _call(running, "PUT", "/latest/api/token",
+                               {"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+    assert status == 200
+    status, _, role = _call(running, "GET", roles, {"X-aws-ec2-metadata-token": session.decode()})
+    assert status == 200 and role.decode() == running.service.rotator.snapshot.role
+    status, _, body = _call(running, "GET", roles + role.decode(),
+                            {"X-aws-ec2-metadata-token": session.decode()})
+    assert status == 200 and json.loads(body)["Code"] == "Success"

@@ -42,7 +42,7 @@ def body_of(reply: bytes) -> dict:
     return json.loads(reply.split(b"\r\n\r\n", 1)[1])
 
 
-def request(head_extra: bytes = b"", path: bytes = b"/v1/credentials/aws") -> bytes:
+def request(head_extra: bytes = b"", path: bytes = b"/v1/health") -> bytes:
     return b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n" + head_extra + \
         b"Connection: close\r\n\r\n"
 
@@ -87,7 +87,7 @@ def test_silent_and_idle_keep_alive_connections_are_closed(credential_service):
     # Connects and says nothing: closed without an answer.
     assert raw(svc, b"") == b""
     # One request on a keep-alive connection, then silence: closed after idle_timeout.
-    keep = b"GET /v1/credentials/aws HTTP/1.1\r\nHost: x\r\n\r\n"
+    keep = b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n"
     for via in ("tcp", "unix"):
         reply = raw(svc, keep, via=via)
         assert status_of(reply) == 200 and reply.count(b"HTTP/1.1") == 1

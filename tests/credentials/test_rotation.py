@@ -111,7 +111,9 @@ def run_for(rot: Rotator, clock: FakeClock, seconds: float) -> None:
 def test_first_fetch_serves_and_schedules_the_advisory_window(service, clock):
     rot = make(service, clock)
     assert rot.snapshot.state == "pending"
-    assert rot.snapshot.verdict(clock.mono) == "refuse"
+    # Before the first fetch a request waits for it (then 503 if it does not come).
+    assert rot.snapshot.verdict(clock.mono) == "wait"
+    assert rot.snapshot.refusal(clock.mono)[1] == "CredentialsPending"
     delay = rot.step()
     snap = rot.snapshot
     assert snap.state == "ok" and snap.role == "app-role"

@@ -83,7 +83,8 @@ def test_allow_list_on_unix_socket_and_tcp(credential_service, test_users, test_
     for name, expect in (("ga-test-allowed", 200), ("ga-test-denied", 403)):
         pw = pwd.getpwnam(name)
         for kind, where in (("unix", sock), ("tcp", tcp)):
-            status, doc = as_user(pw.pw_uid, pw.pw_gid, kind, where, "/v1/credentials/aws")
+            status, doc = as_user(pw.pw_uid, pw.pw_gid, kind, where, "/v1/credentials/aws",
+                                  *([svc.token] if kind == "tcp" else []))
             assert status == expect, (name, kind, doc)
             if expect == 403:
                 assert doc["code"] == "Forbidden"
@@ -103,19 +104,24 @@ def test_allow_groups_admits_supplementary_group_members(credential_service, tes
     pw = pwd.getpwnam("ga-test-denied")  # primary group is its own; ga-test is supplementary
     path = "/v1/credentials/aws"
     assert as_user(pw.pw_uid, pw.pw_gid, "unix", str(svc.socket_path), path)[0] == 200
-    assert as_user(pw.pw_uid, pw.pw_gid, "tcp", "{}:{}".format(*svc.tcp), path)[0] == 200
+    assert as_user(pw.pw_uid, pw.pw_gid, "tcp", "{}:{}".format(*svc.tcp), path,
+                   svc.token)[0] == 200
 
 
-def test_token_is_required_when_configured(credential_service, tmp_path):
+def test_token_is_required_on_tcp(credential_service, tmp_path):
     token_file = tmp_path / "token"
     svc = credential_service(token_file=token_file)
     assert oct(token_file.stat().st_mode & 0o777) == "0o600"
     token = token_file.read_text().strip()
+    # The Unix socket identifies the process exactly (no request forgery): no token needed.
+    assert svc.get("/v1/credentials/aws")[0] == 200
     for via in ("unix", "tcp"):
-        status, doc = svc.get("/v1/credentials/aws", via=via)
-        assert (status, doc["code"]) == (401, "Unauthorized")
-        status, doc = svc.get("/v1/credentials/aws", via=via, headers={"Authorization": "wrong"})
-        assert status == 401
+        if via == "tcp":
+            status, doc = svc.get("/v1/credentials/aws", via=via, auth=False)
+            assert (status, doc["code"]) == (401, "Unauthorized")
+            status, doc = svc.get("/v1/credentials/aws", via=via,
+                                  headers={"Authorization": "wrong"})
+            assert status == 401
         status, doc = svc.get("/v1/credentials/aws", via=via, headers={"Authorization": token})
         assert status == 200 and doc["AccessKeyId"].startswith("STS.")
         status, _ = svc.get("/v1/credentials/aws", via=via,
@@ -127,19 +133,20 @@ def test_token_file_with_loose_mode_is_refused(credential_service, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text("x" * 32)
     token_file.chmod(0o644)
-    with pytest.raises(ValueError, match="0600"):
+    with pytest.raises(ValueError, match="readable by others"):
         credential_service(token_file=token_file)
 
 
 def test_capability_path(credential_service):
     secret = "cap-" + "a1b2c3d4" * 4
     svc = credential_service(path_secret=secret)
-    assert svc.get(f"/{secret}/v1/credentials/alibaba")[0] == 200
-    # Without the secret path the endpoint is not there at all.
     for via in ("unix", "tcp"):
-        status, doc = svc.get("/v1/credentials/alibaba", via=via)
-        assert status == 404 and "AccessKeyId" not in doc
-        assert svc.get(f"/{secret[:-1]}x/v1/credentials/alibaba", via=via)[0] == 404
+        # The path alone is enough (the Alibaba SDKs cannot send a header) ...
+        assert svc.get(f"/{secret}/v1/credentials/alibaba", via=via, auth=False)[0] == 200
+    # ... and on TCP without it (or with a wrong one) the token is needed.
+    for path in ("/v1/credentials/alibaba", f"/{secret[:-1]}x/v1/credentials/alibaba"):
+        status, doc = svc.get(path, via="tcp", auth=False)
+        assert status in (401, 404) and "AccessKeyId" not in doc
 
 
 def test_x_forwarded_for_is_refused(credential_service):
@@ -217,3 +224,33 @@ def test_no_secret_in_logs_argv_or_files(credential_service, emulator, tmp_path,
     # Detach: the files go away with the role.
     emulator.detach_role()
     svc.wait_for(lambda: not profile.exists() and not env_file.exists())
+
+
+def test_allow_users_alone_opens_the_socket_and_token_to_them(credential_service, test_users,
+                                                              shared_dir):
+    """One setting, one effect: no socket_group needed (the allow-list becomes an ACL)."""
+    import pwd
+
+    svc = credential_service(socket_path=shared_dir / "c.sock", allow_users=["ga-test-allowed"])
+    sock = str(svc.socket_path)
+    assert os.stat(sock).st_mode & 0o007 == 0  # still closed to others by mode
+    token_file = svc.service.token_file
+    allowed, denied = pwd.getpwnam("ga-test-allowed"), pwd.getpwnam("ga-test-denied")
+    status, doc = as_user(allowed.pw_uid, allowed.pw_gid, "unix", sock, "/v1/credentials/aws")
+    assert status == 200 and doc["AccessKeyId"]
+    # The allowed user can read the token its AWS SDK sends on TCP; the other cannot.
+    read = [sys.executable, "-c", f"print(open({str(token_file)!r}).read())"]
+    for pw, ok in ((allowed, True), (denied, False)):
+        res = subprocess.run(["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}",
+                              "--init-groups", *read], capture_output=True, text=True,
+                             timeout=30, check=False)
+        assert (res.returncode == 0) is ok, res.stderr
+    token = token_file.read_text().strip()
+    tcp = "{}:{}".format(*svc.tcp)
+    assert as_user(allowed.pw_uid, allowed.pw_gid, "tcp", tcp, "/v1/credentials/aws",
+                   token)[0] == 200
+    # Anyone else: the file system refuses the socket (and the peer check would too).
+    status, doc = as_user(denied.pw_uid, denied.pw_gid, "unix", sock, "/v1/credentials/aws")
+    assert status in (0, 403) and "AccessKeyId" not in doc
+    assert as_user(denied.pw_uid, denied.pw_gid, "tcp", tcp, "/v1/credentials/aws",
+                   token)[0] == 403

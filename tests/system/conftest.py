@@ -75,6 +75,17 @@ def _probe_boot(base: Path, work: Path) -> None:
             machine.poweroff()
 
 
+# Guests share the host's network namespace (they reach the emulator on loopback), so the
+# credential server's fixed port 977 would collide between guests booted at once: the
+# socket unit keeps only the Unix socket, the agent binds an ephemeral TCP port.
+SHARED_HOST_NETWORK = {
+    "/etc/systemd/system/guestagent.socket.d/40-test.conf":
+        "[Socket]\nListenStream=\nListenStream=/run/guestagent/credentials.sock\n",
+    "/etc/systemd/system/guestagent.service.d/40-test.conf":
+        "[Service]\nEnvironment=GUESTAGENT_CREDENTIALS_TCP_PORT=0\n",
+}
+
+
 @pytest.fixture
 def guest_factory(system_layers: list[Path]) -> Iterator[Callable[..., nspawn.Machine]]:
     """``make(emulator, config="", files={guest path: text})`` → an unbooted guest."""
@@ -91,7 +102,8 @@ def guest_factory(system_layers: list[Path]) -> Iterator[Callable[..., nspawn.Ma
             machine = nspawn.Machine(root, f"ga-{os.getpid()}-{next(_names)}", work / "boot.log")
             stack.callback(machine.poweroff)
             made.append(machine)
-            conf = {"/etc/guestagent/agent.toml": agent_toml(emulator, config), **(files or {})}
+            conf = {"/etc/guestagent/agent.toml": agent_toml(emulator, config),
+                    **SHARED_HOST_NETWORK, **(files or {})}
             for inside, text in conf.items():
                 path = machine.path(inside)
                 path.parent.mkdir(parents=True, exist_ok=True)
