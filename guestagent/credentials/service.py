@@ -217,7 +217,7 @@ def socket_access(settings: CredentialSettings) -> Access:
 
 def token_path(settings: CredentialSettings) -> Path:
     """The host endpoint's token file: configured, or beside the socket."""
-    return settings.token_file or settings.socket_path.parent / "credentials.token"
+    return settings.token_path
 
 
 def host_consumer(

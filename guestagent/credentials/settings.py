@@ -75,6 +75,12 @@ class CredentialSettings:
     env_file: Path | None = None  # ALIBABA_CLOUD_* and OSS_* variables
     files_owner: str = ""  # user[:group] owning both files; empty: root
 
+    @property
+    def token_path(self) -> Path:
+        """The host endpoint's token file: ``token_file``, or credentials.token beside the
+        socket (what the server creates and clients read)."""
+        return self.token_file or self.socket_path.parent / "credentials.token"
+
     def validate(self) -> None:
         if self.role and not _NAME.match(self.role):
             raise ValueError(f"role: not a RAM role name: {self.role!r}")

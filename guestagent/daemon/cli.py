@@ -20,7 +20,7 @@ def register(sub: Any) -> None:
     _config_arg(run)
     run.add_argument("--once", metavar="SERVICE", action="append",
                      help="run only this one-shot service to completion and exit "
-                          "(e.g. userdata, for guestagent-firstboot.service)")
+                          "(e.g. userdata: both first-boot stages at once)")
     run.add_argument("--in-daemon", action="store_true", help=argparse.SUPPRESS)
     run.set_defaults(handler=_run)
 

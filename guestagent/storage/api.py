@@ -252,11 +252,10 @@ def rclone_remote(settings: Any, environ: Mapping[str, str]) -> RcloneRemote:
     url = f"http://{cs.tcp_host}:{cs.tcp_port}{prefix}/v1/credentials/aws"
     ep = endpoint.resolve(settings.storage, environ,
                           lambda: endpoint.from_instance(settings.metadata))
-    # The host endpoint's token file (as credentials.service.token_path names it): rclone's
-    # SDK reads it itself, so the token is neither in argv nor in its environment.
-    token_file = cs.token_file or cs.socket_path.parent / "credentials.token"
+    # The host endpoint's token file: rclone's SDK reads it itself, so the token is neither
+    # in argv nor in its environment.
     return RcloneRemote(endpoint=f"{ep.scheme}://{ep.netloc}", credentials_url=url,
-                        region=ep.region, path_style=ep.path_style, token_file=token_file,
+                        region=ep.region, path_style=ep.path_style, token_file=cs.token_path,
                         rclone=settings.storage.rclone)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from guestagent import process
 from guestagent.files import atomic_write
-from guestagent.userdata import cloudconfig, parts
+from guestagent.userdata import cloudconfig, parts, stages
 from guestagent.userdata.errors import UserdataError
 from guestagent.userdata.handlers import Context, Handler, all_handlers, supported_keys
 from guestagent.userdata.semaphores import PER_INSTANCE, Semaphores
@@ -59,6 +59,9 @@ class Report:
     outcomes: list[Outcome] = field(default_factory=list)
     diff: str = ""
     warnings: list[str] = field(default_factory=list)
+    stage: str | None = None
+    started_at: str = ""
+    finished_at: str = ""
 
     @property
     def failed(self) -> list[Outcome]:
@@ -66,6 +69,9 @@ class Report:
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "stage": self.stage or "all",
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
             "instance_id": self.instance_id,
             "outcomes": [asdict(o) for o in self.outcomes],
             "warnings": self.warnings,
@@ -191,12 +197,17 @@ class Applier:
         state_dir: Path | None = None,
         dry_run: bool = False,
         run_scripts: bool = True,
+        stage: str | None = None,
+        lock_wait: float = 0.0,
     ) -> None:
         self.settings = settings or UserdataSettings()
         self.root = Path(root)
         self.state_dir = state_dir or self.root / "var/lib/guestagent"
         self.dry_run = dry_run
         self.run_scripts = run_scripts
+        self.stage = stages.check_stage(stage)
+        # How long to wait for another apply (the other stage, the CLI) to finish.
+        self.lock_wait = lock_wait
         self.handlers: list[Handler] = all_handlers()
         self._freq = self.settings.frequency_overrides()
 
@@ -206,52 +217,115 @@ class Applier:
     def apply(
         self, data: bytes | None, instance_id: str, defaults: Defaults = Defaults()
     ) -> Report:
+        """Apply this Applier's stage (both when None). Everything is decoded, validated
+        and planned first, and refused (UserdataError) before any change; then the apply
+        lock is taken, the work done and the stage recorded with its times."""
         sems = Semaphores(self.state_dir, instance_id)
-        report = Report(instance_id)
-        prepared = prepare(data, self.settings)  # refuses before anything changes
-        with Tree(
-            self.root, dry_run=self.dry_run, backup_suffix=self.settings.backup_suffix
-        ) as tree:
-            for part in prepared.ignored:
-                msg = f"{part.name}: {part.skipped_because()}"
+        report = Report(instance_id, stage=self.stage)
+        with Tree(self.root, dry_run=self.dry_run, backup_dir=self._backup_dir()) as tree:
+            ctx = Context(tree, self.settings, run_script=self._runner(tree, instance_id, report))
+            plans, scripts = self._plan(data, defaults, ctx, report)
+            if self.dry_run:
+                self._execute(plans, scripts, ctx, sems, report)
+                report.diff = tree.diff()
+                return report
+            with stages.apply_lock(self.state_dir, self.lock_wait):
+                started, t0 = stages.now(), time.monotonic()
+                name = self.stage or "local+final"
+                log.info("user-data stage %s: started (instance %s)", name, instance_id)
+                self._execute(plans, scripts, ctx, sems, report)
+                report.started_at, report.finished_at = started, stages.now()
+                log.info(
+                    "user-data stage %s: finished in %.2fs (%d failed)",
+                    name,
+                    time.monotonic() - t0,
+                    len(report.failed),
+                )
+                report.diff = tree.diff()
+                self._save(report)
+        return report
+
+    def _plan(
+        self, data: bytes | None, defaults: Defaults, ctx: Context, report: Report
+    ) -> tuple[list[tuple[Handler, Any]], list[parts.Part]]:
+        """What this stage will do; raises UserdataError, changing nothing."""
+        tree = ctx.tree
+        prepared = prepare(data, self.settings)
+        for part in prepared.ignored:
+            msg = f"{part.name}: {part.skipped_because()}"
+            log.warning("%s", msg)
+            report.warnings.append(msg)
+            what = "Windows user-data" if part.kind == parts.WINDOWS else part.mime
+            report.outcomes.append(Outcome(part.name, "part", "ignored", what))
+        deferred = self.settings.defer_to_cloud_init and cloudconfig.cloud_init_active(tree)
+        user_cfg: dict[str, Any] = prepared.config
+        if deferred and (prepared.cloud_config_parts or prepared.scripts):
+            msg = "cloud-init is installed and enabled: user-data left to it"
+            log.info("%s", msg)
+            report.warnings.append(msg)
+            report.outcomes.append(Outcome("user-data", "part", "deferred", "cloud-init"))
+            user_cfg = {}
+        else:
+            for key in prepared.unsupported_keys:
+                msg = f"{key}: not supported by guestagent; ignored (cloud-init would apply it)"
                 log.warning("%s", msg)
                 report.warnings.append(msg)
-                what = "Windows user-data" if part.kind == parts.WINDOWS else part.mime
-                report.outcomes.append(Outcome(part.name, "part", "ignored", what))
-            deferred = self.settings.defer_to_cloud_init and cloudconfig.cloud_init_active(tree)
-            user_cfg: dict[str, Any] = prepared.config
-            if deferred and (prepared.cloud_config_parts or prepared.scripts):
-                msg = "cloud-init is installed and enabled: user-data left to it"
-                log.info("%s", msg)
-                report.warnings.append(msg)
-                report.outcomes.append(Outcome("user-data", "part", "deferred", "cloud-init"))
-                user_cfg = {}
-            else:
-                for key in prepared.unsupported_keys:
-                    msg = f"{key}: not supported by guestagent; ignored (cloud-init would apply it)"
-                    log.warning("%s", msg)
-                    report.warnings.append(msg)
-            cfg, used = with_defaults(user_cfg, set(prepared.config), defaults, self.settings, tree)
-            if used:
-                log.info("defaults from metadata: %s", ", ".join(used))
-            scripts = [] if deferred else prepared.scripts
-            ctx = Context(tree, self.settings, run_script=self._runner(tree, instance_id, report))
-            # Every handler validates before the first write; every script is syntax-checked.
-            plans: list[tuple[Handler, Any]] = []
-            for handler in self.handlers:
-                plan = handler.plan(cfg, ctx)
-                if plan is not None:
-                    plans.append((handler, plan))
-            for script in scripts:
-                check_script(script)
-            for handler, plan in plans:
-                report.outcomes.append(self._apply_one(handler, plan, ctx, sems))
-            if scripts:
-                report.outcomes += self._scripts(scripts, ctx, sems)
-            report.diff = tree.diff()
-        if not self.dry_run:
-            self._save(report)
-        return report
+        cfg, used = with_defaults(user_cfg, set(prepared.config), defaults, self.settings, tree)
+        if used:
+            log.info("defaults from metadata: %s", ", ".join(used))
+        scripts = [] if deferred else prepared.scripts
+        # Every handler validates (whatever the stage: a document is accepted or refused
+        # as a whole); every script is syntax-checked.
+        plans: list[tuple[Handler, Any]] = []
+        for handler in self.handlers:
+            plan = handler.plan(cfg, ctx)
+            if plan is None or not stages.runs(self.stage, handler.stage):
+                continue
+            if handler.stage == stages.FINAL and not (self.run_scripts or self.dry_run):
+                skipped = Outcome(handler.name, "handler", "skipped", "scripts disabled")
+                report.outcomes.append(skipped)
+                continue
+            plans.append((handler, plan))
+        for script in scripts:
+            check_script(script)
+        if not stages.runs(self.stage, stages.FINAL):
+            scripts = []
+        if scripts or any(h.stage == stages.FINAL for h, _ in plans):
+            self._check_can_run(tree)
+        return plans, scripts
+
+    def _execute(
+        self,
+        plans: list[tuple[Handler, Any]],
+        scripts: list[parts.Part],
+        ctx: Context,
+        sems: Semaphores,
+        report: Report,
+    ) -> None:
+        for handler, plan in plans:
+            report.outcomes.append(self._apply_one(handler, plan, ctx, sems))
+        if scripts:
+            report.outcomes += self._scripts(scripts, ctx, sems)
+        report.warnings += ctx.notes
+
+    def _backup_dir(self) -> Path:
+        return self.state_dir / "userdata" / "backup"
+
+    def _check_can_run(self, tree: Tree) -> None:
+        """Scripts into an image tree run chrooted into it, never on this host: refuse
+        (before any change) when that cannot work."""
+        if tree.root == Path("/") or self.dry_run or not self.run_scripts:
+            return
+        if not tree.exists("/bin/sh"):
+            raise UserdataError(
+                f"--root {tree.root}: user-data scripts run chrooted into the image, which "
+                "has no /bin/sh; use --no-scripts"
+            )
+        if os.geteuid() != 0:
+            raise UserdataError(
+                f"--root {tree.root}: user-data scripts run chrooted into the image, which "
+                "needs root; run as root or use --no-scripts"
+            )
 
     def _apply_one(self, handler: Handler, plan: Any, ctx: Context, sems: Semaphores) -> Outcome:
         freq = self.frequency(handler.name, handler.frequency)
@@ -303,20 +377,28 @@ class Applier:
 
     def _runner(self, tree: Tree, instance_id: str, report: Report) -> Any:
         scripts_dir = self.state_dir / "userdata" / "scripts" / f"instance-{instance_id}"
+        chrooted = tree.root != Path("/")
 
         def run(name: str, body: bytes) -> int:
             safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)[:64] or "script"
             path = atomic_write(scripts_dir / safe, body, mode=0o700)
-            argv = [str(path)] if body.startswith(b"#!") else ["sh", str(path)]
-            env = dict(os.environ)
+            # Under --root the script runs chrooted into the image: what it reads, writes
+            # and starts is the image's, never this host's.
+            inside = "/" + str(path.relative_to(tree.root)) if chrooted else str(path)
+            argv = [inside] if body.startswith(b"#!") else ["/bin/sh", inside]
+            if chrooted:
+                argv = ["chroot", str(tree.root), *argv]
+            env = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFY_")}
             env["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
             env["GUESTAGENT_INSTANCE_ID"] = instance_id
-            if tree.root != Path("/"):
-                env["GUESTAGENT_ROOT"] = str(tree.root)
-            log.info("running %s", name)
+            env.pop("GUESTAGENT_ROOT", None)
+            log.info("running %s%s", name, f" chrooted into {tree.root}" if chrooted else "")
             try:
                 res = process.run(
-                    argv, timeout=self.settings.script_timeout, env=env, cwd=str(tree.root)
+                    argv,
+                    timeout=self.settings.script_timeout,
+                    env=env,
+                    cwd="/" if not chrooted else str(tree.root),
                 )
             except process.ProcessError as exc:
                 log.error("%s: %s", name, exc)
@@ -337,5 +419,7 @@ class Applier:
         return run
 
     def _save(self, report: Report) -> None:
-        path = self.state_dir / "userdata" / "last-run.json"
-        atomic_write(path, json.dumps(report.as_dict(), indent=2) + "\n", mode=0o600)
+        body = json.dumps(report.as_dict(), indent=2) + "\n"
+        # 0600: an outcome's detail may quote the user-data.
+        atomic_write(self.state_dir / "userdata" / "last-run.json", body, mode=0o600)
+        stages.record(self.state_dir, report.stage, body)

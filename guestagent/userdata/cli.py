@@ -59,6 +59,13 @@ def register(subparsers: Any) -> None:
     a.add_argument("--instance-id", help="instance id for the semaphores (default: metadata)")
     a.add_argument("--no-scripts", action="store_true", help="do not run shell parts or runcmd")
     a.add_argument(
+        "--stage",
+        choices=("local", "final"),
+        help="first-boot stage: local (configuration, before sshd and the network) or final "
+        "(scripts, runcmd); default both. Stages wait for the metadata service "
+        "([userdata] metadata_wait) and for each other",
+    )
+    a.add_argument(
         "--no-defaults",
         action="store_true",
         help="no DNS/NTP/mirror defaults from metadata (implied by --file with --instance-id: "
@@ -210,7 +217,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _apply(args: argparse.Namespace) -> int:
     from guestagent.userdata.apply import Applier, Defaults
-    from guestagent.userdata.service import fetch, state_dir_for
+    from guestagent.userdata.service import fetch_waiting, state_dir_for
 
     settings = _settings(args)
     us = settings.userdata
@@ -232,7 +239,10 @@ def _apply(args: argparse.Namespace) -> int:
 
         client = MetadataClient(settings.metadata)
         try:
-            fetched, instance_id, defaults = fetch(client, us)
+            # The first-boot units start while the network comes up: bounded retries.
+            fetched, instance_id, defaults = fetch_waiting(
+                client, us, us.metadata_wait if args.stage else 0.0
+            )
         finally:
             client.close()
         if not args.file:
@@ -247,9 +257,17 @@ def _apply(args: argparse.Namespace) -> int:
         state_dir=state_dir_for(root.resolve(), settings.daemon.state_dir),
         dry_run=args.dry_run,
         run_scripts=not args.no_scripts,
+        stage=args.stage,
+        # A unit waits for the other stage (or a hand-run apply) to finish; by hand, say
+        # at once that another apply holds the lock.
+        lock_wait=3 * us.script_timeout + 60 if args.stage else 0.0,
     )
+    from guestagent.userdata.stages import Busy
+
     try:
         report = applier.apply(data, instance_id, defaults)
+    except Busy as exc:
+        return _fail(str(exc))
     except UserdataError as exc:
         return _fail(f"user-data refused, nothing changed: {exc}")
     for w in report.warnings:

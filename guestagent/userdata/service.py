@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,9 +33,46 @@ def fetch(client: MetadataClient, settings: UserdataSettings) -> tuple[bytes | N
     return data, instance_id, defaults
 
 
+def fetch_waiting(
+    client: MetadataClient, settings: UserdataSettings, wait: float
+) -> tuple[bytes | None, str, Defaults]:
+    """:func:`fetch`, retried with backoff for up to ``wait`` seconds while the service
+    cannot be reached (early boot: the network is still coming up). A bad answer is not
+    retried; after ``wait`` the last ServiceUnavailable is raised."""
+    from guestagent.metadata.errors import ServiceUnavailable
+
+    deadline = time.monotonic() + wait
+    delay = 0.5
+    while True:
+        try:
+            return fetch(client, settings)
+        except ServiceUnavailable as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            log.warning("metadata service not reachable yet (%s); retrying for %.0fs", exc, left)
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 5.0)
+
+
+FINAL_UNIT = "guestagent-firstboot-final.service"
+
+
+def units_enabled(root: Path = Path("/")) -> bool:
+    """The first-boot units are enabled here: they apply user-data in its two stages, so
+    the daemon leaves it to them (scripts would otherwise run in the daemon's cgroup)."""
+    wants = root / "etc/systemd/system/multi-user.target.wants" / FINAL_UNIT
+    return os.path.lexists(wants)
+
+
 def state_dir_for(root: Path, configured: Path) -> Path:
-    """The configured state dir on the live system; ``<root>/var/lib/guestagent`` in a tree."""
-    return configured if root == Path("/") else root / "var/lib/guestagent"
+    """The configured state dir on the live system; ``/var/lib/guestagent`` of the tree
+    (its links followed chroot-style, never out of it) under ``--root``."""
+    if root == Path("/"):
+        return configured
+    from guestagent.userdata.tree import Tree
+
+    return Tree(root).resolve("/var/lib/guestagent")
 
 
 class FirstBootService(Service):
@@ -50,20 +89,28 @@ class FirstBootService(Service):
         self.root = root
         self.report: Report | None = None
         self.error: str | None = None
+        self.left_to_units = False
 
     def run(self, stop: threading.Event) -> None:
         if not self.settings.userdata.enabled:
             log.info("user-data handling disabled")
+            return
+        if units_enabled(self.root):
+            self.left_to_units = True
+            log.info("user-data left to the first-boot units (%s)", FINAL_UNIT)
             return
         from guestagent.metadata.client import MetadataClient
 
         client = self.client or MetadataClient(self.settings.metadata)
         try:
             data, instance_id, defaults = fetch(client, self.settings.userdata)
+            us = self.settings.userdata
             applier = Applier(
-                self.settings.userdata,
+                us,
                 root=self.root,
                 state_dir=state_dir_for(self.root, self.settings.daemon.state_dir),
+                # Another apply (a unit, the CLI) may be running: wait for it.
+                lock_wait=3 * us.script_timeout + 60,
             )
             self.report = applier.apply(data, instance_id, defaults)
         except UserdataError as exc:
@@ -78,6 +125,8 @@ class FirstBootService(Service):
             log.error("user-data %s failed: %s", outcome.name, outcome.detail)
 
     def status(self) -> dict[str, Any]:
+        if self.left_to_units:
+            return {"left_to": FINAL_UNIT}
         if self.error:
             return {"refused": self.error}
         if self.report is None:

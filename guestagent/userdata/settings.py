@@ -17,6 +17,9 @@ class UserdataSettings:
     max_size: int = 32768
     # gzip'd user-data may not expand beyond this (a gzip bomb is refused, not unpacked).
     max_decoded_size: int = 1048576
+    # The first-boot units (apply --stage) wait this long for the metadata service while
+    # the network comes up, retrying with backoff, before they give up (exit 3).
+    metadata_wait: float = 120.0
     # Defaults taken from metadata when the user-data says nothing about them.
     default_dns: bool = True
     default_ntp: bool = True
@@ -35,10 +38,10 @@ class UserdataSettings:
     templates_dir: Path | None = None
     cloud_init: str = "cloud-init"
     visudo: str = "visudo"
-    # Suffix of the copy kept of every file the applier replaces.
-    backup_suffix: str = ".guestagent.bak"
 
     def validate(self) -> None:
+        if self.metadata_wait < 0:
+            raise ValueError(f"metadata_wait: must be >= 0, got {self.metadata_wait}")
         if self.script_timeout <= 0:
             raise ValueError(f"script_timeout: must be > 0, got {self.script_timeout}")
         if not 1 <= self.max_size <= 16 * 1048576:
@@ -52,10 +55,6 @@ class UserdataSettings:
             name, sep, freq = item.partition("=")
             if not sep or not name.strip() or freq.strip() not in FREQUENCIES:
                 raise ValueError(f"frequencies: {item!r} must be HANDLER=once|per-instance|always")
-        if not self.backup_suffix or "/" in self.backup_suffix:
-            raise ValueError(
-                f"backup_suffix: must be a non-empty file suffix, got {self.backup_suffix!r}"
-            )
 
     def frequency_overrides(self) -> dict[str, str]:
         out: dict[str, str] = {}

@@ -1,7 +1,8 @@
 """The ``#!/bin/sh`` form of a cloud-config document made from a template.
 
 The script makes the same changes as our applier does for the ``#cloud-config`` form:
-same file contents, atomic replacement with a ``.guestagent.bak`` copy, ``visudo -cf``
+same file contents, atomic replacement with a copy of the replaced file under
+``/var/lib/guestagent/userdata/backup``, ``visudo -cf``
 before a sudo rule lands, ``authorized_keys`` 0600 owned by its user. Every value was
 validated on the way in and is single-quoted on the way out. ``GUESTAGENT_ROOT`` (set by
 ``guestagent userdata apply --root``) points it at an image tree instead of ``/``.
@@ -35,7 +36,8 @@ export PATH
 R="${GUESTAGENT_ROOT:-}"
 R="${R%/}"
 
-# put FILE MODE: stdin becomes $R/FILE atomically; the replaced file is kept as FILE.guestagent.bak
+# put FILE MODE: stdin becomes $R/FILE atomically; the replaced file is kept under the
+# agent's state directory (never beside it in /etc)
 put() {
   dst="$R$1"
   mkdir -p "$(dirname "$dst")"
@@ -43,7 +45,11 @@ put() {
   cat >"$tmp"
   chmod "$2" "$tmp"
   if [ -f "$dst" ] && [ ! -L "$dst" ] && cmp -s "$tmp" "$dst"; then rm -f "$tmp"; return 0; fi
-  if [ -e "$dst" ] || [ -L "$dst" ]; then cp -P -p "$dst" "$dst.guestagent.bak"; fi
+  if [ -e "$dst" ] || [ -L "$dst" ]; then
+    bak="$R/var/lib/guestagent/userdata/backup$1"
+    mkdir -p -m 0700 "$R/var/lib/guestagent/userdata/backup"
+    mkdir -p "$(dirname "$bak")"; rm -f "$bak"; cp -P -p "$dst" "$bak"
+  fi
   mv -f "$tmp" "$dst"
 }
 """

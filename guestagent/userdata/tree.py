@@ -1,8 +1,9 @@
 """The target file tree of an apply: ``/`` on an instance, an image tree with ``--root``.
 
 Every write goes through :class:`Tree`: paths are resolved inside the root (a symlink may
-not lead out of it), writes are atomic (``guestagent.files.atomic_write``) and keep a
-backup of what they replace, an unchanged file is not rewritten, and a
+not lead out of it, for reads as for writes), writes are atomic
+(``guestagent.files.atomic_write``) and keep a backup of what they replace in the agent's
+state directory, an unchanged file is not rewritten, and a
 :meth:`Tree.transaction` puts every file it touched back if the handler fails half-way.
 With ``dry_run`` nothing under the root changes: writes land in a scratch overlay and
 :meth:`Tree.diff` shows what would have changed.
@@ -54,11 +55,13 @@ class Tree:
         root: str | os.PathLike[str] = "/",
         *,
         dry_run: bool = False,
-        backup_suffix: str = ".guestagent.bak",
+        backup_dir: Path | None = None,
     ) -> None:
         self.root = Path(os.path.realpath(root))
         self.dry_run = dry_run
-        self.backup_suffix = backup_suffix
+        # Where the previous version of a replaced file is kept (the agent's state
+        # directory), as <backup_dir>/<path in the tree>; None keeps none.
+        self.backup_dir = backup_dir
         self.changes: list[Change] = []
         self._overlay: Path | None = None
         self._journal: list[dict[str, _Saved]] = []
@@ -212,20 +215,37 @@ class Tree:
             scratch.write_bytes(payload)
             return True
         self._remember(guest, target)
-        self._remember(guest + self.backup_suffix, Path(str(target) + self.backup_suffix))
-        backup: str | None = self.backup_suffix
+        self._backup(guest, target)
         if target.is_symlink():
-            # Keep the link itself as the backup; never copy what it points at.
-            bak = Path(str(target) + self.backup_suffix)
-            with contextlib.suppress(FileNotFoundError):
-                bak.unlink()
-            os.symlink(os.readlink(target), bak)
-            target.unlink()
-            backup = None
+            target.unlink()  # replaced by a file, never written through
         self._mkdirs(target.parent)
-        atomic_write(target, payload, mode=mode, uid=uid, gid=gid, backup_suffix=backup)
+        atomic_write(target, payload, mode=mode, uid=uid, gid=gid)
         log.info("wrote %s", guest)
         return True
+
+    def _backup(self, guest: str, target: Path) -> None:
+        """Keep what ``guest`` was before it is replaced: under the backup directory, not
+        beside it in /etc (where a ``*.conf`` glob or a package tool would pick it up).
+        A link is kept as a link; what it points at is never copied."""
+        if self.backup_dir is None:
+            return
+        try:
+            st = target.lstat()
+        except FileNotFoundError:
+            return
+        if not (stat.S_ISLNK(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            return
+        self.backup_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        dest = self.backup_dir / guest.lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if dest.is_symlink() or dest.is_dir():
+                shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+        if stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(target), dest)
+        else:
+            mode, uid, gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+            atomic_write(dest, target.read_bytes(), mode=mode, uid=uid, gid=gid)
 
     def mkdir(
         self, guest: str, *, mode: int = 0o755, uid: int | None = None, gid: int | None = None

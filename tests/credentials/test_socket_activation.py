@@ -55,7 +55,7 @@ def test_socket_unit_holds_the_default_listeners() -> None:
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
 def test_socket_and_service_units_verify(tmp_path: Path) -> None:
     exe = shutil.which("guestagent") or sys.executable
-    for name in ("guestagent.socket", "guestagent.service", "guestagent-firstboot.service"):
+    for name in ("guestagent.socket", "guestagent.service", "guestagent-firstboot-local.service"):
         (tmp_path / name).write_text(
             (UNITS / name).read_text().replace("/usr/local/bin/guestagent", exe))
     res = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "guestagent.socket"),

@@ -97,7 +97,7 @@ def test_firstboot_unit_command_then_daemon(agent_factory: Any, emulator: Any,
     agent.write_config()
     argv = [sys.executable, "-m", "guestagent.cli", "run", "--once", "userdata",
             "--config", str(agent.config_path)]
-    for _ in range(2):  # what guestagent-firstboot.service runs; a rerun is a no-op
+    for _ in range(2):  # both first-boot stages at once; a rerun is a no-op
         res = subprocess.run(argv, capture_output=True, text=True, timeout=60,
                              env=subprocess_env())
         assert res.returncode == 0, res.stderr

@@ -25,7 +25,7 @@ def test_units_verify(tmp_path: Path) -> None:
     for unit in sorted(UNITS.glob("*.service")):
         (tmp_path / unit.name).write_text(unit.read_text().replace(BINARY, exe))
         names.append(str(tmp_path / unit.name))
-    assert len(names) >= 2
+    assert len(names) >= 3
     res = subprocess.run(["systemd-analyze", "verify", *names], capture_output=True,
                          text=True, timeout=60)
     problems = [ln for ln in res.stderr.splitlines()
@@ -39,10 +39,19 @@ def test_service_unit_contract() -> None:
     for line in ("Type=notify", "Restart=on-failure", "WatchdogSec=", f"ExecStart={BINARY} run",
                  "ExecReload=/bin/kill -HUP $MAINPID", "KillMode=mixed"):
         assert line in text
-    first = (UNITS / "guestagent-firstboot.service").read_text()
+    assert "After=network-online.target guestagent-firstboot-local.service" in text
+    local = (UNITS / "guestagent-firstboot-local.service").read_text()
     for line in ("Type=oneshot", "Before=network-online.target sshd.service",
-                 f"ExecStart={BINARY} run --once userdata"):
-        assert line in first
+                 "After=network.target networking.service systemd-networkd-wait-online.service",
+                 f"ExecStart={BINARY} userdata apply --stage local"):
+        assert line in local
+    final = (UNITS / "guestagent-firstboot-final.service").read_text()
+    for line in ("Type=oneshot", "Wants=network-online.target",
+                 "After=network-online.target guestagent-firstboot-local.service",
+                 f"ExecStart={BINARY} userdata apply --stage final", "KillMode=process"):
+        assert line in final
+    # Nothing in the final stage may be ordered before the network is online.
+    assert "Before=" not in final
 
 
 @pytest.mark.skipif(shutil.which("systemd-tmpfiles") is None, reason="no systemd-tmpfiles")

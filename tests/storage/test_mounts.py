@@ -143,8 +143,8 @@ def test_cli_mount_mounts_umount(bucket, creds, s3, tmp_path):
 def test_cli_mount_needs_the_tcp_listener(tmp_path):
     config = tmp_path / "cli.toml"
     config.write_text(f'[daemon]\nrun_dir = "{tmp_path / "run"}"\n'
-                      '[credentials]\ntcp_enabled = false\n'
-                      '[storage]\nendpoint = "http://127.0.0.1:9"\n')
+                      '[storage]\nendpoint = "http://127.0.0.1:9"\n'
+                      '[credentials]\ntcp_enabled = false\n')  # on by default
     out = run_cli(config, "mount", "oss://bkt/in/", str(tmp_path / "in"))
     assert out.returncode == 3
     assert "set [credentials] tcp_enabled = true" in out.stderr

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from system_harness import CACHE, RECIPE, agent_toml
+from system_harness import CACHE, RECIPE, SHARED_HOST_NETWORK, agent_toml
 
 from guestagent.images import agent, nspawn, rootfs, tools
 
@@ -73,17 +73,6 @@ def _probe_boot(base: Path, work: Path) -> None:
             pytest.skip(f"cannot boot systemd in a container here: {exc}")
         finally:
             machine.poweroff()
-
-
-# Guests share the host's network namespace (they reach the emulator on loopback), so the
-# credential server's fixed port 977 would collide between guests booted at once: the
-# socket unit keeps only the Unix socket, the agent binds an ephemeral TCP port.
-SHARED_HOST_NETWORK = {
-    "/etc/systemd/system/guestagent.socket.d/40-test.conf":
-        "[Socket]\nListenStream=\nListenStream=/run/guestagent/credentials.sock\n",
-    "/etc/systemd/system/guestagent.service.d/40-test.conf":
-        "[Service]\nEnvironment=GUESTAGENT_CREDENTIALS_TCP_PORT=0\n",
-}
 
 
 @pytest.fixture

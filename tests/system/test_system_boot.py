@@ -40,8 +40,9 @@ def test_agent_active_as_notify_and_watchdog_fed(emulator, guest_factory):
     status = guest.run(["guestagent", "status", "--json"])
     assert status.ok, status.stderr.decode()
     assert json.loads(status.stdout)
-    # The firstboot oneshot ran, once.
-    assert guest.wait_unit("guestagent-firstboot.service")["Result"] == "success"
+    # Both first-boot stages ran.
+    for stage in ("local", "final"):
+        assert guest.wait_unit(f"guestagent-firstboot-{stage}.service")["Result"] == "success"
 
 
 def test_agent_lives_in_its_own_venv(emulator, guest_factory):

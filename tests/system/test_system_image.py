@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from system_harness import CACHE, agent_toml
+from system_harness import CACHE, SHARED_HOST_NETWORK, agent_toml
 
 from guestagent.images import nspawn, rootfs
 
@@ -37,15 +37,21 @@ def test_built_image_is_clean_and_boots_the_agent(system_layers, emulator):
         assert list((tree / "var/lib/guestagent").iterdir()) == []
         wants = tree / "etc/systemd/system/multi-user.target.wants"
         assert (wants / "guestagent.service").is_symlink()
-        assert (wants / "guestagent-firstboot.service").is_symlink()
+        for stage in ("local", "final"):
+            assert (wants / f"guestagent-firstboot-{stage}.service").is_symlink()
         assert os.readlink(tree / "usr/local/bin/guestagent").startswith("/opt/guestagent/")
 
         (tree / "etc/guestagent/agent.toml").write_text(agent_toml(emulator))
+        for inside, text in SHARED_HOST_NETWORK.items():
+            (tree / inside.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+            (tree / inside.lstrip("/")).write_text(text)
         guest = nspawn.Machine(tree, f"ga-img-{os.getpid()}", work / "boot.log")
         try:
             guest.boot()
             guest.wait_unit("guestagent.service")
-            assert guest.wait_unit("guestagent-firstboot.service")["Result"] == "success"
+            for stage in ("local", "final"):
+                unit = f"guestagent-firstboot-{stage}.service"
+                assert guest.wait_unit(unit)["Result"] == "success"
             assert len(guest.path("/etc/machine-id").read_text().strip()) == 32
             assert guest.run(["guestagent", "status"]).ok
         finally:

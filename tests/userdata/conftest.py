@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -27,16 +30,88 @@ def _need(tool: str) -> None:
         pytest.skip(f"{tool} not installed (apt-get install passwd sudo)")
 
 
+# What user-data scripts (and the shell form of the templates) use inside an image.
+TOOLS = (
+    "sh", "bash", "awk", "mktemp", "mkdir", "dirname", "cat", "chmod", "chown", "cmp", "cp",
+    "mv", "rm", "grep", "sed", "tr", "head", "touch", "sleep", "id", "env", "ls", "true",
+    "printf", "useradd", "groupadd", "usermod", "visudo",
+)
+
+
+def _libs(binary: str) -> list[str]:
+    out = subprocess.run(["ldd", binary], capture_output=True, text=True, timeout=60).stdout
+    return [w for line in out.splitlines() for w in line.split() if w.startswith("/")]
+
+
+def _place(path: str, base: Path) -> None:
+    """Make ``base + path`` resolve as ``path`` does on this machine: every link on the
+    way recreated, the file itself copied."""
+    current = path
+    for _ in range(16):
+        if not os.path.islink(current):
+            break
+        where = base / os.path.realpath(os.path.dirname(current)).lstrip("/")
+        where.mkdir(parents=True, exist_ok=True)
+        link = where / os.path.basename(current)
+        if not os.path.lexists(link):
+            link.symlink_to(os.readlink(current))
+        current = os.path.join(os.path.dirname(current), os.readlink(current))
+    real = os.path.realpath(path)
+    dest = base / real.lstrip("/")
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(real, dest)
+
+
+@pytest.fixture(scope="session")
+def chroot_tools(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This machine's shell, coreutils and account tools with their libraries, copied
+    once: enough for a script to run chrooted into a test image."""
+    base = tmp_path_factory.mktemp("chroot-tools")
+    (base / "dev").mkdir()
+    (base / "tmp").mkdir(mode=0o1777)
+    os.chmod(base / "tmp", 0o1777)
+    for name, minor in (("null", 3), ("zero", 5), ("urandom", 9)):
+        os.mknod(base / "dev" / name, 0o666 | stat.S_IFCHR, os.makedev(1, minor))
+        os.chmod(base / "dev" / name, 0o666)
+    for top in ("bin", "sbin", "lib", "lib64"):
+        if os.path.islink(f"/{top}"):
+            (base / top).symlink_to(os.readlink(f"/{top}"))
+    for tool in TOOLS:
+        found = shutil.which(tool)
+        if found is None:
+            continue
+        for path in (found, *_libs(found)):
+            _place(path, base)
+    return base
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard links of ``src`` (the session's copies, never this machine's files) into dst."""
+    for dirpath, dirnames, filenames in os.walk(src):
+        rel = Path(dirpath).relative_to(src)
+        (dst / rel).mkdir(parents=True, exist_ok=True)
+        os.chmod(dst / rel, os.stat(dirpath).st_mode & 0o7777)
+        for name in dirnames + filenames:
+            s, d = Path(dirpath) / name, dst / rel / name
+            if s.is_symlink():
+                d.symlink_to(os.readlink(s))
+            elif s.is_file() or s.is_char_device():
+                os.link(s, d)
+
+
 @pytest.fixture
-def image_root(tmp_path: Path) -> Path:
+def image_root(tmp_path: Path, chroot_tools: Path) -> Path:
     """A small Debian-like tree: the account files, useradd's inputs, sudoers, chrony and
-    sshd configs. Applying into it never touches this machine's /."""
-    for tool in ("useradd", "groupadd", "usermod", "visudo"):
+    sshd configs, and a shell with the tools scripts use (they run chrooted into it).
+    Applying into it never touches this machine's /."""
+    for tool in ("useradd", "groupadd", "usermod", "visudo", "chroot"):
         _need(tool)
     root = tmp_path / "image"
+    _link_tree(chroot_tools, root)
     etc = root / "etc"
     (etc / "default").mkdir(parents=True)
-    for name in ("passwd", "group", "shadow", "gshadow", "login.defs", "sudoers"):
+    for name in ("passwd", "group", "shadow", "gshadow", "login.defs", "sudoers", "nsswitch.conf"):
         shutil.copy2(f"/etc/{name}", etc / name)
     shutil.copy2("/etc/default/useradd", etc / "default" / "useradd")
     shutil.copytree("/etc/skel", etc / "skel", symlinks=True)

@@ -35,6 +35,9 @@ class Context:
 class Handler(ABC):
     name: ClassVar[str]
     frequency: ClassVar[str] = "per-instance"
+    # First-boot stage it runs in (see guestagent.userdata.stages): configuration is
+    # "local" (before sshd and the network are up), commands are "final".
+    stage: ClassVar[str] = "local"
     keys: ClassVar[tuple[str, ...]]
 
     @abstractmethod

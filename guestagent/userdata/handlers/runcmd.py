@@ -31,6 +31,7 @@ def script_from(cfg: Mapping[str, Any]) -> str | None:
 class RunCmd(Handler):
     name = "runcmd"
     keys = ("runcmd",)
+    stage = "final"
 
     def plan(self, cfg: Mapping[str, Any], ctx: Context) -> str | None:
         return script_from(cfg)
@@ -42,3 +43,4 @@ class RunCmd(Handler):
         rc = ctx.run_script("runcmd", plan.encode())
         if rc != 0:
             raise ApplyError(f"runcmd: exited {rc}")
+        ctx.tree.note("runcmd", f"ran {plan.count(chr(10)) - 1} command(s)")
