@@ -34,7 +34,7 @@ def _need(tool: str) -> None:
 TOOLS = (
     "sh", "bash", "awk", "mktemp", "mkdir", "dirname", "cat", "chmod", "chown", "cmp", "cp",
     "mv", "rm", "grep", "sed", "tr", "head", "touch", "sleep", "id", "env", "ls", "true",
-    "printf", "useradd", "groupadd", "usermod", "visudo",
+    "printf", "useradd", "groupadd", "usermod", "visudo", "sshd",
 )
 
 
@@ -78,7 +78,7 @@ def chroot_tools(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if os.path.islink(f"/{top}"):
             (base / top).symlink_to(os.readlink(f"/{top}"))
     for tool in TOOLS:
-        found = shutil.which(tool)
+        found = shutil.which(tool, path="/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
         if found is None:
             continue
         for path in (found, *_libs(found)):

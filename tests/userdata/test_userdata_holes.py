@@ -228,7 +228,7 @@ def test_reads_under_root_never_follow_links_out(
     link.symlink_to(target)
     if case == "chain":
         (image_root / "etc/chrony/chain-2").symlink_to(str(host_secret / "file"))
-    rc = apply_cli(image_root, _cc("ntp: {ntp_client: chrony, servers: [ntp1.aliyun.com]}\n"),
+    rc = apply_cli(image_root, _cc("ntp: {servers: [ntp1.aliyun.com]}\n"),
                    tmp_path)
     assert rc == 0, capsys.readouterr().err
     _assert_no_leak(image_root, host_secret)

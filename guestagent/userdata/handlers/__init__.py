@@ -49,7 +49,7 @@ class Handler(ABC):
 
 def all_handlers() -> list[Handler]:
     """The handlers in the order they run (cloud-init's stage order)."""
-    from guestagent.userdata.handlers import accounts, dns, ntp, repos, runcmd, write_files
+    from guestagent.userdata.handlers import accounts, dns, ntp, repos, runcmd, sshd, write_files
 
     return [
         write_files.WriteFiles(),
@@ -57,6 +57,7 @@ def all_handlers() -> list[Handler]:
         ntp.Ntp(),
         repos.Repos(),
         accounts.Accounts(),
+        sshd.Sshd(),
         write_files.WriteFilesDeferred(),
         runcmd.RunCmd(),
     ]

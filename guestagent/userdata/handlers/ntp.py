@@ -69,28 +69,44 @@ def plan_from(cfg: Mapping[str, Any]) -> NtpPlan | None:
     return NtpPlan(client, tuple(servers), tuple(pools))
 
 
+# What shows a client is installed in a tree: its daemon or its configuration directory.
+MARKERS = {
+    "chrony": ("/usr/sbin/chronyd", "/etc/chrony", "/etc/chrony.conf"),
+    "ntp": ("/usr/sbin/ntpd", "/etc/ntpsec", "/etc/ntp.conf"),
+}
+PACKAGES = {"chrony": "chrony", "ntp": "ntpsec (or ntp)"}
+
+
+def installed(tree: Tree, client: str) -> bool:
+    return any(tree.exists(p) for p in MARKERS[client])
+
+
 def choose(tree: Tree, client: str) -> tuple[str, str]:
     """(client, config path) for the tree; ``auto`` prefers an installed chrony."""
     if client == "auto":
-        if (
-            tree.exists("/etc/chrony")
-            or tree.exists("/etc/chrony.conf")
-            or tree.exists("/usr/sbin/chronyd")
-        ):
-            client = "chrony"
-        elif (
-            tree.exists("/etc/ntpsec")
-            or tree.exists("/etc/ntp.conf")
-            or tree.exists("/usr/sbin/ntpd")
-        ):
-            client = "ntp"
-        else:
-            client = "chrony"
+        client = "ntp" if installed(tree, "ntp") and not installed(tree, "chrony") else "chrony"
     if client == "chrony":
         path = "/etc/chrony/chrony.conf" if tree.exists("/etc/chrony") else "/etc/chrony.conf"
     else:
         path = "/etc/ntpsec/ntp.conf" if tree.exists("/etc/ntpsec") else "/etc/ntp.conf"
     return client, path
+
+
+def check_installed(plan: NtpPlan, tree: Tree, notes: list[str]) -> None:
+    """A client named explicitly must be installed (refused otherwise: the servers would
+    sit in a file nothing reads); with ``auto`` and none installed, a warning."""
+    if plan.client != "auto" and not installed(tree, plan.client):
+        raise UserdataError(
+            f"ntp.ntp_client: {plan.client} is not installed in the image (none of "
+            f"{', '.join(MARKERS[plan.client])}); install {PACKAGES[plan.client]} or use "
+            "ntp_client: auto"
+        )
+    if plan.client == "auto" and not any(installed(tree, c) for c in MARKERS):
+        _, path = choose(tree, "auto")
+        notes.append(
+            f"ntp: no NTP client is installed (chrony or ntpd); {path} is written for "
+            "chrony but nothing keeps time until a client is installed"
+        )
 
 
 def edit(existing: str | None, ours: list[str]) -> str:
@@ -114,7 +130,10 @@ class Ntp(Handler):
     keys = ("ntp",)
 
     def plan(self, cfg: Mapping[str, Any], ctx: Context) -> NtpPlan | None:
-        return plan_from(cfg)
+        plan = plan_from(cfg)
+        if plan is not None:
+            check_installed(plan, ctx.tree, ctx.notes)
+        return plan
 
     def apply(self, plan: NtpPlan, ctx: Context) -> None:
         client, path = choose(ctx.tree, plan.client)
