@@ -1,4 +1,10 @@
-"""Build an :class:`S3Client` from the agent's settings (the CLI's and the daemon's way in)."""
+"""Build an :class:`S3Client` (and :class:`Transfers`) from the agent's settings.
+
+- CLI: ``client_for(settings)`` signs with keys from the local credential server's socket.
+- Daemon: a service that declared ``requires=("credentials",)`` passes
+  ``SourceKeys(ctx.service("credentials", CredentialAccess).source)``, so every request
+  is signed with the rotator's current set and a rotation is never a failure.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from typing import Any
 from guestagent.storage import endpoint
 from guestagent.storage.keys import KeyProvider, from_settings
 from guestagent.storage.s3 import S3Client
+from guestagent.storage.transfer import Options, Progress, Transfers
 
 
 def client_for(
@@ -32,3 +39,15 @@ def client_for(
         backoff_base=st.backoff_base,
         backoff_max=st.backoff_max,
     )
+
+
+def transfers_for(
+    settings: Any,
+    keys: KeyProvider | None = None,
+    progress: Progress | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Transfers:
+    """File and tree transfers with ``[storage]``'s part size, concurrency and state dir
+    (what :class:`guestagent.storage.api.Storage` takes). Close it when done."""
+    return Transfers(client_for(settings, keys, environ), Options.from_settings(settings),
+                     progress)

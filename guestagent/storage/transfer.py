@@ -111,6 +111,7 @@ class Transfers:
 
     def close(self) -> None:
         self._parts.shutdown(wait=True, cancel_futures=True)
+        self.client.close()
 
     def __enter__(self) -> Transfers:
         return self
@@ -383,10 +384,13 @@ class Transfers:
                 rec.save()
             else:
                 fd = os.open(partial, os.O_RDWR)
+                log.info("%s: resuming download, %d of %d parts already here", src,
+                         len(done), count)
             try:
                 self.progress.advance(sum(_span(n, part, size)[1] for n in done))
-                self._fetch_parts(src, info, fd, part, count=count, done=done, rec=rec)
-                problem = self._verify(src, info, fd, done if aligned else None)
+                follower = self._fetch_parts(src, info, fd, part, count=count, done=done,
+                                             rec=rec, per_part=bool(aligned))
+                problem = self._verify(src, info, fd, done if aligned else None, follower)
                 problem = problem or integrity.check_crc64(fd, info.crc64, str(src))
             finally:
                 os.close(fd)
@@ -398,40 +402,82 @@ class Transfers:
 
     def _fetch_parts(
         self, src: OssUrl, info: ObjectInfo, fd: int, part: int, *,
-        count: int, done: dict[int, str], rec: Record,
-    ) -> None:
+        count: int, done: dict[int, str], rec: Record, per_part: bool,
+    ) -> _Follower | None:
+        """Fetch the missing parts. With ``per_part`` each range is hashed as it arrives
+        (for a multipart ETag); otherwise, for a plain-MD5 ETag, a follower hashes the file
+        in order behind the downloads, so little is left to hash at the end."""
         lock = threading.Lock()
+        follower = _Follower(fd, part, info.size, done) if (
+            not per_part and integrity.is_plain(info.etag)) else None
 
         def one(n: int) -> None:
             offset, length = _span(n, part, info.size)
-            digest = integrity.md5()
+            digest = integrity.md5() if per_part else None
 
             def write(pos: int, data: memoryview) -> None:
                 os.pwrite(fd, data, pos)
-                digest.update(data)
+                if digest is not None:
+                    digest.update(data)
                 self.progress.advance(len(data))
 
             self.client.get_range(src.bucket, src.key, offset, offset + length, write,
                                   etag=info.etag)
             with lock:
-                done[n] = digest.hexdigest()
+                done[n] = digest.hexdigest() if digest is not None else ""
                 rec.data["done"] = {str(k): v for k, v in done.items()}
                 rec.save(force=False)
+            if follower is not None:
+                follower.catch_up(wait=False)
 
         self._run_all(one, [n for n in range(1, count + 1) if n not in done])
+        return follower
 
     def _verify(
-        self, src: OssUrl, info: ObjectInfo, fd: int, part_md5: Mapping[int, str] | None
+        self, src: OssUrl, info: ObjectInfo, fd: int, part_md5: Mapping[int, str] | None,
+        follower: _Follower | None,
     ) -> str | None:
         etag = info.etag.lower()
         if part_md5 is not None and integrity.parts_of(etag) == len(part_md5):
             got = integrity.composite(bytes.fromhex(part_md5[n]) for n in sorted(part_md5))
             return None if got == etag else f"{src}: multipart ETag {etag}, computed {got}"
         if integrity.is_plain(etag):
-            got = integrity.file_md5(fd).hex()
+            got = follower.finish() if follower is not None else integrity.file_md5(fd).hex()
             return None if got == etag else f"{src}: MD5 {got} does not match ETag {etag}"
         log.debug("%s: ETag %s cannot be checked; size checked only", src, etag)
         return None
+
+
+class _Follower:
+    """Hashes a file being downloaded in parts, in order, as far as the done parts reach.
+    One thread hashes at a time; the others go back to downloading."""
+
+    def __init__(self, fd: int, part: int, size: int, done: Mapping[int, str]) -> None:
+        self.fd, self.part, self.size, self.done = fd, part, size, done
+        self.digest = integrity.md5()
+        self.next = 1
+        self._lock = threading.Lock()
+
+    def catch_up(self, *, wait: bool) -> None:
+        if not self._lock.acquire(blocking=wait):
+            return
+        try:
+            while self.next in self.done:
+                offset, length = _span(self.next, self.part, self.size)
+                pos, end = offset, offset + length
+                while pos < end:
+                    chunk = os.pread(self.fd, min(integrity.CHUNK, end - pos), pos)
+                    if not chunk:
+                        raise StorageError("download shrank while being checked")
+                    self.digest.update(chunk)
+                    pos += len(chunk)
+                self.next += 1
+        finally:
+            self._lock.release()
+
+    def finish(self) -> str:
+        self.catch_up(wait=True)
+        return str(self.digest.hexdigest())
 
 
 def _is_regular(mode: int) -> bool:

@@ -204,7 +204,7 @@ def upload_tree(
     if dry_run:
         return summary
     t.progress.expect(summary.nbytes, len(todo))
-    _run([_upload_job(t, f, dest) for f in todo], _workers(t))
+    _run([_upload_job(t, f, dest) for f in todo], _workers(t, upload=True))
     if summary.deleted:
         _delete_keys(t.client, dest.bucket, summary.deleted)
     return summary
@@ -247,7 +247,8 @@ def download_tree(
     for parent in sorted({target.parent for _, target in todo}):
         parent.mkdir(parents=True, exist_ok=True)
     t.progress.expect(summary.nbytes, len(todo))
-    _run([_download_job(t, src, info, target) for info, target in todo], _workers(t))
+    _run([_download_job(t, src, info, target) for info, target in todo],
+         _workers(t, upload=False))
     for name in summary.deleted:
         Path(name).unlink()
     return summary
@@ -269,9 +270,13 @@ def _local_files(root: Path) -> Iterator[Path]:
                 yield Path(dirpath) / name
 
 
-def _workers(t: Transfers) -> int:
-    # Small files are latency-bound: more in flight than the part pool keeps the link busy.
-    return max(4, t.options.concurrency * 2)
+def _workers(t: Transfers, *, upload: bool) -> int:
+    """Files in flight. Uploads of small files wait on the server: twice the part pool
+    keeps it busy. Downloads spend their time in Python (headers, hashing, renames):
+    past a few threads the GIL hand-offs cost more than they overlap (measured, bench/)."""
+    if upload:
+        return max(4, t.options.concurrency * 2)
+    return max(2, min(4, t.options.concurrency))
 
 
 def remove(client: S3Client, url: OssUrl, *, recursive: bool = False,

@@ -112,3 +112,21 @@ def test_moto_stand_in_makes_its_buckets(tmp_path: Path) -> None:
         client.close()
     finally:
         oss.stop()
+
+
+def test_daemon_way_in_signs_with_the_rotators_set(creds: Any, s3: Any, tmp_path: Path) -> None:
+    from storage_helpers import boto, random_file
+
+    from guestagent.config import from_mapping
+    from guestagent.storage.connect import transfers_for
+    from guestagent.storage.keys import SourceKeys
+    from guestagent.storage.ossurl import OssUrl
+
+    boto(s3.url).create_bucket(Bucket="bkt")
+    settings = from_mapping({"storage": {"endpoint": s3.url, "path_style": True,
+                                         "state_dir": str(tmp_path / "state")}})
+    source = creds.service.source
+    with transfers_for(settings, SourceKeys(source)) as t:
+        t.upload_file(random_file(tmp_path / "f", 100), OssUrl.parse("oss://bkt/f"))
+    served = source.snapshot.credentials
+    assert (served.access_key_id, served.security_token) in s3.signed_with()

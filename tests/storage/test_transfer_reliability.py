@@ -265,3 +265,42 @@ def test_rotation_during_a_transfer(scaled_creds: Any, s3: Any, tmp_path: Path) 
             sent = calendar.timegm(time.strptime(headers["x-amz-date"], "%Y%m%dT%H%M%SZ"))
             assert sent <= expirations[key], f"request signed with expired set {key}"
     client.close()
+
+
+def test_kill_9_during_download_resumes_from_the_part_file(
+    creds: Any, rclone_oss: RcloneOss, tmp_path: Path
+) -> None:
+    src = random_file(tmp_path / "big.bin", 160 * MiB)
+    client = client_of(rclone_oss)
+    with Transfers(client, Options(state_dir=tmp_path / "up")) as t:
+        t.upload_file(src, OssUrl.parse("oss://bkt/big.bin"))
+    state = tmp_path / "state"
+    config = write_config(tmp_path / "agent.toml", creds, rclone_oss.url, state,
+                          part_size=5 * MiB, multipart_threshold=6 * MiB)
+    env = dict(os.environ, GUESTAGENT_CONFIG=str(config))
+    dest = tmp_path / "out" / "big.bin"
+    dest.parent.mkdir()
+    argv = [sys.executable, "-m", "guestagent", "-v", "storage", "cp", "oss://bkt/big.bin",
+            str(dest), "--concurrency", "1"]
+    first = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def parts_done() -> int:
+        records = list(state.glob("downloads/*.json"))
+        if not records:
+            return 0
+        try:
+            return len(json.loads(records[0].read_text()).get("done", {}))
+        except ValueError:
+            return 0
+
+    wait_for(lambda: parts_done() >= 1, timeout=60)
+    first.send_signal(signal.SIGKILL)
+    first.wait(30)
+    assert not dest.exists(), "finished before the kill"
+    assert dest.with_name("big.bin.part").exists()
+    second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert "resuming download" in second.stderr
+    assert md5(dest) == md5(src)
+    assert not dest.with_name("big.bin.part").exists()
+    assert not list(state.rglob("*.json"))
