@@ -21,7 +21,7 @@ COMMANDS = {
     "credentials": "guestagent.credentials.cli",
     "run": "guestagent.daemon.cli",
     "status": "guestagent.daemon.cli",
-    "demo": "guestagent.daemon.demo",
+    "demo": "guestagent.demo",
     "userdata": "guestagent.userdata.cli",
     "config": "guestagent.configcli",
     "deprovision": "guestagent.images.cli",

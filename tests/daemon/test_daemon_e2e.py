@@ -210,5 +210,5 @@ def test_the_daemon_does_not_import_what_it_does_not_run(agent_factory: Any) -> 
     # The local cloud, the other commands and first boot's heavy parts (it runs in a child).
     for heavy in ("guestagent.localcloud", "guestagent.localcloud.emulator", "yaml",
                   "guestagent.userdata.apply", "guestagent.metadata.cli",
-                  "guestagent.daemon.demo", "email.mime"):
+                  "guestagent.demo", "email.mime"):
         assert heavy not in imported, heavy

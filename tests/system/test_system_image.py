@@ -67,3 +67,17 @@ def test_image_build_usage_error_is_one_line(tmp_path):
         capture_output=True, text=True, timeout=60,
     )
     assert res.returncode == 2 and res.stderr.count("\n") == 1
+
+
+def test_image_demo_boots_applies_and_powers_off(system_layers):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(REPO)
+    res = subprocess.run(
+        [sys.executable, "-m", "guestagent", "image", "demo", "--cache", str(CACHE)],
+        capture_output=True, text=True, timeout=1200, env=env,
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "nameserver 10.0.0.2" in res.stdout
+    assert "uid=1000(ops)" in res.stdout
+    assert "Success STS." in res.stdout
+    assert "powered off" in res.stdout
