@@ -27,6 +27,7 @@ COMMANDS = {
     "deprovision": "guestagent.images.cli",
     "image": "guestagent.images.cli",
     "storage": "guestagent.storage.cli",
+    "tasks": "guestagent.tasks.cli",
     "migrate": "guestagent.migrate.cli",
 }
 

@@ -79,9 +79,13 @@ def _story(stack: contextlib.ExitStack, workdir: Path, args: argparse.Namespace)
     from guestagent.demo import agent, spot, storage
     from guestagent.demo.cloud import LocalCloud
 
-    cloud = LocalCloud(workdir, stack, docker=not (args.no_docker or args.quick)).start()
-    if args.quick and not args.no_docker:
+    cloud = LocalCloud(workdir, stack, docker=not (args.no_docker or args.quick)
+                       and agent.has_tasks())
+    if not agent.has_tasks():
+        cloud.docker_skipped = "no task launcher in this build"
+    elif args.quick and not args.no_docker:
         cloud.docker_skipped = "--quick given"
+    cloud.start()
     data = storage.seed(cloud)
     cfg = agent.config(cloud, workdir)
     daemon = agent.start(stack, cfg, workdir)

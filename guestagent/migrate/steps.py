@@ -232,8 +232,10 @@ class Migration:
             self.dir / "client_keys" / f"excludes-{name.replace(':', '-')}.txt", rules)
         source = self.root if src_path == "/" else in_root(self.root, src_path)
         session = self.open_session()
+        sparse = transfer.has_sparse(source, [*transfer.DEFAULT_EXCLUDES, *data_paths]
+                                     if src_path == "/" else [])
         argv = transfer.rsync_argv(source, session.target(dest), excludes,
-                                   self.config.bandwidth_limit)
+                                   self.config.bandwidth_limit, sparse=sparse)
         retries = self.settings.transfer_retries
         for attempt in range(retries + 1):
             transfer.stop_stale(self.state.rsync_pid)
@@ -254,7 +256,7 @@ class Migration:
             self.sleep(delay)
             self.session = None  # a fresh login (and key) for the next attempt
             argv = transfer.rsync_argv(source, self.open_session().target(dest), excludes,
-                                       self.config.bandwidth_limit)
+                                       self.config.bandwidth_limit, sparse=sparse)
 
     def _raise_if_final(self, name: str, outcome: transfer.Outcome, attempt: int,
                         retries: int) -> None:

@@ -3,6 +3,7 @@ drain; and whatever way it ends, nothing it started is left behind."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -52,6 +53,10 @@ def test_demo_tells_the_story_and_cleans_up(tmp_path: Path) -> None:
     assert "identical to the object" in out
     assert "oss://guestagent-demo/demo/output/levels.json" in out
     assert "matches the demo's own count" in out
+    if importlib.util.find_spec("guestagent.tasks.service") is not None:
+        # The log-count job ran (host mode) and its merged result in OSS was checked.
+        assert "log-count/merge_result.txt" in out and "equals the demo's own count" in out
+        assert "Docker mode: skipped, --no-docker given" in out
     # The drain report the daemon left: every step done within the deadline.
     report = json.loads((tmp_path / "state" / "drain.json").read_text())
     assert report["completed"] and report["deadline_held"]

@@ -34,12 +34,34 @@ def test_units_verify(tmp_path: Path) -> None:
     assert res.returncode == 0 and not problems, res.stderr
 
 
+def _settings(text: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            key, value = line.split("=", 1)
+            out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
 def test_service_unit_contract() -> None:
     text = (UNITS / "guestagent.service").read_text()
     for line in ("Type=notify", "Restart=on-failure", "WatchdogSec=", f"ExecStart={BINARY} run",
                  "ExecReload=/bin/kill -HUP $MAINPID", "KillMode=mixed"):
         assert line in text
-    assert "After=network-online.target guestagent-firstboot-local.service" in text
+    settings = _settings(text)
+    # Nothing that gives it a private mount namespace (its mounts must be the system's),
+    # nor restrictions its hooks would inherit.
+    private = [k for k in settings if k.startswith(("Private", "Protect", "ReadOnly",
+                                                    "ReadWrite", "Inaccessible", "Restrict",
+                                                    "SystemCall", "NoNewPrivileges",
+                                                    "TemporaryFileSystem", "BindPaths"))]
+    assert private == []
+    after = " ".join(settings["After"]).split()
+    for unit in ("network-online.target", "remote-fs.target", "docker.service",
+                 "guestagent-firstboot-local.service"):
+        assert unit in after  # the first three: so that at shutdown it stops before them
+    # network-pre.target is for what must run before the network is configured: not us.
+    assert "network-pre.target" not in text
     local = (UNITS / "guestagent-firstboot-local.service").read_text()
     for line in ("Type=oneshot", "Before=network-online.target sshd.service",
                  "After=network.target networking.service systemd-networkd-wait-online.service",
