@@ -198,6 +198,6 @@ def test_cli_submit_runs_an_image_from_an_oss_path(
     assert stdout.read_text() == "from-oss\n"
     # The registry it started is gone with the command: nothing listens on its port.
     (config,) = (tmp_path / "state" / "tasks" / "registries").glob("*/config.yml")
-    addr = json.loads(config.read_text())["http"]["addr"]
+    host, _, port = json.loads(config.read_text())["http"]["addr"].rpartition(":")
     with pytest.raises(OSError):
-        socket.create_connection(tuple(addr.rsplit(":", 1)), timeout=5).close()
+        socket.create_connection((host, int(port)), timeout=5).close()
