@@ -91,3 +91,18 @@ def test_sysusers_creates_the_credential_group(tmp_path: Path) -> None:
                     str(UNITS / "sysusers.d" / "guestagent.conf")], check=True, timeout=60,
                    capture_output=True)
     assert "guestagent:" in (tmp_path / "etc" / "group").read_text()
+
+
+def test_the_agent_unit_keeps_the_system_mount_namespace() -> None:
+    # OSS and NAS mounts made by the agent must be visible to every process; any of these
+    # gives the service a private mount namespace where they would be hidden.
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "units" / "guestagent.service").read_text()
+    active = [line.split("=", 1)[0] for line in text.splitlines()
+              if line and not line.startswith("#") and "=" in line]
+    private = {"PrivateTmp", "ProtectSystem", "ProtectHome", "PrivateMounts", "PrivateDevices",
+               "ReadOnlyPaths", "InaccessiblePaths", "TemporaryFileSystem", "BindPaths",
+               "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs",
+               "ProtectControlGroups", "MountFlags"}
+    assert not private & set(active)
