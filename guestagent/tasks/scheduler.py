@@ -16,6 +16,7 @@ import queue
 import shutil
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,9 @@ DOCKER_ENV = {"USER": "root", "PWD": staging.DOCKER_WORKDIR,
 HOST_ENV_PASS = ("PATH", "HOME", "LANG", "LC_ALL", "USER", "LOGNAME", "TZ")
 
 # A task-scoped credential: env for the instance, and the revocation to call at its end.
+# How often a waiting DAG loop looks at the store for a stop asked by another process.
+STOP_POLL = 0.5
+
 Minter = Callable[[str, bool], tuple[dict[str, str], Callable[[], None]]]
 
 
@@ -79,6 +83,16 @@ class _JobRun:
     done: queue.Queue[_Outcome] = field(default_factory=queue.Queue)
     running: int = 0
     inputs: dict[str, staging.Inputs] = field(default_factory=dict)
+    # The stored states, mirrored (see "the DAG" below).
+    tasks: dict[str, str] = field(default_factory=dict)
+    states: dict[str, dict[int, str]] = field(default_factory=dict)  # task -> index -> state
+    retries: dict[tuple[str, int], int] = field(default_factory=dict)
+    waiting: dict[str, deque[int]] = field(default_factory=dict)  # in start order
+    next_stop_check: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.order = self.job.order()
+        self.predecessors = {name: self.job.predecessors(name) for name in self.order}
 
 
 def parallel_limit(settings: TasksSettings) -> int:
@@ -188,6 +202,11 @@ class Scheduler:
             return list(self._runs)
 
     # -- the DAG ------------------------------------------------------------------------
+    #
+    # While a job runs, this scheduler is the only writer of its task and instance states:
+    # every change is committed to the store (the record a restart resumes from) and
+    # mirrored in the _JobRun, so the loop decides what to start next without reading
+    # SQLite again (re-reading a 1,000-instance job after each end cost milliseconds).
 
     def _drive(self, run: _JobRun, state: str) -> str:
         subscribed = run.job.notification.events
@@ -195,18 +214,17 @@ class Scheduler:
             self.events.job(run.job_id, subscribed, WAITING)
             self.store.set_job(run.job_id, RUNNING)
             self.events.job(run.job_id, subscribed, RUNNING)
-            for name in run.job.order():
-                if self.store.tasks(run.job_id)[name]["state"] == WAITING:
+            tasks = self.store.tasks(run.job_id)
+            for name in run.order:
+                if tasks[name]["state"] == WAITING:
                     self.events.task(run.job_id, subscribed, name, WAITING)
-        self._adopt_running(run)
+        running = self._load(run)
+        self._adopt_running(run, running)
         failed = ""
         while True:
             if self._detached.is_set():
                 return RUNNING
-            requested = self.store.stop_requested(run.job_id)
-            if requested and not run.stop.is_set():
-                run.reason = requested
-                run.stop.set()
+            self._check_stop_request(run)
             if run.stop.is_set() or self.draining.is_set():
                 run.reason = run.reason or "the instance is draining"
                 run.stop.set()
@@ -218,23 +236,49 @@ class Scheduler:
             if run.running == 0 and (run.stop.is_set() or self._all_done(run)):
                 break
             try:
-                outcome = run.done.get(timeout=0.5)
+                outcome = run.done.get(timeout=STOP_POLL)
             except queue.Empty:
                 continue
             run.running -= 1
             failed = self._record(run, outcome) or failed
         return self._finish(run, failed)
 
+    def _load(self, run: _JobRun) -> list[Instance]:
+        """Mirror the stored states in ``run``; the instances left Running."""
+        run.tasks = {name: row["state"] for name, row in self.store.tasks(run.job_id).items()}
+        running = []
+        for inst in self.store.instances(run.job_id):
+            run.states.setdefault(inst.task, {})[inst.index] = inst.state
+            run.retries[(inst.task, inst.index)] = inst.retries
+            if inst.state == WAITING:
+                run.waiting.setdefault(inst.task, deque()).append(inst.index)
+            elif inst.state == RUNNING:
+                running.append(inst)
+        return running
+
+    def _check_stop_request(self, run: _JobRun) -> None:
+        """A ``tasks stop`` from another process is a row in the store: read it at most
+        every STOP_POLL seconds, not at each instance's end."""
+        now = time.monotonic()
+        if run.stop.is_set() or now < run.next_stop_check:
+            return
+        run.next_stop_check = now + STOP_POLL
+        requested = self.store.stop_requested(run.job_id)
+        if requested:
+            run.reason = requested
+            run.stop.set()
+
     def _all_done(self, run: _JobRun) -> bool:
-        return all(t["state"] in DONE for t in self.store.tasks(run.job_id).values())
+        return all(state in DONE for state in run.tasks.values())
 
     def _start_ready(self, run: _JobRun) -> str:
         """Start waiting instances of every task whose predecessors finished; a failure
         message when the job must fail now."""
-        tasks = self.store.tasks(run.job_id)
-        for name in run.job.order():
-            state = tasks[name]["state"]
-            preds = [tasks[p]["state"] for p in run.job.predecessors(name)]
+        for name in run.order:
+            state = run.tasks[name]
+            if state in DONE:
+                continue
+            preds = [run.tasks[p] for p in run.predecessors[name]]
             if state == WAITING and any(p in (FAILED, STOPPED) for p in preds):
                 self._end_task(run, name, STOPPED, "a predecessor did not finish")
                 continue
@@ -247,6 +291,10 @@ class Scheduler:
                 self._launch_waiting(run, name)
         return ""
 
+    def _set_task(self, run: _JobRun, name: str, state: str, message: str = "") -> None:
+        self.store.set_task(run.job_id, name, state, message)
+        run.tasks[name] = state
+
     def _open_task(self, run: _JobRun, name: str) -> str:
         task = run.job.tasks[name]
         try:
@@ -256,34 +304,32 @@ class Scheduler:
         except Exception as exc:
             self._end_task(run, name, FAILED, f"inputs: {exc}")
             return f"task {name}: inputs could not be mapped: {exc}"
-        self.store.set_task(run.job_id, name, RUNNING)
+        self._set_task(run, name, RUNNING)
         subscribed = run.job.notification.events
         self.events.task(run.job_id, subscribed, name, RUNNING)
-        for inst in self.store.instances(run.job_id, name):
-            if inst.state == WAITING:
-                self.events.instance(run.job_id, subscribed, name, inst.index,
-                                     redirects=self._redirects(run, name, inst.index))
+        for index in run.waiting.get(name, ()):
+            self.events.instance(run.job_id, subscribed, name, index,
+                                 redirects=self._redirects(run, name, index))
         return ""
 
     def _launch_waiting(self, run: _JobRun, name: str) -> None:
-        for inst in self.store.instances(run.job_id, name):
-            if inst.state != WAITING or run.stop.is_set():
-                continue
+        waiting = run.waiting.get(name)
+        while waiting and not run.stop.is_set():
             if not self.slots.acquire(timeout=0):
                 return
+            index = waiting.popleft()
             # No trace of an earlier attempt may pass for this one's after a crash.
-            shutil.rmtree(self._job_dir(run) / name / str(inst.index) / "run",
-                          ignore_errors=True)
-            self.store.claimed(run.job_id, name, inst.index)
+            shutil.rmtree(self._job_dir(run) / name / str(index) / "run", ignore_errors=True)
+            self.store.claimed(run.job_id, name, index)
+            run.states[name][index] = RUNNING
+            inst = Instance(run.job_id, name, index, RUNNING, run.retries[(name, index)],
+                            None, None, None, "", "", "")
             self._spawn_thread(run, inst, adopt=None)
 
-    def _adopt_running(self, run: _JobRun) -> None:
+    def _adopt_running(self, run: _JobRun, running: list[Instance]) -> None:
         """After a restart: instances still marked Running get their process back."""
-        for inst in self.store.instances(run.job_id):
-            if inst.state != RUNNING:
-                continue
-            task_state = self.store.tasks(run.job_id)[inst.task]["state"]
-            if task_state == RUNNING and inst.task not in run.inputs:
+        for inst in running:
+            if run.tasks[inst.task] == RUNNING and inst.task not in run.inputs:
                 self._open_task(run, inst.task)
             self.slots.acquire()
             self._spawn_thread(run, inst, adopt=inst)
@@ -296,18 +342,23 @@ class Scheduler:
 
     def _record(self, run: _JobRun, out: _Outcome) -> str:
         task = run.job.tasks[out.task]
-        inst = self.store.instance(run.job_id, out.task, out.index)
+        key = (out.task, out.index)
+        retries = run.retries[key]
         subscribed = run.job.notification.events
-        if out.state == FAILED and inst.retries < task.max_retry_count and not run.stop.is_set():
+        if out.state == FAILED and retries < task.max_retry_count and not run.stop.is_set():
             log.info("%s %s.%s failed (%s): retry %s of %s", run.job_id, out.task, out.index,
-                     out.message, inst.retries + 1, task.max_retry_count)
+                     out.message, retries + 1, task.max_retry_count)
             self.store.retry(run.job_id, out.task, out.index, out.exit_code, out.message)
+            run.retries[key] = retries + 1
+            run.states[out.task][out.index] = WAITING
+            run.waiting.setdefault(out.task, deque()).append(out.index)
             self.events.instance(run.job_id, subscribed, out.task, out.index,
                                  redirects=self._redirects(run, out.task, out.index),
                                  error=out.message)
             return ""
         self.store.ended(run.job_id, out.task, out.index, out.state,
                          exit_code=out.exit_code, message=out.message)
+        run.states[out.task][out.index] = out.state
         self.events.instance(run.job_id, subscribed, out.task, out.index,
                              redirects=self._redirects(run, out.task, out.index))
         failed = ""
@@ -317,8 +368,10 @@ class Scheduler:
         return failed
 
     def _maybe_end_task(self, run: _JobRun, name: str) -> None:
-        states = [i.state for i in self.store.instances(run.job_id, name)]
-        if not all(s in DONE for s in states):
+        if run.waiting.get(name):
+            return
+        states = set(run.states.get(name, {}).values())
+        if not states <= DONE:
             return
         if STOPPED in states:
             state = STOPPED
@@ -332,20 +385,22 @@ class Scheduler:
         inputs = run.inputs.pop(name, None)
         if inputs is not None:
             inputs.release()
-        for inst in self.store.instances(run.job_id, name):
-            if inst.state == WAITING:
-                self.store.ended(run.job_id, name, inst.index, STOPPED, exit_code=None,
-                                 message=message or "not started")
-        self.store.set_task(run.job_id, name, state, message)
+        waiting = run.waiting.pop(name, deque())
+        if waiting:
+            self.store.stop_waiting(run.job_id, name, list(waiting),
+                                    message or "not started")
+            for index in waiting:
+                run.states[name][index] = STOPPED
+        self._set_task(run, name, state, message)
         self.events.task(run.job_id, run.job.notification.events, name, state)
 
     def _finish(self, run: _JobRun, failed: str) -> str:
-        for name, row in self.store.tasks(run.job_id).items():
-            if row["state"] not in DONE:
+        for name in run.order:
+            if run.tasks[name] not in DONE:
                 self._maybe_end_task(run, name)
-                if self.store.tasks(run.job_id)[name]["state"] not in DONE:
+                if run.tasks[name] not in DONE:
                     self._end_task(run, name, STOPPED, run.reason)
-        states = {t["state"] for t in self.store.tasks(run.job_id).values()}
+        states = set(run.tasks.values())
         if failed or FAILED in states:
             state, message = FAILED, failed or "a task failed"
         elif run.stop.is_set() and states != {FINISHED}:

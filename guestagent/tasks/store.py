@@ -210,6 +210,15 @@ class Store:
                        "WHERE job_id = ? AND task = ? AND idx = ?",
                        (state, exit_code, time.time(), message, job_id, task, index))
 
+    def stop_waiting(self, job_id: str, task: str, indexes: list[int], message: str) -> None:
+        """Instances that will not start (their task ended): Stopped, in one transaction."""
+        now = time.time()
+        with self._tx() as db:
+            db.executemany("UPDATE instances SET state = ?, exit_code = NULL, ended = ?, "
+                           "message = ? WHERE job_id = ? AND task = ? AND idx = ? "
+                           "AND state = ?",
+                           [(STOPPED, now, message, job_id, task, i, WAITING) for i in indexes])
+
     def retry(self, job_id: str, task: str, index: int, exit_code: int | None,
               message: str) -> None:
         with self._tx() as db:
