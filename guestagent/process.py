@@ -236,11 +236,15 @@ def reap_adopted() -> int:
 # -- between fork and exec --------------------------------------------------------------
 
 def _own_oom_adj() -> int:
-    try:
-        with open("/proc/self/oom_score_adj") as fh:
-            return int(fh.read().strip() or 0)
-    except (OSError, ValueError):
-        return 0
+    """The agent's OOM score adjustment, read once: its unit sets it at start, and a
+    /proc read at each spawn showed up in the task launcher's profile."""
+    if "oom_adj" not in _state:
+        try:
+            with open("/proc/self/oom_score_adj") as fh:
+                _state["oom_adj"] = int(fh.read().strip() or 0)
+        except (OSError, ValueError):
+            _state["oom_adj"] = 0
+    return int(_state["oom_adj"])
 
 
 def _preexec(memory_limit: int | None, die_with_parent: bool) -> Callable[[], None] | None:

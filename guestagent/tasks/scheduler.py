@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import shutil
 import threading
 import time
@@ -47,6 +46,8 @@ HOST_ENV_PASS = ("PATH", "HOME", "LANG", "LC_ALL", "USER", "LOGNAME", "TZ")
 # A task-scoped credential: env for the instance, and the revocation to call at its end.
 # How often a waiting DAG loop looks at the store for a stop asked by another process.
 STOP_POLL = 0.5
+# How long a finished job waits for the delivery of its notification events.
+EVENTS_FLUSH = 15.0
 
 Minter = Callable[[str, bool], tuple[dict[str, str], Callable[[], None]]]
 
@@ -80,8 +81,14 @@ class _JobRun:
     job: Job
     stop: threading.Event = field(default_factory=threading.Event)
     reason: str = ""
-    done: queue.Queue[_Outcome] = field(default_factory=queue.Queue)
-    running: int = 0
+    failed: str = ""  # why the job fails (it stops taking instances)
+    # Everything below is changed only under ``lock``: by the driver, and by an instance
+    # thread recording its outcome and taking the next ready instance itself.
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    wake: threading.Event = field(default_factory=threading.Event)  # for the driver
+    error: BaseException | None = None  # the bookkeeping failed in an instance thread
+    running: int = 0  # attempts claimed and not yet recorded
+    claimed: list[Instance] = field(default_factory=list)  # claimed, no thread yet
     inputs: dict[str, staging.Inputs] = field(default_factory=dict)
     # The stored states, mirrored (see "the DAG" below).
     tasks: dict[str, str] = field(default_factory=dict)
@@ -163,6 +170,9 @@ class Scheduler:
         finally:
             for inputs in run.inputs.values():
                 inputs.release()
+            if not self._detached.is_set() and not self.events.flush(EVENTS_FLUSH):
+                log.warning("%s: notification events still undelivered after %ss", job_id,
+                            EVENTS_FLUSH)
             with self._lock:
                 self._runs.pop(job_id, None)
 
@@ -174,11 +184,19 @@ class Scheduler:
             return False
         run.reason = reason
         run.stop.set()
+        run.wake.set()
         return True
 
     def detach(self) -> None:
         """Leave every job as it is (for a restart); their threads end soon."""
         self._detached.set()
+        self._wake_all()
+
+    def _wake_all(self) -> None:
+        with self._lock:
+            runs = list(self._runs.values())
+        for run in runs:
+            run.wake.set()
 
     def stop_all(self, reason: str) -> None:
         with self._lock:
@@ -186,6 +204,7 @@ class Scheduler:
         for run in runs:
             run.reason = reason
             run.stop.set()
+            run.wake.set()
 
     def drain(self, deadline: float, reason: str) -> None:
         """Stop every job by ``deadline`` (a monotonic time): no new instance starts,
@@ -218,30 +237,38 @@ class Scheduler:
             for name in run.order:
                 if tasks[name]["state"] == WAITING:
                     self.events.task(run.job_id, subscribed, name, WAITING)
-        running = self._load(run)
-        self._adopt_running(run, running)
-        failed = ""
+        with run.lock:
+            self._adopt_running(run, self._load(run))
+        # The driver only starts what is ready and notices the end (or a stop asked by
+        # another process): an instance thread records its own outcome and goes on with
+        # the next ready instance, so no hand-over between threads sits between one
+        # instance's end and the next one's start.
         while True:
             if self._detached.is_set():
                 return RUNNING
-            self._check_stop_request(run)
-            if run.stop.is_set() or self.draining.is_set():
-                run.reason = run.reason or "the instance is draining"
-                run.stop.set()
-            elif not failed:
-                failed = self._start_ready(run)
-            if failed and not run.stop.is_set():
-                run.reason = failed
-                run.stop.set()
-            if run.running == 0 and (run.stop.is_set() or self._all_done(run)):
-                break
-            try:
-                outcome = run.done.get(timeout=STOP_POLL)
-            except queue.Empty:
-                continue
-            run.running -= 1
-            failed = self._record(run, outcome) or failed
-        return self._finish(run, failed)
+            run.wake.clear()
+            with run.lock:
+                if run.error is not None:
+                    raise run.error
+                self._step(run)
+                self._start_claimed(run)
+                if run.running == 0 and (run.stop.is_set() or self._all_done(run)):
+                    break
+            run.wake.wait(STOP_POLL)
+        with run.lock:
+            return self._finish(run, run.failed)
+
+    def _step(self, run: _JobRun) -> None:
+        """Claim whatever may start now (into ``run.claimed``), or stop taking any."""
+        self._check_stop_request(run)
+        if run.stop.is_set() or self.draining.is_set():
+            run.reason = run.reason or "the instance is draining"
+            run.stop.set()
+        elif not run.failed:
+            run.failed = self._start_ready(run)
+        if run.failed and not run.stop.is_set():
+            run.reason = run.failed
+            run.stop.set()
 
     def _load(self, run: _JobRun) -> list[Instance]:
         """Mirror the stored states in ``run``; the instances left Running."""
@@ -307,12 +334,17 @@ class Scheduler:
         self._set_task(run, name, RUNNING)
         subscribed = run.job.notification.events
         self.events.task(run.job_id, subscribed, name, RUNNING)
-        for index in run.waiting.get(name, ()):
-            self.events.instance(run.job_id, subscribed, name, index,
-                                 redirects=self._redirects(run, name, index))
+        with self.store.batch():
+            for index in run.waiting.get(name, ()):
+                self.events.instance(run.job_id, subscribed, name, index,
+                                     redirects=self._redirects(run, name, index))
         return ""
 
     def _launch_waiting(self, run: _JobRun, name: str) -> None:
+        with self.store.batch():  # the claims, in one commit before any process starts
+            self._claim(run, name)
+
+    def _claim(self, run: _JobRun, name: str) -> None:
         waiting = run.waiting.get(name)
         while waiting and not run.stop.is_set():
             if not self.slots.acquire(timeout=0):
@@ -322,9 +354,10 @@ class Scheduler:
             shutil.rmtree(self._job_dir(run) / name / str(index) / "run", ignore_errors=True)
             self.store.claimed(run.job_id, name, index)
             run.states[name][index] = RUNNING
-            inst = Instance(run.job_id, name, index, RUNNING, run.retries[(name, index)],
-                            None, None, None, "", "", "")
-            self._spawn_thread(run, inst, adopt=None)
+            run.running += 1
+            run.claimed.append(Instance(run.job_id, name, index, RUNNING,
+                                        run.retries[(name, index)], None, None, None, "",
+                                        "", ""))
 
     def _adopt_running(self, run: _JobRun, running: list[Instance]) -> None:
         """After a restart: instances still marked Running get their process back."""
@@ -332,10 +365,14 @@ class Scheduler:
             if run.tasks[inst.task] == RUNNING and inst.task not in run.inputs:
                 self._open_task(run, inst.task)
             self.slots.acquire()
+            run.running += 1
             self._spawn_thread(run, inst, adopt=inst)
 
+    def _start_claimed(self, run: _JobRun) -> None:
+        while run.claimed:
+            self._spawn_thread(run, run.claimed.pop(0), adopt=None)
+
     def _spawn_thread(self, run: _JobRun, inst: Instance, adopt: Instance | None) -> None:
-        run.running += 1
         thread = threading.Thread(target=self._instance_thread, args=(run, inst, adopt),
                                   name=f"task-{inst.task}-{inst.index}", daemon=True)
         thread.start()
@@ -348,19 +385,21 @@ class Scheduler:
         if out.state == FAILED and retries < task.max_retry_count and not run.stop.is_set():
             log.info("%s %s.%s failed (%s): retry %s of %s", run.job_id, out.task, out.index,
                      out.message, retries + 1, task.max_retry_count)
-            self.store.retry(run.job_id, out.task, out.index, out.exit_code, out.message)
+            with self.store.batch():
+                self.store.retry(run.job_id, out.task, out.index, out.exit_code, out.message)
+                self.events.instance(run.job_id, subscribed, out.task, out.index,
+                                     redirects=self._redirects(run, out.task, out.index),
+                                     error=out.message)
             run.retries[key] = retries + 1
             run.states[out.task][out.index] = WAITING
             run.waiting.setdefault(out.task, deque()).append(out.index)
-            self.events.instance(run.job_id, subscribed, out.task, out.index,
-                                 redirects=self._redirects(run, out.task, out.index),
-                                 error=out.message)
             return ""
-        self.store.ended(run.job_id, out.task, out.index, out.state,
-                         exit_code=out.exit_code, message=out.message)
+        with self.store.batch():
+            self.store.ended(run.job_id, out.task, out.index, out.state,
+                             exit_code=out.exit_code, message=out.message)
+            self.events.instance(run.job_id, subscribed, out.task, out.index,
+                                 redirects=self._redirects(run, out.task, out.index))
         run.states[out.task][out.index] = out.state
-        self.events.instance(run.job_id, subscribed, out.task, out.index,
-                             redirects=self._redirects(run, out.task, out.index))
         failed = ""
         if out.state == FAILED and run.job.job_fail_on_instance_fail:
             failed = f"instance {out.index} of task {out.task} failed: {out.message}"
@@ -430,16 +469,44 @@ class Scheduler:
         return out
 
     def _instance_thread(self, run: _JobRun, inst: Instance, adopt: Instance | None) -> None:
-        try:
-            outcome = self._attempt(run, inst, adopt)
-        except _Detached:
+        """Run the attempt, record it, and go on with the next claimed instance if any."""
+        current: Instance | None = inst
+        while current is not None:
+            try:
+                outcome = self._attempt(run, current, adopt)
+            except _Detached:
+                self.slots.release()
+                return
+            except Exception as exc:
+                log.exception("instance %s.%s of %s", current.task, current.index, run.job_id)
+                outcome = _Outcome(current.task, current.index, FAILED, None,
+                                   f"launcher error: {exc}")
+            current, adopt = self._next_after(run, outcome), None
+        self._wake_all()  # the slot may serve another job's waiting instances
+
+    def _next_after(self, run: _JobRun, outcome: _Outcome) -> Instance | None:
+        """Record ``outcome``; the instance this thread runs next (the others claimed now
+        get threads of their own)."""
+        with run.lock:
+            # Released under the job's lock: the step below claims it again for this
+            # thread before another instance thread of the job could.
             self.slots.release()
-            return
-        except Exception as exc:
-            log.exception("instance %s.%s of %s", inst.task, inst.index, run.job_id)
-            outcome = _Outcome(inst.task, inst.index, FAILED, None, f"launcher error: {exc}")
-        self.slots.release()
-        run.done.put(outcome)
+            run.running -= 1
+            try:
+                run.failed = self._record(run, outcome) or run.failed
+                if not self._detached.is_set():
+                    self._step(run)
+            except Exception as exc:
+                log.exception("%s: recording an instance's end", run.job_id)
+                run.error = run.error or exc
+                run.stop.set()
+            nxt = run.claimed.pop(0) if run.claimed else None
+            self._start_claimed(run)
+            if nxt is not None:
+                threading.current_thread().name = f"task-{nxt.task}-{nxt.index}"
+            elif run.running == 0 or run.stop.is_set():
+                run.wake.set()
+        return nxt
 
     def _attempt(self, run: _JobRun, inst: Instance, adopt: Instance | None) -> _Outcome:
         task = run.job.tasks[inst.task]
@@ -470,10 +537,12 @@ class Scheduler:
             else:
                 staging.prepare(layout, task, storage, docker)
                 handle = runner.start(launch)
-                self.store.started(run.job_id, inst.task, inst.index, runner.kind, handle.ref)
-                self.events.instance(run.job_id, run.job.notification.events, inst.task,
-                                     inst.index,
-                                     redirects=self._redirects(run, inst.task, inst.index))
+                with self.store.batch():
+                    self.store.started(run.job_id, inst.task, inst.index, runner.kind,
+                                       handle.ref)
+                    self.events.instance(run.job_id, run.job.notification.events, inst.task,
+                                         inst.index,
+                                         redirects=self._redirects(run, inst.task, inst.index))
             state, code, message = self._watch(run, task, handle, started)
         finally:
             revoke()
