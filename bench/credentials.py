@@ -72,9 +72,11 @@ def _emulator(q: mp.Queue) -> None:  # type: ignore[type-arg]
 
 
 def _agent(url: str, sock: str, parser: str, cpus: list[int] | None,
-           q: mp.Queue) -> None:  # type: ignore[type-arg]
+           q: mp.Queue, tree: str | None = None) -> None:  # type: ignore[type-arg]
     if cpus:
         os.sched_setaffinity(0, cpus)  # before any thread starts: they all inherit it
+    if tree:  # another checkout's agent (nothing of guestagent is imported before here)
+        sys.path.insert(0, tree)
     import parsers
 
     from guestagent.config import from_mapping
@@ -123,6 +125,7 @@ class Server:
     pid: int  # the process that answers (nginx: its worker)
     tcp: str  # host:port
     unix: str  # unix:/path
+    headers: dict[str, dict[str, str]] | None = None  # per route: what its requests carry
 
 
 def _free_port() -> int:
@@ -211,11 +214,10 @@ class Case:
 
 class Bench:
     def __init__(self, args: argparse.Namespace, servers: list[Server],
-                 paths: dict[str, str], headers: dict[str, dict[str, str]]) -> None:
+                 paths: dict[str, str]) -> None:
         self.args = args
         self.servers = servers
         self.paths = paths
-        self.headers = headers
         ncpu = os.cpu_count() or 1
         self.gen_cpus = None if args.no_pin or ncpu < 2 else list(range(1, ncpu))
 
@@ -228,7 +230,8 @@ class Bench:
             seconds: float | None = None) -> dict[str, float]:
         secs = seconds or self.args.seconds
         target = server.tcp if case.transport == "tcp" else server.unix
-        path, headers = self.paths[case.route], self.headers[case.route]
+        assert server.headers is not None
+        path, headers = self.paths[case.route], server.headers[case.route]
         proc = psutil.Process(server.pid)
         t0 = proc.cpu_times()
         w0 = time.monotonic()
@@ -254,7 +257,10 @@ class Bench:
                 self.run(server, case, rate, seconds=1.0)
         for r in range(rounds):
             for case in cases:
-                order = self.servers if r % 2 == 0 else self.servers[::-1]
+                # Each server goes first in turn (A B, B A; with three: A B C, B C A, ...).
+                k = r % len(self.servers)
+                order = (self.servers[::-1] if len(self.servers) == 2 and k
+                         else self.servers[k:] + self.servers[:k])
                 for server in order:
                     out.setdefault((server.name, case), []).append(self.run(server, case, rate))
         return out
@@ -312,6 +318,9 @@ def main() -> None:
     ap.add_argument("--parser", default="builtin", help="see bench/parsers.py")
     ap.add_argument("--tcp-generator", choices=("wrk", "loadgen"), default="wrk")
     ap.add_argument("--no-pin", action="store_true", help="no CPU pinning")
+    ap.add_argument("--baseline", metavar="TREE",
+                    help="also run the agent of another checkout (e.g. main before a change), "
+                    "interleaved with the others, as 'before'")
     args = ap.parse_args()
     if args.tcp_generator == "wrk" and shutil.which("wrk") is None:
         print("(wrk not installed: TCP load from bench/loadgen.py)")
@@ -324,13 +333,20 @@ def main() -> None:
     emu = ctx.Process(target=_emulator, args=(q,), daemon=True)
     emu.start()
     url = q.get(timeout=30)
-    sock = os.path.join(tempfile.mkdtemp(prefix="ga-bench-"), "credentials.sock")
-    agent_proc = ctx.Process(target=_agent, args=(url, sock, args.parser, server_cpus, q),
-                             daemon=True)
-    agent_proc.start()
-    (host, port), token = q.get(timeout=60)
-    assert agent_proc.pid is not None
-    agent = Server("agent", agent_proc.pid, f"{host}:{port}", f"unix:{sock}")
+    procs = []
+
+    def start_agent(name: str, tree: str | None) -> tuple[Server, str]:
+        sock = os.path.join(tempfile.mkdtemp(prefix="ga-bench-"), "credentials.sock")
+        proc = ctx.Process(target=_agent, args=(url, sock, args.parser, server_cpus, q, tree),
+                           daemon=True)
+        proc.start()
+        procs.append(proc)
+        (host, port), token = q.get(timeout=60)
+        assert proc.pid is not None
+        return Server(name, proc.pid, f"{host}:{port}", f"unix:{sock}"), str(token)
+
+    agent, token = start_agent("agent", None)
+    before = start_agent("before", args.baseline) if args.baseline else None
     role = _http(agent, "GET", EC2_ROLES, {
         "X-aws-ec2-metadata-token": _http(agent, "PUT", "/latest/api/token", {
             "X-aws-ec2-metadata-token-ttl-seconds": "21600"}).decode()}).decode()
@@ -340,10 +356,20 @@ def main() -> None:
     headers = {"ecs": {"Authorization": token}, "ec2": {"X-aws-ec2-metadata-token": session}}
     bodies = {path: _http(agent, "GET", path, headers[route]) for route, path in paths.items()}
     started = _nginx(bodies, tempfile.mkdtemp(prefix="ga-bench-nginx-"), server_cpus)
-    servers = [agent] + ([started[1]] if started else [])
+    servers = [agent] + ([before[0]] if before else []) + ([started[1]] if started else [])
     if started is None:
         print("(nginx not installed: no peer; scripts/bootstrap installs it)")
-    bench = Bench(args, servers, paths, headers)
+    agent.headers = headers
+    if started is not None:
+        started[1].headers = headers  # the same heads, byte for byte in size
+    if before is not None:
+        before[0].headers = {  # heads of the same size: its own token and session
+            "ecs": {"Authorization": before[1]},
+            "ec2": {"X-aws-ec2-metadata-token": _http(
+                before[0], "PUT", "/latest/api/token",
+                {"X-aws-ec2-metadata-token-ttl-seconds": "21600"}).decode()},
+        }
+    bench = Bench(args, servers, paths)
     cases = [Case(r, t) for r in args.routes.split(",") for t in args.transports.split(",")]
     load = os.getloadavg()[0]
     closed = bench.interleaved(cases, args.rounds)
@@ -363,7 +389,8 @@ def main() -> None:
     if started is not None:
         started[0].terminate()
         started[0].wait(10)
-    agent_proc.kill()
+    for proc in procs:
+        proc.kill()
     emu.kill()
 
 
