@@ -8,7 +8,7 @@ import json
 import socket
 from typing import Any
 
-from tests.polling import wait_for
+from polling import wait_for
 
 
 class Raw:
