@@ -395,7 +395,11 @@ class Mount:
             lazy_unmount(self.dest)
             if self.proc is not None:
                 self.proc.stop(grace)
-                self.proc = None
+            if not isinstance(self.proc, _Detached):
+                # Its detached work is gone already: forget its record and env file too.
+                gone = detached.Detached(self.work_name, "none", None)
+                gone.stop(0.0, run_dir=self.options.run_dir)
+            self.proc = None
             self.health = "stopped"
             with contextlib.suppress(FileNotFoundError):
                 self.record_path.unlink()
