@@ -186,7 +186,8 @@ def _kill_tree(leader: int, tag: str, sig: int = signal.SIGKILL) -> int:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(leader, sig)
     escaped = 0
-    for pid in _tagged({tag}):
+    # An untagged child (survive_agent) has no descendants we could tell from others.
+    for pid in _tagged({tag}) if tag else []:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             if os.getpgid(pid) != leader:
                 escaped += 1

@@ -29,6 +29,7 @@ from guestagent.migrate.userconfig import UserConfig, in_root
 log = logging.getLogger(__name__)
 
 INSTANCE_NAME = "INSTANCE_FOR_GOTOALIYUN"
+PROGRESS_EVERY = 2.0  # seconds between progress notes in client_data (for `migrate status`)
 FINISHED, NOT_FINISHED = "Goto Aliyun Finished!", "Goto Aliyun Not Finished!"
 
 
@@ -280,9 +281,10 @@ class Migration:
         self.state.progress = {"step": name, "bytes": p.bytes, "percent": p.percent,
                                "rate": p.rate, "eta": p.eta}
         now = time.monotonic()
-        if now - self._last_save >= 1.0:
+        if now - self._last_save >= PROGRESS_EVERY:
             self._last_save = now
-            self.state.save()
+            # No fsync: it would make ext4 flush the data rsync is writing on the same disk.
+            self.state.save(durable=False)
         self._draw(p)
 
     def _draw(self, p: transfer.Progress) -> None:

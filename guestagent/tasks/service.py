@@ -63,8 +63,22 @@ def runners(settings: Settings) -> dict[str, Runner]:
         from guestagent.tasks.docker import DockerRunner  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         return out
-    out["docker"] = DockerRunner(settings.tasks)
+    from guestagent.tasks.registries import factory as registry_factory
+
+    out["docker"] = DockerRunner(settings.tasks,
+                                 registry_factory(settings, tasks_dir(settings) / "registries"))
     return out
+
+
+def close_runners(sched: Scheduler) -> None:
+    """Stop what the runners keep running (the OSS-backed registries)."""
+    for runner in sched.runners.values():
+        close = getattr(runner, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception as exc:  # one runner's failure must not keep the others up
+                log.warning("tasks: closing the %s runner: %s", runner.kind, exc)
 
 
 def build(settings: Settings, store: Store, **kwargs: Any) -> Scheduler:
@@ -95,6 +109,9 @@ def run_foreground(settings: Settings, store: Store, job_id: str) -> str:
     except KeyboardInterrupt:
         sched.stop(job_id, "interrupted")
         thread.join()
+    finally:
+        if not thread.is_alive():
+            close_runners(sched)
     if errors:
         raise TaskError(f"{job_id}: {errors[0]}")
     return result[0]
@@ -151,6 +168,7 @@ class TasksService(Service):
         finally:
             server.close()
             self.sched.detach()
+            close_runners(self.sched)
             if minter is not None:
                 minter.close()
             store.close()

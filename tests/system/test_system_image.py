@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 REPO = Path(__file__).parents[2]
 
 
-def test_built_image_is_clean_and_boots_the_agent(system_layers, emulator):
+def test_built_image_is_clean_and_boots_the_agent(system_layers, emulator, docker_engine):
     work = Path(tempfile.mkdtemp(prefix="guestagent-image-test.", dir="/var/tmp"))
     try:
         tarball = work / "image.tar.gz"
@@ -40,6 +40,18 @@ def test_built_image_is_clean_and_boots_the_agent(system_layers, emulator):
         for stage in ("local", "final"):
             assert (wants / f"guestagent-firstboot-{stage}.service").is_symlink()
         assert os.readlink(tree / "usr/local/bin/guestagent").startswith("/opt/guestagent/")
+
+        # The same tarball is a Docker base image (what the task launcher's tests can use).
+        name = f"guestagent-image-test:{os.getpid()}"
+        docker = ["docker", "-H", docker_engine.host]
+        subprocess.run([*docker, "import", str(tarball), name], check=True, timeout=600,
+                       capture_output=True)
+        try:
+            ran = subprocess.run([*docker, "run", "--rm", name, "guestagent", "--version"],
+                                 capture_output=True, text=True, timeout=300)
+            assert ran.returncode == 0 and ran.stdout.startswith("guestagent "), ran.stderr
+        finally:
+            subprocess.run([*docker, "rmi", name], capture_output=True, timeout=120)
 
         (tree / "etc/guestagent/agent.toml").write_text(agent_toml(emulator))
         for inside, text in SHARED_HOST_NETWORK.items():

@@ -1,49 +1,19 @@
-"""The guide's log-count example: its data, its package, the independent count."""
+"""The guide's log-count example: data, package and the independent count come from
+``guestagent.tasks.example`` (shared with ``guestagent demo``); the job forms here."""
 
 from __future__ import annotations
 
-import io
 import json
-import random
-import shutil
-import tarfile
-from pathlib import Path
 from typing import Any
 
 from guestagent.tasks import jobcfg
-
-EXAMPLE = Path(__file__).parent.parent / "data" / "tasks"
-LEVELS = ("INFO", "WARN", "ERROR", "DEBUG")
-
-
-def log_data(lines: int = 3000, seed: int = 7) -> bytes:
-    rng = random.Random(seed)
-    out = []
-    for i in range(lines):
-        level = rng.choice(LEVELS)
-        out.append(f"2016-07-06 10:{i // 60 % 60:02d}:{i % 60:02d} [{level}] event {i}\n")
-    return "".join(out).encode()
-
-
-def expected_counts(data: bytes) -> dict[str, int]:
-    text = data.decode()
-    return {level: sum(1 for line in text.splitlines() if level in line) for level in LEVELS}
-
-
-def copy_example(dest: Path) -> Path:
-    """The job.cfg and its package dir, as a user has them; returns the job.cfg path."""
-    shutil.copytree(EXAMPLE / "log-count", dest / "log-count",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(EXAMPLE / "job.cfg", dest / "job.cfg")
-    return dest / "job.cfg"
-
-
-def package_tarball() -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for path in sorted((EXAMPLE / "log-count").glob("*.py")):
-            tar.add(path, arcname=path.name)
-    return buf.getvalue()
+from guestagent.tasks.example import (  # noqa: F401 - re-exported to the tests
+    LEVELS,
+    copy_example,
+    expected_counts,
+    log_data,
+    package_tarball,
+)
 
 
 def cfg_flags(bucket: str, input_dir: str, output_dir: str,

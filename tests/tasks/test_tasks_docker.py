@@ -154,3 +154,50 @@ def test_dockerd_restart_mid_instance_is_retried(
     inst = sched.store.instance(job_id, "survivor", 0)
     assert result == ["Finished"], inst
     assert inst.retries == 1
+
+
+def test_cli_submit_runs_an_image_from_an_oss_path(
+    tmp_path: Path, s3: Any, bucket: Any, credentials: CredentialService, docker_engine: Any,
+    busybox_image: str,
+) -> None:
+    # The user's path: `guestagent tasks submit --wait` in the foreground, the agent's own
+    # registry factory (storage endpoint and credential listener from its config).
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    name = bucket()
+    path = f"oss://{name}/dockers/"
+    pusher = _registry_factory(s3, credentials, tmp_path / "push")(path)
+    pusher.start()
+    try:
+        _push(docker_engine, pusher, busybox_image, "myimage:v1")
+    finally:
+        pusher.stop()
+    host, port = credentials.server.tcp_address  # type: ignore[union-attr]
+    (tmp_path / "agent.toml").write_text(
+        f'[tasks]\ndocker_host = "{docker_engine.host}"\n'
+        f'[storage]\nendpoint = "{s3.url}"\npath_style = true\nregion = "us-east-1"\n'
+        f'[credentials]\ntcp_host = "{host}"\ntcp_port = {port}\n'
+        f'socket_path = "{credentials.settings.socket_path}"\n')
+    env = dict(os.environ, GUESTAGENT_CONFIG=str(tmp_path / "agent.toml"),
+               GUESTAGENT_DAEMON_STATE_DIR=str(tmp_path / "state"),
+               GUESTAGENT_DAEMON_RUN_DIR=str(tmp_path / "run"))
+    env_vars = {"BATCH_COMPUTE_DOCKER_IMAGE": "localhost:5000/myimage:v1",
+                "BATCH_COMPUTE_DOCKER_REGISTRY_OSS_PATH": path}
+    (tmp_path / "job.json").write_text(json.dumps(job_doc(
+        {"pulled": task("echo from-oss", EnvVars=env_vars)})))
+    done = subprocess.run([sys.executable, "-m", "guestagent", "tasks", "submit",
+                           str(tmp_path / "job.json"), "--wait"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.strip()
+    stdout = tmp_path / "state" / "tasks" / "jobs" / job_id / "pulled" / "0" / "stdout"
+    assert stdout.read_text() == "from-oss\n"
+    # The registry it started is gone with the command: nothing listens on its port.
+    (config,) = (tmp_path / "state" / "tasks" / "registries").glob("*/config.yml")
+    host, _, port = json.loads(config.read_text())["http"]["addr"].rpartition(":")
+    with pytest.raises(OSError):
+        socket.create_connection((host, int(port)), timeout=5).close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from polling import wait_for
 
 from guestagent.tasks.runner import HostRunner, Launch
@@ -32,3 +33,15 @@ def test_adopt_without_a_saved_ref_finds_the_running_attempt(tmp_path: Path) -> 
 
 def test_adopt_without_traces_is_none(tmp_path: Path) -> None:
     assert HostRunner().adopt("", _launch(tmp_path, ["true"])) is None
+
+
+def test_registry_factory_needs_the_credential_listener(tmp_path: Path) -> None:
+    from guestagent.config import from_mapping
+    from guestagent.tasks.errors import TaskError
+    from guestagent.tasks.registries import factory
+
+    settings = from_mapping({"credentials": {"tcp_enabled": False},
+                             "storage": {"endpoint": "http://127.0.0.1:9", "path_style": True}})
+    with pytest.raises(TaskError, match=r"tcp_enabled = true"):
+        factory(settings, tmp_path / "registries")("oss://bucket-a/dockers/")
+    assert not (tmp_path / "registries").exists()  # nothing started, nothing written
