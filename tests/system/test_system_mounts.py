@@ -1,8 +1,9 @@
 """An OSS mount declared in ``[storage]`` under a real systemd 252: made at start (rclone in
 its own transient unit, reading keys from the credential listener that guestagent.socket
 holds), readable, kept across ``systemctl restart`` and a kill -9 of the agent (the same
-rclone adopted, never a second mount, a reader inside it undisturbed), gone after
-``systemctl stop``; made again at start and gone after a spot drain."""
+rclone adopted, never a second mount, a reader inside it undisturbed), remade when its
+rclone is killed, gone after ``systemctl stop``; made again at start and gone after a spot
+drain."""
 
 from __future__ import annotations
 
@@ -109,6 +110,8 @@ def test_oss_mount_lifecycle_under_systemd(emulator: Any, guest_factory: Any, s3
     unit, pid = mount_unit(guest)
     assert row["pid"] == pid and row["origin"] == "settings" and not no_rclone(guest)
     assert guest.run(["cat", f"{DEST}/data.txt"]).stdout == DATA
+    listed = json.loads(guest.run(["guestagent", "storage", "mounts", "--json"]).stdout)
+    assert [(r["dest"], r["health"], r["pid"]) for r in listed["mounts"]] == [(DEST, "ok", pid)]
     cgroup = guest.run(["cat", f"/proc/{pid}/cgroup"]).text()
     assert unit in cgroup and f"/{AGENT}" not in cgroup
     # A task's process working inside the mount, in a unit of its own.
@@ -139,6 +142,14 @@ def test_oss_mount_lifecycle_under_systemd(emulator: Any, guest_factory: Any, s3
     guest.wait_unit(AGENT)
     unchanged()
 
+    # rclone killed: the agent remounts it (a new transient unit of the same name).
+    assert guest.systemctl("kill", "--signal=KILL", unit).ok
+    row = wait_for(lambda: (r := mount_row(guest)).get("health") == "ok"
+                   and r.get("pid") != pid and r, timeout=120, step=0.5, tolerate=(ValueError,))
+    assert row["remounts"] == 1 and mount_unit(guest) == (unit, row["pid"])
+    assert mounts_at_dest(guest) == 1
+    assert guest.run(["cat", f"{DEST}/data.txt"]).stdout == DATA
+
     # systemctl stop: a drain — lazy unmount, rclone's unit stopped, nothing left.
     assert guest.systemctl("stop", AGENT, timeout=120).ok
     assert mounts_at_dest(guest) == 0
@@ -148,8 +159,7 @@ def test_oss_mount_lifecycle_under_systemd(emulator: Any, guest_factory: Any, s3
     # Started again: mounted anew; a spot notice drains it away and the agent exits 0.
     assert guest.systemctl("start", AGENT, timeout=120).ok
     healthy(guest)
-    second = mount_unit(guest)[1]
-    assert second != pid
+    assert mount_unit(guest)[1] not in (pid, row["pid"])
     assert guest.run(["cat", f"{DEST}/data.txt"]).stdout == DATA
     emulator.schedule_termination(0, 60)
     props = guest.wait_unit(AGENT, state="inactive", timeout=120)
