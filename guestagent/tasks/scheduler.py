@@ -17,8 +17,9 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from guestagent.tasks import staging
 from guestagent.tasks.errors import TaskError
@@ -37,14 +38,23 @@ from guestagent.tasks.store import (
     Store,
 )
 
+if TYPE_CHECKING:
+    from guestagent.tasks.credentials import Grant
+
 log = logging.getLogger(__name__)
 
 DOCKER_ENV = {"USER": "root", "PWD": staging.DOCKER_WORKDIR,
               "PATH": "/sbin:/usr/sbin:/bin:/usr/bin", "HOME": "/root"}
 HOST_ENV_PASS = ("PATH", "HOME", "LANG", "LC_ALL", "USER", "LOGNAME", "TZ")
 
-# A task-scoped credential: env for the instance, and the revocation to call at its end.
-Minter = Callable[[str, bool], tuple[dict[str, str], Callable[[], None]]]
+class Minter(Protocol):
+    """Task-scoped credentials (``tasks/credentials.py: TaskCredentials``)."""
+
+    def mint(self, name: str, docker: bool) -> Grant | None: ...
+
+    def restore(self, name: str, record: dict[str, Any]) -> bool: ...
+
+    def revoke(self, name: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -396,11 +406,12 @@ class Scheduler:
         layout = staging.Layout(self._job_dir(run) / inst.task / str(inst.index))
         storage = self.storage(staging.needs_storage(task))
         name = f"{run.job_id}.{inst.task}.{inst.index}"
-        env, revoke = self._env(run, task, inst.index, layout=layout, docker=docker, name=name)
+        env = self._env(run, task, inst.index, layout=layout, docker=docker)
+        launch = self._launch(run, task, inst.index, layout=layout, env=env, docker=docker,
+                              name=name)
+        credentialed = False
+        detached = False
         try:
-            launch = self._launch(run, task, inst.index, layout=layout, env=env, docker=docker,
-                                  name=name)
-            handle: Handle | None
             started = time.time()
             handle = runner.adopt(adopt.ref, launch) if adopt is not None else None
             if adopt is not None and handle is None and adopt.ref:
@@ -409,24 +420,65 @@ class Scheduler:
             if handle is not None:
                 assert adopt is not None
                 started = adopt.started or started
+                credentialed = self._restore_grant(run, inst, name)
                 if not adopt.ref:  # found by its traces: save what names it now
                     self.store.started(run.job_id, inst.task, inst.index, runner.kind,
                                        handle.ref)
             else:
                 staging.prepare(layout, task, storage, docker)
+                credentialed, launch = self._grant(run, inst, name, docker, launch)
                 handle = runner.start(launch)
                 self.store.started(run.job_id, inst.task, inst.index, runner.kind, handle.ref)
                 self.events.instance(run.job_id, run.job.notification.events, inst.task,
                                      inst.index,
                                      redirects=self._redirects(run, inst.task, inst.index))
             state, code, message = self._watch(run, task, handle, started)
+        except _Detached:
+            detached = True  # the instance goes on: its credentials stay for the next agent
+            raise
         finally:
-            revoke()
+            if credentialed and not detached:
+                self._revoke(run, inst, name)
         problems = staging.upload_results(layout, task, run.job_id, inst.index,
                                           storage=storage, docker=docker)
         if problems and state == FINISHED:
             state, message = FAILED, problems[0]
         return _Outcome(inst.task, inst.index, state, code, message)
+
+    def _grant(self, run: _JobRun, inst: Instance, name: str, docker: bool,
+               launch: Launch) -> tuple[bool, Launch]:
+        """Mint the instance's credentials; their digests are stored before it starts."""
+        if self.minter is None:
+            return False, launch
+        grant = self.minter.mint(name, docker)
+        if grant is None:
+            return False, launch
+        try:
+            self.store.save_grant(run.job_id, inst.task, inst.index, grant.record)
+        except BaseException:
+            self.minter.revoke(name)
+            raise
+        return True, replace(launch, env={**launch.env, **grant.env})
+
+    def _restore_grant(self, run: _JobRun, inst: Instance, name: str) -> bool:
+        """A re-adopted instance's credential endpoint answers again (same URL, token)."""
+        if self.minter is None:
+            return False
+        record = self.store.grant(run.job_id, inst.task, inst.index)
+        if record is None:
+            return False
+        try:
+            return self.minter.restore(name, record)
+        except Exception as exc:  # the instance runs on without credentials
+            log.warning("%s: its credentials could not be restored: %s", name, exc)
+            return False
+
+    def _revoke(self, run: _JobRun, inst: Instance, name: str) -> None:
+        assert self.minter is not None
+        try:
+            self.minter.revoke(name)
+        finally:
+            self.store.drop_grant(run.job_id, inst.task, inst.index)
 
     def _watch(self, run: _JobRun, task: Task, handle: Handle,
                started: float) -> tuple[str, int | None, str]:
@@ -448,7 +500,7 @@ class Scheduler:
                 return STOPPED, code, run.reason or "stopped"
 
     def _env(self, run: _JobRun, task: Task, index: int, *, layout: staging.Layout,
-             docker: bool, name: str) -> tuple[dict[str, str], Callable[[], None]]:
+             docker: bool) -> dict[str, str]:
         if docker:
             env = dict(DOCKER_ENV)
         else:
@@ -466,15 +518,7 @@ class Scheduler:
             "BATCH_COMPUTE_WORKER_ID": ident.worker_id,
         })
         env.update(task.env_vars)
-
-        def nothing() -> None:
-            return None
-
-        revoke: Callable[[], None] = nothing
-        if self.minter is not None:
-            creds, revoke = self.minter(name, docker)
-            env.update(creds)
-        return env, revoke
+        return env
 
     def _launch(self, run: _JobRun, task: Task, index: int, *, layout: staging.Layout,
                 env: dict[str, str], docker: bool, name: str) -> Launch:

@@ -58,7 +58,7 @@ def identity(settings: Settings, region: str = "", worker: str = "") -> Identity
 
 
 def runners(settings: Settings) -> dict[str, Runner]:
-    out: dict[str, Runner] = {"host": HostRunner()}
+    out: dict[str, Runner] = {"host": HostRunner(settings.daemon.run_dir)}
     try:
         from guestagent.tasks.docker import DockerRunner  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
@@ -190,17 +190,20 @@ class TasksService(Service):
             return None
         docker_host = self.settings.tasks.docker_host
 
-        def docker_relay() -> Relay | None:
+        def host_relay(port: int) -> Relay | None:
+            return Relay(socket_path, "127.0.0.1", port=port).start()
+
+        def docker_relay(port: int) -> Relay | None:
             from guestagent.tasks.docker import bridge_interface
 
-            return Relay(socket_path, TASK_ADDRESS, bridge_interface(docker_host)).start()
+            return Relay(socket_path, TASK_ADDRESS, bridge_interface(docker_host),
+                         port=port).start()
 
-        try:
-            host_relay = Relay(socket_path, "127.0.0.1").start()
-        except OSError as exc:
-            log.warning("tasks: no credential relay on loopback: %s", exc)
-            host_relay = None
-        return TaskCredentials(access, host_relay, docker_relay)
+        # Relays listen where they did before a restart: re-adopted instances ask there.
+        creds = TaskCredentials(access, host_relay, docker_relay,
+                                ports_file=tasks_dir(self.settings) / "relays.json")
+        creds.relay("host")
+        return creds
 
     def _start(self, job_id: str) -> None:
         assert self.sched is not None

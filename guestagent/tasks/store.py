@@ -43,6 +43,9 @@ CREATE TABLE IF NOT EXISTS events (
   seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, time REAL NOT NULL,
   event TEXT NOT NULL, body TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS events_job ON events (job_id, seq);
+CREATE TABLE IF NOT EXISTS grants (
+  job_id TEXT NOT NULL, task TEXT NOT NULL, idx INTEGER NOT NULL, record TEXT NOT NULL,
+  PRIMARY KEY (job_id, task, idx));
 """
 
 
@@ -231,6 +234,23 @@ class Store:
             db.execute("UPDATE jobs SET state = ?, ended = NULL, message = '', stop_reason = '' "
                        "WHERE id = ?", (RUNNING, job_id))
             return cur.rowcount
+
+    # -- task credentials (digests only: see tasks/credentials.py) -----------------------
+
+    def save_grant(self, job_id: str, task: str, index: int, record: Mapping[str, Any]) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO grants (job_id, task, idx, record) "
+                       "VALUES (?, ?, ?, ?)", (job_id, task, index, json.dumps(dict(record))))
+
+    def grant(self, job_id: str, task: str, index: int) -> dict[str, Any] | None:
+        rows = self._rows("SELECT record FROM grants WHERE job_id = ? AND task = ? AND idx = ?",
+                          job_id, task, index)
+        return dict(json.loads(rows[0]["record"])) if rows else None
+
+    def drop_grant(self, job_id: str, task: str, index: int) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM grants WHERE job_id = ? AND task = ? AND idx = ?",
+                       (job_id, task, index))
 
     # -- events -------------------------------------------------------------------------
 
