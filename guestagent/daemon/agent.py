@@ -205,6 +205,7 @@ class Daemon:
         ctx = self.ctx
 
         def stop_new_work() -> None:
+            ctx.releasing.set()
             ctx.draining.set()
             self.supervisor.freeze()
 
