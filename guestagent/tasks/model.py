@@ -43,6 +43,11 @@ class MountEntry:
     source: str
     destination: str
     write: bool = False
+    lock: bool = False  # Mounts.Lock: NFS locks (NFSv3 drops nolock)
+
+    @property
+    def is_nas(self) -> bool:
+        return self.source.startswith("nas://")
 
 
 @dataclass(frozen=True)
@@ -301,6 +306,9 @@ def _parse_mounts(value: object, where: str) -> tuple[MountEntry, ...]:
     mounts = _obj(value, where)
     _known(mounts, {"Entries", "Locale", "Lock"}, where)
     entries = mounts.get("Entries", [])
+    lock = mounts.get("Lock", False)
+    if not isinstance(lock, bool):
+        raise JobError(f"{where}.Lock: must be true or false")
     if isinstance(entries, Mapping):
         entries = [entries]  # the guide shows a single entry as an object
     if not isinstance(entries, list):
@@ -321,7 +329,7 @@ def _parse_mounts(value: object, where: str) -> tuple[MountEntry, ...]:
         if not isinstance(write, bool):
             raise JobError(f"{w}.WriteSupport: must be true or false")
         out.append(MountEntry(source, rules.local_dir(entry.get("Destination"),
-                                                      f"{w}.Destination"), write))
+                                                      f"{w}.Destination"), write, lock))
     return tuple(out)
 
 

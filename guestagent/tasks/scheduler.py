@@ -409,6 +409,10 @@ class Scheduler:
         env = self._env(run, task, inst.index, layout=layout, docker=docker)
         launch = self._launch(run, task, inst.index, layout=layout, env=env, docker=docker,
                               name=name)
+        try:
+            mounts = staging.NasMounts(layout, task, storage, docker)
+        except Exception as exc:  # a NAS source the storage layer refuses: one line
+            return _Outcome(inst.task, inst.index, FAILED, None, f"Mounts: {exc}")
         credentialed = False
         detached = False
         try:
@@ -425,7 +429,12 @@ class Scheduler:
                     self.store.started(run.job_id, inst.task, inst.index, runner.kind,
                                        handle.ref)
             else:
+                mounts.release()  # a stale one of an earlier attempt: never under rmtree
                 staging.prepare(layout, task, storage, docker)
+                try:
+                    self._mount(run, inst, mounts)
+                except TaskError as exc:
+                    return _Outcome(inst.task, inst.index, FAILED, None, str(exc))
                 credentialed, launch = self._grant(run, inst, name, docker, launch)
                 handle = runner.start(launch)
                 self.store.started(run.job_id, inst.task, inst.index, runner.kind, handle.ref)
@@ -434,16 +443,25 @@ class Scheduler:
                                      redirects=self._redirects(run, inst.task, inst.index))
             state, code, message = self._watch(run, task, handle, started)
         except _Detached:
-            detached = True  # the instance goes on: its credentials stay for the next agent
+            detached = True  # the instance goes on: its credentials and mounts stay
             raise
         finally:
-            if credentialed and not detached:
-                self._revoke(run, inst, name)
+            if not detached:
+                mounts.release()
+                if credentialed:
+                    self._revoke(run, inst, name)
         problems = staging.upload_results(layout, task, run.job_id, inst.index,
                                           storage=storage, docker=docker)
         if problems and state == FINISHED:
             state, message = FAILED, problems[0]
         return _Outcome(inst.task, inst.index, state, code, message)
+
+    def _mount(self, run: _JobRun, inst: Instance, mounts: staging.NasMounts) -> None:
+        """The instance's NAS mounts: planned (kept for ``tasks show``), then made."""
+        if not mounts.plans:
+            return
+        self.store.save_mounts(run.job_id, inst.task, inst.index, mounts.plans)
+        mounts.mount()
 
     def _grant(self, run: _JobRun, inst: Instance, name: str, docker: bool,
                launch: Launch) -> tuple[bool, Launch]:
