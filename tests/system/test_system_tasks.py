@@ -51,9 +51,11 @@ def test_host_instance_outlives_agent_restarts(emulator: Any, guest_factory: Any
                                            "/var/tmp/job.json": json.dumps(JOB)})
     guest.boot()
     guest.wait_unit("guestagent.service")
-    submitted = wait_for(lambda: (r := guest.run(["guestagent", "tasks", "submit",
-                                                  "/var/tmp/job.json"])).ok and r,
-                         timeout=120, step=1.0)
+    # The daemon's tasks service takes the job (without it, submit would run it itself).
+    wait_for(lambda: guest.run(["test", "-S", "/run/guestagent/tasks.sock"]).ok, timeout=120,
+             step=0.5)
+    submitted = guest.run(["guestagent", "tasks", "submit", "/var/tmp/job.json"])
+    assert submitted.ok, submitted.stderr
     job_id = submitted.text().strip()
     wait_for(lambda: len(runs(guest)) == 1, timeout=120, step=0.5)
     pid = runs(guest)[0]
