@@ -16,7 +16,8 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -133,6 +134,8 @@ class Scheduler:
         # Set when the service goes away but the agent will be back (restart): instances
         # keep running, states stay as they are, a new scheduler re-adopts them.
         self._detached = threading.Event()
+        self._starting = 0  # attempts between their start and their recorded ref
+        self._starting_done = threading.Condition()
 
     # -- public -------------------------------------------------------------------------
 
@@ -172,9 +175,24 @@ class Scheduler:
         run.stop.set()
         return True
 
-    def detach(self) -> None:
-        """Leave every job as it is (for a restart); their threads end soon."""
+    def detach(self, timeout: float = 10.0) -> None:
+        """Leave every job as it is (for a restart); their threads end soon. Waits (up to
+        ``timeout``) for instances being started to have their process recorded, so the
+        next agent finds them by their ref, never half-started."""
         self._detached.set()
+        with self._starting_done:
+            self._starting_done.wait_for(lambda: self._starting == 0, timeout)
+
+    @contextmanager
+    def _starting_one(self) -> Iterator[None]:
+        with self._starting_done:
+            self._starting += 1
+        try:
+            yield
+        finally:
+            with self._starting_done:
+                self._starting -= 1
+                self._starting_done.notify_all()
 
     def stop_all(self, reason: str) -> None:
         with self._lock:
@@ -435,9 +453,11 @@ class Scheduler:
                     self._mount(run, inst, mounts)
                 except TaskError as exc:
                     return _Outcome(inst.task, inst.index, FAILED, None, str(exc))
-                credentialed, launch = self._grant(run, inst, name, docker, launch)
-                handle = runner.start(launch)
-                self.store.started(run.job_id, inst.task, inst.index, runner.kind, handle.ref)
+                with self._starting_one():
+                    credentialed, launch = self._grant(run, inst, name, docker, launch)
+                    handle = runner.start(launch)
+                    self.store.started(run.job_id, inst.task, inst.index, runner.kind,
+                                       handle.ref)
                 self.events.instance(run.job_id, run.job.notification.events, inst.task,
                                      inst.index,
                                      redirects=self._redirects(run, inst.task, inst.index))

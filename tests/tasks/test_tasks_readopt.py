@@ -117,6 +117,14 @@ def host_key(agent: AgentProcess) -> str:
     return str(local_get(conn, "/v1/credentials/aws")["AccessKeyId"])
 
 
+def until(agent: AgentProcess, cond: Any, timeout: float) -> None:
+    """wait_for, failing with the agent's log (what it did about the instance)."""
+    try:
+        wait_for(cond, timeout=timeout, tolerate=(OSError,))
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; agent log:\n{agent.log()[-6000:]}") from None
+
+
 def assert_no_secret_stored(agent: AgentProcess, token: str, url: str) -> None:
     secret_path = url.split("/")[3]
     for path in (agent.state_dir / "tasks").rglob("*"):
@@ -142,7 +150,7 @@ def test_host_instance_keeps_its_credentials_across_restarts(
 
     restart_twice(agent)
     # Re-adopted: its endpoint answers again, to its own token only.
-    wait_for(lambda: over_socket(agent, url, token) == 200, timeout=120, tolerate=(OSError,))
+    until(agent, lambda: over_socket(agent, url, token) == 200, timeout=120)
     assert over_socket(agent, url, "not-" + token) == 401
     gate.touch()
     wait_for(lambda: shown(agent, job_id)["state"] in ("Finished", "Failed"), timeout=120)
@@ -177,7 +185,7 @@ def test_container_keeps_its_credentials_across_restarts(
     url, token = env["AWS_CONTAINER_CREDENTIALS_FULL_URI"], env["AWS_CONTAINER_AUTHORIZATION_TOKEN"]
 
     restart_twice(agent)
-    wait_for(lambda: over_socket(agent, url, token) == 200, timeout=120, tolerate=(OSError,))
+    until(agent, lambda: over_socket(agent, url, token) == 200, timeout=120)
     (work / "gate").touch()
     wait_for(lambda: shown(agent, job_id)["state"] in ("Finished", "Failed"), timeout=180)
     assert shown(agent, job_id)["state"] == "Finished", agent.log()[-3000:]
