@@ -99,6 +99,9 @@ class Registry:
         self._by_token: dict[bytes, Consumer] = {}
         self._named: dict[str, Consumer] = {}
         self._by_capability_digest: dict[bytes, Consumer] = {}
+        # Bumped by every add and remove (after the swap): what the server decided for a
+        # request under an older generation is decided again.
+        self.generation = 0
         if default.capability:
             self._by_capability[default.capability] = default
 
@@ -125,6 +128,7 @@ class Registry:
             self._by_capability, self._by_token = by_cap, by_tok
             self._by_capability_digest = by_digest
             self._named = {**self._named, consumer.name: consumer}
+            self.generation += 1
 
     def mint(
         self,
@@ -196,6 +200,7 @@ class Registry:
                 k: v for k, v in self._by_capability_digest.items() if v is not consumer
             }
             self._named = {k: v for k, v in self._named.items() if k != name}
+            self.generation += 1
 
     def names(self) -> list[str]:
         return sorted(self._named)

@@ -53,10 +53,8 @@ class Context:
     request_drain: Callable[[DrainRequest], None]
     # Set once the instance drains: take no new work.
     draining: threading.Event = field(default_factory=threading.Event)
-    # Set by a drain for the instance's release (spot): work that outlives the agent (task
-    # instances) ends too. A plain stop leaves it clear: the agent is restarted or stopped
-    # alone, and that work goes on for the next agent to adopt.
-    releasing: threading.Event = field(default_factory=threading.Event)
+    # Set when systemd restarts the agent (no drain): leave detached work for the next one.
+    restarting: threading.Event = field(default_factory=threading.Event)
     # The settings file the daemon was started with (for child processes).
     config_path: str | None = None
     # False in the daemon: heavy one-shots run as child processes (see daemon/child.py).

@@ -246,30 +246,13 @@ class TasksService(Service):
         sched = self.sched
         if sched is None:
             return
-        releasing = self.ctx is not None and self.ctx.releasing.is_set()
-        if not releasing and not system_stopping():
-            # The agent alone stops (a restart): instances run on, the next agent adopts.
-            log.info("tasks: the agent stops; running instances go on")
-            sched.detach()
-            return
-        sched.drain(deadline, "the instance is being released (spot termination)"
-                    if releasing else "the system is shutting down")
+        sched.drain(deadline, "the instance is being released (spot termination)")
 
     def status(self) -> dict[str, Any]:
         sched = self.sched
         if sched is None:
             return {}
         return {"jobs_running": len(sched.active()), "parallel_limit": sched.limit}
-
-
-def system_stopping() -> bool:
-    """Whether systemd is taking the whole system down (not just restarting the agent)."""
-    from guestagent import process
-
-    if not process.systemd_running():
-        return False
-    res = process.run(["systemctl", "is-system-running"], timeout=10)
-    return res.text().strip() == "stopping"
 
 
 def factory(ctx: Context) -> Service | None:
