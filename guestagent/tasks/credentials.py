@@ -77,7 +77,9 @@ class Relay:
             res = process.run(["ip", "addr", "add", f"{TASK_ADDRESS}/32", "dev", self.bridge],
                               timeout=10)
             self._added_address = res.ok
-            if not res.ok and b"File exists" not in res.stderr:
+            # Already there: left by an agent killed with -9 (or another engine's relay).
+            if not res.ok and not any(m in res.stderr for m in (b"File exists",
+                                                                 b"already assigned")):
                 raise OSError(f"cannot add {TASK_ADDRESS} to {self.bridge}: "
                               f"{res.stderr.decode(errors='replace').strip()}")
         relay = self
