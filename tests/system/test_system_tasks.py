@@ -22,7 +22,14 @@ with open("/var/tmp/task-runs", "a") as runs:
     runs.write(str(os.getpid()) + "\\n")
 while not os.path.exists("/var/tmp/task-gate"):
     time.sleep(0.2)
-doc = json.loads(u.urlopen(os.environ["ALIBABA_CLOUD_CREDENTIALS_URI"]).read())
+# As an SDK would, retry while the new agent is still re-adopting this instance.
+for _ in range(120):
+    try:
+        doc = json.loads(u.urlopen(os.environ["ALIBABA_CLOUD_CREDENTIALS_URI"], timeout=5).read())
+        break
+    except OSError as exc:
+        print("not yet:", exc, flush=True)
+        time.sleep(0.5)
 print("credentials", doc["Code"])
 open("/var/tmp/task-out", "w").write("done\\n")
 """
