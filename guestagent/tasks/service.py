@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -132,6 +133,7 @@ def hand_to_daemon(settings: Settings, job_id: str, resume: bool) -> bool:
 
 class TasksService(Service):
     name = "tasks"
+    requires: tuple[str, ...] = ()
 
     def __init__(self, settings: Settings, ctx: Context | None = None) -> None:
         self.settings = settings
@@ -258,4 +260,9 @@ class TasksService(Service):
 def factory(ctx: Context) -> Service | None:
     if not ctx.settings.tasks.enabled:
         return None
-    return TasksService(ctx.settings, ctx)
+    service = TasksService(ctx.settings, ctx)
+    if ctx.settings.credentials.enabled and find_spec("guestagent.credentials.service"):
+        # Started once the credential service is ready: instances re-adopted at start get
+        # their credentials back, new ones get theirs.
+        service.requires = ("credentials",)
+    return service
