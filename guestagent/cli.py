@@ -27,6 +27,7 @@ COMMANDS = {
     "deprovision": "guestagent.images.cli",
     "image": "guestagent.images.cli",
     "storage": "guestagent.storage.cli",
+    "migrate": "guestagent.migrate.cli",
 }
 
 EXIT_OK, EXIT_ABSENT, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3

@@ -22,6 +22,7 @@ from guestagent.checks import check_url
 from guestagent.credentials.settings import CredentialSettings
 from guestagent.daemon.settings import DaemonSettings
 from guestagent.metadata.settings import MetadataSettings
+from guestagent.migrate.settings import MigrateSettings
 from guestagent.spot.settings import SpotSettings
 from guestagent.storage.settings import StorageSettings
 from guestagent.userdata.settings import UserdataSettings
@@ -52,6 +53,7 @@ class Settings:
     spot: SpotSettings = field(default_factory=SpotSettings)
     userdata: UserdataSettings = field(default_factory=UserdataSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
+    migrate: MigrateSettings = field(default_factory=MigrateSettings)
 
 
 def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:

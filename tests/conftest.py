@@ -25,14 +25,29 @@ class NetworkEscape(AssertionError):
     """A test tried to reach beyond loopback."""
 
 
+# A fixture that makes test hosts on this machine (network namespaces, see
+# guestagent/localcloud/hosts.py) lists their subnets here, comma-separated; nothing else
+# beyond loopback is ever allowed. Subprocesses read the same variable (guard/sitecustomize).
+ALLOW_ENV = "TESTGUARD_ALLOW_CIDRS"
+
+
+def _allowed_nets() -> list[Any]:
+    nets = []
+    for text in os.environ.get(ALLOW_ENV, "").split(","):
+        if text.strip():
+            nets.append(ipaddress.ip_network(text.strip(), strict=False))
+    return nets
+
+
 def _loopback(address: Any) -> bool:
     if not isinstance(address, tuple) or not address:
         return True  # AF_UNIX paths, netlink and friends stay on this machine
     host = str(address[0]).split("%", 1)[0]
     try:
-        return ipaddress.ip_address(host).is_loopback
+        ip = ipaddress.ip_address(host)
     except ValueError:
         return host == "localhost"
+    return ip.is_loopback or any(ip in net for net in _allowed_nets())
 
 
 @pytest.fixture(autouse=True)
@@ -61,6 +76,7 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(autouse=True)
 def _isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No test reads the machine's /etc/guestagent or inherits GUESTAGENT_* from the shell."""
+    monkeypatch.delenv(ALLOW_ENV, raising=False)
     for key in list(os.environ):
         if key.startswith("GUESTAGENT_"):
             monkeypatch.delenv(key)

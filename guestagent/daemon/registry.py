@@ -256,11 +256,20 @@ def _spot(ctx: Context) -> Service | None:
                        ctx.settings.daemon.error_log_period)
 
 
+def _migrate(ctx: Context) -> Service | None:
+    cls = _optional("guestagent.migrate.jobs", "MigrateService")
+    if cls is None:
+        return None
+    service: Service = cls(ctx.settings.migrate, ctx.state_dir / "migrate", ctx.config_path)
+    return service
+
+
 register(ServiceSpec("userdata", 10, _firstboot, ("userdata", "metadata")))
 register(ServiceSpec("metadata", 20, _metadata, ("metadata", "daemon")))
 register(ServiceSpec("credentials", 30, _credentials, ("credentials", "metadata")))
 # After credentials (rclone and uploads need them), drained before them: outputs flushed.
 register(ServiceSpec("storage", 40, _storage, ("storage", "credentials", "daemon"),
                      requires=("credentials",)))
+register(ServiceSpec("migrate", 70, _migrate, ("migrate",)))
 register(ServiceSpec("maintenance", 80, _maintenance, ("spot", "metadata")))
 register(ServiceSpec("spot", 90, _spot, ("spot", "metadata")))

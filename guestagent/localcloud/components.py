@@ -34,6 +34,7 @@ COMPONENTS: dict[str, str] = {
     "oss-rclone": "guestagent.localcloud.oss:RcloneOss",
     "docker": "guestagent.localcloud.dockerd:DockerComponent",
     "nas": "guestagent.localcloud.nas:NasComponent",
+    "ecs": "guestagent.localcloud.ecsapi.component:EcsComponent",
 }
 
 

@@ -254,3 +254,34 @@ def test_allow_users_alone_opens_the_socket_and_token_to_them(credential_service
     assert status in (0, 403) and "AccessKeyId" not in doc
     assert as_user(denied.pw_uid, denied.pw_gid, "tcp", tcp, "/v1/credentials/aws",
                    token)[0] == 403
+
+
+def test_extra_listener_for_task_consumers(credential_service):
+    """The task launcher's way in: one more listening socket, served like the others, and
+    consumers that admit peers by address (containers on a bridge have no uid here)."""
+    import http.client
+    import socket
+
+    from guestagent.credentials.consumers import Consumer
+    from guestagent.credentials.peers import Peer
+
+    svc = credential_service(scaled=False)
+    server = svc.service.server
+    extra = socket.socket()
+    extra.bind(("127.0.0.1", 0))
+    extra.listen(16)
+    try:
+        server.add_listener(extra, loopback_only=False)
+        minted = svc.service.mint("task-x", addresses=["127.0.0.1"])
+        conn = http.client.HTTPConnection(*extra.getsockname(), timeout=10)
+        conn.request("GET", f"{minted.path}/v1/credentials/aws",
+                     headers={"Authorization": minted.token})
+        resp = conn.getresponse()
+        assert resp.status == 200 and json.loads(resp.read())["AccessKeyId"]
+        conn.close()
+        server.remove_listener(extra)
+    finally:
+        extra.close()
+    consumer = Consumer("c", svc.service.rotator, addresses=frozenset({"172.17.0.2"}))
+    assert consumer.permits(Peer("172.17.0.2:40000", why="not a loopback address"))
+    assert not consumer.permits(Peer("172.17.0.3:40000", why="not a loopback address"))

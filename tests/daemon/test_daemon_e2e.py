@@ -34,7 +34,7 @@ def test_status_reports_services_in_start_order(agent_factory: Any) -> None:
     assert res.returncode == 0, res.stderr
     reply = json.loads(res.stdout)
     assert [s["name"] for s in reply["services"]] == [
-        "metadata", "first", "second", "maintenance", "spot"]
+        "metadata", "first", "second", "migrate", "maintenance", "spot"]
     assert reply["healthy"] and reply["phase"] == "running"
     assert reply["spot"]["state"] == "watching"
     assert reply["credentials"] == {"state": "disabled"}
@@ -153,7 +153,7 @@ def test_sd_notify_ready_watchdog_stopping(agent_factory: Any, tmp_path: Path) -
     agent = agent_factory(env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "200000"})
     got: list[str] = []
     wait_for(lambda: got.append(sock.recv(4096).decode()) or "WATCHDOG=1" in got)
-    assert got[0].startswith("READY=1\nSTATUS=running: 3 services")
+    assert got[0].startswith("READY=1\nSTATUS=running: 4 services")
     assert got.count("WATCHDOG=1") >= 1
     agent.send(signal.SIGTERM)
     wait_for(lambda: got.append(sock.recv(4096).decode()) or

@@ -1,0 +1,64 @@
+"""`migrate start`: the run handed to the daemon's migrate service, which outlives the
+user's session; an agent restart in the middle adopts the running migration."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from mig_fixtures import Cloud, make_config, migrate_env
+from polling import wait_for
+
+from guestagent.migrate.jobs import MigrateService, read_job
+from guestagent.migrate.settings import MigrateSettings
+
+
+def _start_service(jobs: Path) -> tuple[MigrateService, threading.Event, threading.Thread]:
+    service = MigrateService(MigrateSettings(job_poll_interval=0.1), jobs)
+    stop = threading.Event()
+    thread = threading.Thread(target=service.run, args=(stop,), daemon=True)
+    thread.start()
+    return service, stop, thread
+
+
+@pytest.mark.slow
+def test_start_hands_the_run_to_the_daemon_which_survives_a_restart(
+        ecs: Cloud, small_server: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = make_config(tmp_path, bandwidth_limit=20000)
+    state_dir = tmp_path / "state"
+    env = migrate_env(ecs, GUESTAGENT_DAEMON_STATE_DIR=str(state_dir))
+    out = subprocess.run([sys.executable, "-m", "guestagent", "migrate", "start", "--config",
+                          str(config), "--root", str(small_server)], capture_output=True, text=True,
+                         timeout=120, env=env, check=False)
+    assert out.returncode == 0, out.stderr
+    jobs = state_dir / "migrate"
+    assert read_job(jobs)["state"] == "queued"  # type: ignore[index]
+    for key, value in migrate_env(ecs).items():
+        monkeypatch.setenv(key, value)
+
+    _service, stop, thread = _start_service(jobs)
+    wait_for(lambda: (read_job(jobs) or {}).get("state") == "running", timeout=60)
+    pid = read_job(jobs)["pid"]  # type: ignore[index]
+    wait_for(lambda: (config.parent / "client_data").exists(), timeout=120)
+    # The agent restarts while the migration runs: the child is not the agent's to end.
+    stop.set()
+    thread.join(30)
+    service2, stop2, thread2 = _start_service(jobs)
+    try:
+        wait_for(lambda: (read_job(jobs) or {}).get("state") in ("finished", "not finished"),
+                 timeout=900, step=0.5)
+        status = subprocess.run([sys.executable, "-m", "guestagent", "migrate", "status",
+                                 "--config", str(config), "--json"], capture_output=True,
+                                text=True, timeout=60, env=env, check=False)
+        state = json.loads(status.stdout)
+        assert state["result"] == "finished", state
+        assert ecs.api.calls.count("CreateInstance") == 1
+        assert read_job(jobs)["state"] == "finished"  # type: ignore[index]
+        assert pid != 0 and service2.status()["state"] == "finished"
+    finally:
+        stop2.set()
+        thread2.join(30)
