@@ -129,7 +129,7 @@ def boot_figures(work: Path, runs: int) -> None:
                     sp = dict(ln.split("=", 1) for ln in sysd.split())
                     systemd_up.append(ms(sp, "UserspaceTimestampMonotonic",
                                          "FinishTimestampMonotonic"))
-                    fb = guest.show("guestagent-firstboot.service",
+                    fb = guest.show("guestagent-firstboot-local.service",
                                     "ExecMainStartTimestampMonotonic",
                                     "ExecMainExitTimestampMonotonic")
                     apply_ms.append(ms(fb, "ExecMainStartTimestampMonotonic",
@@ -143,7 +143,7 @@ def boot_figures(work: Path, runs: int) -> None:
     print(f"boot: systemd-nspawn start -> guestagent.service active: median {med(boot):.0f} ms"
           f" (max {max(boot):.0f}, n={runs})   peer: systemd start-up to finished in the same"
           f" guest {med(systemd_up):.0f} ms")
-    print(f"first-boot apply in the guest (DNS+NTP+repo+sudo account, firstboot unit run): "
+    print(f"first-boot apply in the guest (DNS+NTP+repo+sudo account, local stage unit run): "
           f"median {med(apply_ms):.0f} ms (max {max(apply_ms):.0f})")
     print(f"agent RSS in the guest: median {med(rss):.1f} MB (max {max(rss):.1f})   peer: "
           f"systemd-journald {med(journald):.1f} MB; target <= 35 MB")

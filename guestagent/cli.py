@@ -21,12 +21,13 @@ COMMANDS = {
     "credentials": "guestagent.credentials.cli",
     "run": "guestagent.daemon.cli",
     "status": "guestagent.daemon.cli",
-    "demo": "guestagent.daemon.demo",
+    "demo": "guestagent.demo",
     "userdata": "guestagent.userdata.cli",
     "config": "guestagent.configcli",
     "deprovision": "guestagent.images.cli",
     "image": "guestagent.images.cli",
     "storage": "guestagent.storage.cli",
+    "tasks": "guestagent.tasks.cli",
     "migrate": "guestagent.migrate.cli",
 }
 

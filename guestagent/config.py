@@ -25,6 +25,7 @@ from guestagent.metadata.settings import MetadataSettings
 from guestagent.migrate.settings import MigrateSettings
 from guestagent.spot.settings import SpotSettings
 from guestagent.storage.settings import StorageSettings
+from guestagent.tasks.settings import TasksSettings
 from guestagent.userdata.settings import UserdataSettings
 
 DEFAULT_PATH = Path("/etc/guestagent/agent.toml")
@@ -53,6 +54,7 @@ class Settings:
     spot: SpotSettings = field(default_factory=SpotSettings)
     userdata: UserdataSettings = field(default_factory=UserdataSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
+    tasks: TasksSettings = field(default_factory=TasksSettings)
     migrate: MigrateSettings = field(default_factory=MigrateSettings)
 
 
@@ -187,27 +189,27 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
         return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if base is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if base is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if base is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if base is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    if base is Path:
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{where}: expected a path string, got {value!r}")
-        return Path(value)
-    raise ConfigError(f"{where}: unsupported setting type {base!r}")  # pragma: no cover
+    scalar = _SCALARS.get(base)
+    if scalar is None:  # pragma: no cover - a section declared a type this loader lacks
+        raise ConfigError(f"{where}: unsupported setting type {base!r}")
+    accepts, convert, want = scalar
+    if not accepts(value):
+        raise ConfigError(f"{where}: expected {want}, got {value!r}")
+    return convert(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# type -> (accepts the TOML value?, conversion, what the message asks for)
+_SCALARS: dict[Any, tuple[Any, Any, str]] = {
+    bool: (lambda v: isinstance(v, bool), lambda v: v, "true or false"),
+    int: (_is_int, lambda v: v, "an integer"),
+    float: (lambda v: _is_int(v) or isinstance(v, float), float, "a number"),
+    str: (lambda v: isinstance(v, str), lambda v: v, "a string"),
+    Path: (lambda v: isinstance(v, str) and bool(v), Path, "a path string"),
+}
 
 
 def is_secret(cls: type, name: str) -> bool:

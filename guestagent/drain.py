@@ -225,8 +225,10 @@ class Drain:
             attempt = int(flight.get("attempt", 0)) + 1 if flight.get("name") == hook.name else 1
             self._set(running_hook={"name": hook.name, "attempt": attempt})
             self._save()
+            # A hook dies with the agent: after a restart it is run again, never twice at once.
             result = run_hook(hook, {**env, ATTEMPT_ENV: str(attempt)},
-                              min(req.hook_timeout, remaining), "drain hook", group=HOOK_GROUP)
+                              min(req.hook_timeout, remaining), "drain hook", group=HOOK_GROUP,
+                              die_with_parent=True)
             self._hook_done(result, attempt)
         bad = [h["name"] for h in self.report["hooks"] if not h.get("ok")]
         return f"hooks failed: {', '.join(bad)}" if bad else None
@@ -271,7 +273,10 @@ class Drain:
             return json.loads(json.dumps(self.report))  # type: ignore[no-any-return]
 
     def _save(self) -> None:
-        try:
-            atomic_write(self.path, json.dumps(self.snapshot(), indent=2) + "\n", mode=0o644)
-        except OSError as exc:
-            log.error("cannot record drain progress in %s: %s", self.path, exc)
+        # Under the lock: a late service drain saving an older snapshot must never land
+        # after the final one.
+        with self._lock:
+            try:
+                atomic_write(self.path, json.dumps(self.report, indent=2) + "\n", mode=0o644)
+            except OSError as exc:
+                log.error("cannot record drain progress in %s: %s", self.path, exc)

@@ -21,13 +21,16 @@ def atomic_write(
     gid: int | None = None,
     backup_suffix: str | None = None,
     make_parents: bool = True,
+    durable: bool = True,
 ) -> Path:
     """Write ``data`` to ``path`` atomically.
 
     The temporary file is created in the same directory (so the rename is atomic), gets
     ``mode`` and ownership *before* any byte is written (so a secret is never briefly
     world-readable), is fsynced, then renamed over the target. With ``backup_suffix`` the
-    previous content is kept beside it as ``path + backup_suffix``.
+    previous content is kept beside it as ``path + backup_suffix``. ``durable=False`` skips
+    the fsyncs (still atomic, not power-cut safe): for frequent progress notes whose loss
+    costs nothing, where an fsync would also flush whatever else the disk is writing.
     """
     target = Path(path)
     if make_parents:
@@ -41,7 +44,8 @@ def atomic_write(
         with os.fdopen(fd, "wb") as fh:
             fh.write(payload)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         if backup_suffix and target.exists():
             shutil.copy2(target, str(target) + backup_suffix)
         os.replace(tmp, target)
@@ -49,7 +53,8 @@ def atomic_write(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(target.parent)
+    if durable:
+        _fsync_dir(target.parent)
     return target
 
 

@@ -81,13 +81,15 @@ def hook_env(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def run_hook(hook: Path, env: Mapping[str, str], limit: float, kind: str = "hook", *,
-             group: str | None = None) -> HookResult:
+             group: str | None = None, die_with_parent: bool = False) -> HookResult:
     """Run one hook (``env`` complete, see :func:`hook_env`) for at most ``limit`` seconds.
-    ``group`` tags its process so that only this group's hooks can be ended early."""
+    ``group`` tags its process so that only this group's hooks can be ended early;
+    ``die_with_parent``: it does not outlive the agent."""
     log.info("running %s %s (timeout %.1fs)", kind, hook.name, limit)
     began = time.monotonic()
     try:
-        res = process.run([str(hook)], timeout=limit, env=env, cwd="/", group=group)
+        res = process.run([str(hook)], timeout=limit, env=env, cwd="/", group=group,
+                          die_with_parent=die_with_parent)
     except process.ProcessError as exc:
         log.error("%s %s could not start: %s", kind, hook.name, exc)
         return HookResult(hook.name, None, time.monotonic() - began, error=str(exc))

@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +75,54 @@ _live_lock = threading.Lock()
 # Tags of finished children per group: what they left behind is ended with the group.
 _past: dict[str, list[str]] = {}
 MAX_PAST = 500
-_state = {"subreaper": False}
+_state: dict[str, Any] = {"subreaper": False, "owner": ""}
 
 
 def _new_tag() -> str:
-    return f"{os.getpid()}.{next(_serial)}"
+    return f"{_state['owner']}|{os.getpid()}.{next(_serial)}"
+
+
+def set_owner(owner: str) -> None:
+    """Name the agent instance (its state directory) in every child's tag, so that the next
+    instance can find what a killed one left running (:func:`end_orphans`)."""
+    _state["owner"] = owner.replace("|", "/")
+
+
+def end_orphans() -> int:
+    """Kill children of a previous agent instance with the same owner that died with their
+    parent gone (kill -9, a crash): their output had no reader left and their work is run
+    again. Only processes tagged with this owner are looked at, so another agent's children
+    are never touched. Returns how many were killed."""
+    import psutil
+
+    owner = _state["owner"]
+    if not owner:
+        return 0
+    killed = 0
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError, ValueError):
+            tag = proc.environ().get(TAG_ENV, "")
+            tag_owner, _, rest = tag.rpartition("|")
+            if tag_owner != owner:
+                continue
+            agent = int(rest.split(".", 1)[0])
+            if agent == os.getpid() or _alive_since(agent, proc.create_time()):
+                continue
+            proc.kill()
+            killed += 1
+    if killed:
+        log.warning("killed %d process(es) left running by a previous agent", killed)
+    return killed
+
+
+def _alive_since(pid: int, before: float) -> bool:
+    """Whether ``pid`` is a process that already existed at time ``before`` (not a reuse)."""
+    import psutil
+
+    try:
+        return bool(psutil.Process(pid).create_time() <= before)
+    except psutil.Error:
+        return False
 
 
 def _track(entry: _Entry) -> None:
@@ -133,7 +177,7 @@ def _tagged(tags: set[str]) -> list[int]:
 
 
 def _subreaper_on() -> bool:
-    return _state["subreaper"]
+    return bool(_state["subreaper"])
 
 
 def _kill_tree(leader: int, tag: str, sig: int = signal.SIGKILL) -> int:
@@ -142,7 +186,8 @@ def _kill_tree(leader: int, tag: str, sig: int = signal.SIGKILL) -> int:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(leader, sig)
     escaped = 0
-    for pid in _tagged({tag}):
+    # An untagged child (survive_agent) has no descendants we could tell from others.
+    for pid in _tagged({tag}) if tag else []:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             if os.getpgid(pid) != leader:
                 escaped += 1
@@ -189,17 +234,32 @@ def reap_adopted() -> int:
 
 # -- between fork and exec --------------------------------------------------------------
 
+def _own_oom_adj() -> int:
+    try:
+        with open("/proc/self/oom_score_adj") as fh:
+            return int(fh.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
 def _preexec(memory_limit: int | None, die_with_parent: bool) -> Callable[[], None] | None:
-    """What the child does between fork and exec (nothing that allocates or locks).
+    """What the child does between fork and exec (system calls only, nothing that locks).
 
     ``die_with_parent``: PR_SET_PDEATHSIG, the kernel kills the child when the thread that
-    forked it ends, which for :func:`run` (it waits) is when the agent dies."""
-    if memory_limit is None and not die_with_parent:
+    forked it ends, which for :func:`run` (it waits) is when the agent dies. A negative
+    OOM score adjustment (the agent's unit sets one for the agent alone) is reset to 0:
+    hooks and user-data are ordinary work, first in line for the OOM killer like any."""
+    reset_oom = _own_oom_adj() < 0
+    if memory_limit is None and not die_with_parent and not reset_oom:
         return None
     prctl = ctypes.CDLL(None, use_errno=True).prctl if die_with_parent else None
     parent = os.getpid()
 
     def apply() -> None:
+        if reset_oom:
+            fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+            os.write(fd, b"0")
+            os.close(fd)
         if memory_limit is not None:
             resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
         if prctl is not None:
@@ -208,6 +268,10 @@ def _preexec(memory_limit: int | None, die_with_parent: bool) -> Callable[[], No
                 os._exit(1)
 
     return apply
+
+
+def _untagged(env: Mapping[str, str] | None) -> dict[str, str]:
+    return {k: v for k, v in (os.environ if env is None else env).items() if k != TAG_ENV}
 
 
 def _child_env(env: Mapping[str, str] | None, tag: str) -> dict[str, str]:
@@ -386,14 +450,13 @@ class Child:
             os.killpg(self._proc.pid, sig)
 
     def stop(self, grace: float = 5.0) -> int | None:
+        """SIGTERM to the group, ``grace`` seconds, then SIGKILL to the group and to every
+        descendant still running (escaped ones included)."""
         if self._proc.poll() is None:
             self.signal(signal.SIGTERM)
-            if self.wait(grace) is None:
-                _kill_tree(self._proc.pid, self.tag)
-                self.wait(grace)
-        else:
-            # The leader is gone; members of its group, or escaped ones, may not be.
-            _kill_tree(self._proc.pid, self.tag)
+            self.wait(grace)
+        _kill_tree(self._proc.pid, self.tag)
+        self.wait(grace)
         _untrack(self.tag)
         return self._proc.returncode
 
@@ -407,32 +470,43 @@ def spawn(
     log_path: str | os.PathLike[str] | None = None,
     stdin: bytes | None = None,
     group: str | None = None,
+    survive_agent: bool = False,
+    stderr_path: str | os.PathLike[str] | None = None,
 ) -> Child:
     """Start ``argv`` in the background in its own process group.
 
     Output goes to ``log_path`` (appended) or is discarded: never to a pipe that nobody
-    reads. The caller ends it with :meth:`Child.stop`. It dies with the agent's cgroup
-    under systemd; work that must outlive an agent restart is not for this function.
+    reads; with ``stderr_path`` the error stream goes there instead (a task's two logs).
+    The caller ends it with :meth:`Child.stop`. Under systemd it dies with the
+    agent's cgroup: work that must outlive an agent restart goes through
+    :func:`guestagent.detached.start` (a transient unit there). ``survive_agent`` (used by
+    that module without systemd) leaves it untagged and untracked, so nothing of the agent
+    ends it as a leftover.
     """
     args = tuple(str(a) for a in argv)
-    tag = _new_tag()
+    tag = "" if survive_agent else _new_tag()
     out = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
+    err = open(stderr_path, "ab") if stderr_path is not None else None  # noqa: SIM115
     try:
         proc = subprocess.Popen(
             args,
             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
             stdout=out,
-            stderr=subprocess.STDOUT,
-            env=_child_env(env, tag),
+            stderr=err if err is not None else subprocess.STDOUT,
+            env=_child_env(env, tag) if tag else _untagged(env),
             cwd=cwd,
             start_new_session=True,
+            preexec_fn=_preexec(None, False),  # noqa: PLW1509 - see _preexec
         )
     except OSError as exc:
         raise ProcessError(f"cannot start {args[0]}: {exc.strerror or exc}") from exc
     finally:
         if log_path is not None:
             out.close()  # type: ignore[union-attr]
-    _track(_Entry(tag, proc.pid, group))
+        if err is not None:
+            err.close()
+    if tag:
+        _track(_Entry(tag, proc.pid, group))
     if stdin is not None and proc.stdin is not None:
         with contextlib.suppress(BrokenPipeError):
             proc.stdin.write(stdin)

@@ -105,7 +105,8 @@ def test_capabilities_do_not_import_the_daemon() -> None:
     # Only the daemon's registry names capabilities; no capability reaches back up (the
     # service contract, drain and throttle live below both). config gathers every section.
     edges = graph()
-    top = ("guestagent.daemon", "guestagent.cli", "guestagent.localcloud", "guestagent.config")
+    top = ("guestagent.daemon", "guestagent.cli", "guestagent.localcloud", "guestagent.config",
+           "guestagent.demo")
     up = {m: sorted(d for d in deps if d.startswith("guestagent.daemon"))
           for m, deps in edges.items() if not m.startswith(top)}
     assert {m: d for m, d in up.items() if d} == {}

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 MAX_HEAD = 8192
 MAX_BUFFER = 65536
+_SPACE = (0x20, 0x09)
 LINGER = 2.0  # seconds an error-closed connection is drained before it is dropped
 _REASONS = {
     200: b"OK",
@@ -344,10 +345,11 @@ def parse_head(head: bytes) -> tuple[Request, int] | None:
     method, target, version = parts
     headers: dict[bytes, bytes] = {}
     for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip():
-            return None  # no whitespace before the colon (request smuggling)
-        headers[name.lower()] = value.strip()
+        i = line.find(b":")
+        # No empty name, no whitespace around it (obs-fold, request smuggling).
+        if i <= 0 or line[i - 1] in _SPACE or line[0] in _SPACE:
+            return None
+        headers[line[:i].lower()] = line[i + 1 :].strip()
     conn = headers.get(b"connection", b"").lower()
     close = conn == b"close" if version == b"HTTP/1.1" else conn != b"keep-alive"
     if b"transfer-encoding" in headers:

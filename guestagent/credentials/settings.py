@@ -82,8 +82,11 @@ class CredentialSettings:
         return self.token_file or self.socket_path.parent / "credentials.token"
 
     def validate(self) -> None:
-        if self.role and not _NAME.match(self.role):
-            raise ValueError(f"role: not a RAM role name: {self.role!r}")
+        self._check_timing()
+        self._check_listeners()
+        self._check_names()
+
+    def _check_timing(self) -> None:
         for name in ("advisory_window", "mandatory_window", "safety_margin", "request_wait"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
@@ -103,6 +106,8 @@ class CredentialSettings:
             )
         if not 0 <= self.jitter < 1:
             raise ValueError(f"jitter: must be in [0, 1), got {self.jitter}")
+
+    def _check_listeners(self) -> None:
         if not 0 <= self.socket_mode <= 0o777:
             raise ValueError(f"socket_mode: want a mode like 0o660, got {self.socket_mode:o}")
         if self.socket_mode & 0o007:
@@ -111,6 +116,10 @@ class CredentialSettings:
             raise ValueError(f"tcp_port: must be 0..65535 (0: any free port), got {self.tcp_port}")
         if self.tcp_enabled and not _is_loopback(self.tcp_host):
             raise ValueError(f"tcp_host: must be a loopback address, got {self.tcp_host!r}")
+
+    def _check_names(self) -> None:
+        if self.role and not _NAME.match(self.role):
+            raise ValueError(f"role: not a RAM role name: {self.role!r}")
         if self.path_secret and not re.fullmatch(r"[A-Za-z0-9_-]{16,}", self.path_secret):
             raise ValueError("path_secret: want at least 16 characters of [A-Za-z0-9_-]")
         if not _NAME.match(self.profile_name):

@@ -39,6 +39,10 @@ IDLE_TICK = 30.0  # main-loop wake-up when nothing asks for one (cheap: one sele
 DRAIN_TICK = 0.1
 HOOK_KILL_SLACK = 0.2  # process.run's own timeout normally fires first
 KILL_GRACE = 1.0  # after killing an overrunning hook, time left to the drain to wind down
+# Past its deadline the drain only skips and records (hooks killed, service drains not
+# waited for): it ends in milliseconds, but a loaded machine may take longer to schedule
+# it. Waiting this long at most keeps its report whole, well inside TimeoutStopSec.
+WIND_DOWN = 5.0
 
 
 class _Waker:
@@ -99,6 +103,8 @@ class Daemon:
         server: control.ControlServer | None = None
         try:
             process.become_subreaper()
+            process.set_owner(str(d.state_dir.resolve()))
+            process.end_orphans()
             self.client = MetadataClient(self.settings.metadata)
             self.ctx = Context(self.settings, self.client, self._on_drain_request,
                                config_path=self.config_path, inline_oneshots=False,
@@ -249,8 +255,9 @@ class Daemon:
         if drain is None or drain.step != "hooks" or now < drain.hooks_deadline + HOOK_KILL_SLACK:
             return
         killed = drain.end_hooks()
-        if killed:
-            log.error("killed %d drain hook process(es) at the hooks deadline", killed)
+        more = self._throttle.suffix("hooks deadline") if killed else None
+        if more is not None:  # checked ten times a second: say it once
+            log.error("killed %d drain hook process(es) at the hooks deadline%s", killed, more)
 
     def _abandon_drain(self) -> int:
         """The drain overran its (shortened) deadline: kill its hooks and go."""
@@ -259,7 +266,7 @@ class Daemon:
         if killed:
             log.error("killed %d overrunning drain hook process(es) at the stop deadline",
                       killed)
-        self._drain_thread.join(KILL_GRACE)
+        self._drain_thread.join(WIND_DOWN)
         return self._finish_after_drain()
 
     def _finish_after_drain(self) -> int:

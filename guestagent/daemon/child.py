@@ -40,7 +40,23 @@ class ChildOneshot(Service):
 
     def run(self, stop: threading.Event) -> None:
         env = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
-        res = process.run(self.argv, timeout=self.timeout, env=env)
+        group = f"oneshot:{self.name}"
+        done: list[process.Result] = []
+        worker = threading.Thread(
+            target=lambda: done.append(process.run(self.argv, timeout=self.timeout, env=env,
+                                                   group=group)),
+            name=f"{self.name}-child", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            if self.wait(stop, 0.5):  # the daemon stops: so does the child, now
+                process.end_group(group)
+                worker.join()
+                log.warning("%s interrupted by the daemon's stop; it runs again next start",
+                            self.name)
+                return
+        if not done:
+            raise RuntimeError(f"{self.name}: the child could not be started")
+        res = done[0]
         for line in res.stderr.decode(errors="replace").splitlines():
             log.info("%s: %s", self.name, line)
         self.returncode, self.seconds = res.returncode, res.seconds

@@ -256,6 +256,14 @@ def _spot(ctx: Context) -> Service | None:
                        ctx.settings.daemon.error_log_period)
 
 
+def _tasks(ctx: Context) -> Service | None:
+    factory = _optional("guestagent.tasks.service", "factory")
+    if factory is None:
+        return None
+    service: Service | None = factory(ctx)
+    return service
+
+
 def _migrate(ctx: Context) -> Service | None:
     cls = _optional("guestagent.migrate.jobs", "MigrateService")
     if cls is None:
@@ -270,6 +278,7 @@ register(ServiceSpec("credentials", 30, _credentials, ("credentials", "metadata"
 # After credentials (rclone and uploads need them), drained before them: outputs flushed.
 register(ServiceSpec("storage", 40, _storage, ("storage", "credentials", "daemon"),
                      requires=("credentials",)))
+register(ServiceSpec("tasks", 70, _tasks, ("tasks", "daemon")))
 register(ServiceSpec("migrate", 70, _migrate, ("migrate",)))
 register(ServiceSpec("maintenance", 80, _maintenance, ("spot", "metadata")))
 register(ServiceSpec("spot", 90, _spot, ("spot", "metadata")))

@@ -265,8 +265,8 @@ class Supervisor:
                 on_step(slot.service.name, time.monotonic() - began, error)
 
         def wanted(slot: _Slot) -> bool:
-            return not (slot.state in (STOPPED, DONE)
-                        and type(slot.service).drain is Service.drain)
+            # A service with nothing to drain (the default no-op) is not asked.
+            return type(slot.service).drain is not Service.drain
 
         busy = self._in_waves(one, deadline, wanted)
         if busy:

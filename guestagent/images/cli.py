@@ -37,6 +37,11 @@ def register(subparsers: Any) -> None:
     b.add_argument("--keep-tree", metavar="DIR",
                    help="also leave the finished tree in DIR (for systemd-nspawn -D)")
     b.set_defaults(handler=_build)
+    demo = sub.add_parser("demo", help="boot the baked agent under systemd-nspawn on the "
+                          "local cloud: first boot, credentials, spot poweroff")
+    demo.add_argument("--cache", default="/var/cache/guestagent-image",
+                      help="where the debootstrap tree and wheels are cached")
+    demo.set_defaults(handler=_demo)
 
 
 def _settings_for(root: Path) -> Any:
@@ -111,3 +116,24 @@ def _build(args: argparse.Namespace) -> int:
     for key, value in report.items():
         print(f"{key}: {value}")
     return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from guestagent.images import demo
+    from guestagent.userdata.cli import combine, render_template
+
+    why = demo.unsupported()
+    if why:
+        return fail(EXIT_USAGE, f"image demo: cannot boot systemd in a container here: {why}")
+    key = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    parts = [
+        render_template("dns", {"nameservers": "10.0.0.2"}, "cloud-config"),
+        render_template("ntp", {"servers": "ntp1.aliyun.com"}, "cloud-config"),
+        render_template("sudo-account", {"user": "ops", "ssh_keys": key}, "cloud-config"),
+    ]
+    data = combine([(f"part{i}.yaml", p.encode()) for i, p in enumerate(parts)])
+    return demo.run_demo(Path(args.cache), data)

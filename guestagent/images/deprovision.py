@@ -90,7 +90,7 @@ def check_root(root: Path) -> None:
                       "give --root the directory the image's / is mounted on")
 
 
-def plan(root: Path, *, users: bool, state_dir: str, run_dir: str,
+def plan(root: Path, *, users: bool, state_dir: str, run_dir: str,  # noqa: C901 - to split (owner)
          credential_files: Iterable[str]) -> Plan:
     """Everything of one instance found under ``root`` (guest paths are absolute)."""
     check_root(root)

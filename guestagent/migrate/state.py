@@ -53,11 +53,14 @@ class State:
         known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__ and k != "path"}
         return cls(path, **known)
 
-    def save(self) -> None:
+    def save(self, durable: bool = True) -> None:
+        """``durable=False`` for progress notes only (``status`` reads them; resuming
+        never depends on them)."""
         self.updated_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.pid = os.getpid()
         data = {k: v for k, v in asdict(self).items() if k != "path"}
-        atomic_write(self.path, json.dumps(data, indent=2, sort_keys=True) + "\n", mode=0o600)
+        atomic_write(self.path, json.dumps(data, indent=2, sort_keys=True) + "\n", mode=0o600,
+                     durable=durable)
 
     def mark_done(self, step: str) -> None:
         if step not in self.done:

@@ -29,6 +29,7 @@ from guestagent.migrate.userconfig import UserConfig, in_root
 log = logging.getLogger(__name__)
 
 INSTANCE_NAME = "INSTANCE_FOR_GOTOALIYUN"
+PROGRESS_EVERY = 2.0  # seconds between progress notes in client_data (for `migrate status`)
 FINISHED, NOT_FINISHED = "Goto Aliyun Finished!", "Goto Aliyun Not Finished!"
 
 
@@ -232,8 +233,10 @@ class Migration:
             self.dir / "client_keys" / f"excludes-{name.replace(':', '-')}.txt", rules)
         source = self.root if src_path == "/" else in_root(self.root, src_path)
         session = self.open_session()
+        sparse = transfer.has_sparse(source, [*transfer.DEFAULT_EXCLUDES, *data_paths]
+                                     if src_path == "/" else [])
         argv = transfer.rsync_argv(source, session.target(dest), excludes,
-                                   self.config.bandwidth_limit)
+                                   self.config.bandwidth_limit, sparse=sparse)
         retries = self.settings.transfer_retries
         for attempt in range(retries + 1):
             transfer.stop_stale(self.state.rsync_pid)
@@ -254,7 +257,7 @@ class Migration:
             self.sleep(delay)
             self.session = None  # a fresh login (and key) for the next attempt
             argv = transfer.rsync_argv(source, self.open_session().target(dest), excludes,
-                                       self.config.bandwidth_limit)
+                                       self.config.bandwidth_limit, sparse=sparse)
 
     def _raise_if_final(self, name: str, outcome: transfer.Outcome, attempt: int,
                         retries: int) -> None:
@@ -278,9 +281,10 @@ class Migration:
         self.state.progress = {"step": name, "bytes": p.bytes, "percent": p.percent,
                                "rate": p.rate, "eta": p.eta}
         now = time.monotonic()
-        if now - self._last_save >= 1.0:
+        if now - self._last_save >= PROGRESS_EVERY:
             self._last_save = now
-            self.state.save()
+            # No fsync: it would make ext4 flush the data rsync is writing on the same disk.
+            self.state.save(durable=False)
         self._draw(p)
 
     def _draw(self, p: transfer.Progress) -> None:

@@ -83,8 +83,28 @@ def ssh_command(target: Target) -> str:
     return " ".join(["ssh", *opts])
 
 
-def rsync_argv(source: Path, target: Target, excludes: Path, bwlimit: int) -> list[str]:
-    argv = ["rsync", "-aHAXS", "--numeric-ids", "--delete", f"--partial-dir={PARTIAL_DIR}",
+def has_sparse(source: Path, skip: list[str]) -> bool:
+    """Whether any file under ``source`` has holes (fewer blocks than its size needs).
+
+    rsync's ``--sparse`` writes in 1 KB pieces on the receiver, which costs a tree without
+    holes ~20 % of throughput; it is asked for only when a hole is there to keep. ``skip``:
+    top-level paths (``/proc``, ...) not to walk.
+    """
+    pruned = {os.path.normpath(os.path.join(source, p.strip("/*"))) for p in skip}
+    for dirpath, dirnames, filenames in os.walk(source):
+        dirnames[:] = [d for d in dirnames if os.path.join(dirpath, d) not in pruned]
+        for name in filenames:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(dirpath, name))
+                if st.st_size > 65536 and st.st_blocks * 512 + 65536 < st.st_size:
+                    return True
+    return False
+
+
+def rsync_argv(source: Path, target: Target, excludes: Path, bwlimit: int,
+               *, sparse: bool = True) -> list[str]:
+    argv = ["rsync", "-aHAXS" if sparse else "-aHAX", "--numeric-ids", "--delete",
+            f"--partial-dir={PARTIAL_DIR}",
             "--info=progress2", "--stats", "--no-human-readable", "--timeout=120",
             f"--exclude-from={excludes}", "-e", ssh_command(target)]
     if bwlimit > 0:

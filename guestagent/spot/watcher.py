@@ -115,13 +115,13 @@ class SpotWatcher(Service):
                 self._failing = False
             if when is None:
                 if self.notice is not None:
-                    log.warning("spot notice for %s was withdrawn; the drain already began",
-                                self.notice.key)
+                    self._warn_once(f"spot notice for {self.notice.key} was withdrawn; "
+                                    "the drain already began")
                 return None
             if self.notice is not None:
                 if iso(when) != self.notice.key:
-                    log.warning("spot termination time moved to %s (draining for %s)",
-                                iso(when), self.notice.key)
+                    self._warn_once(f"spot termination time moved to {iso(when)} "
+                                    f"(draining for {self.notice.key})")
                 return None
             notice = Notice(when, datetime.now(UTC), time.monotonic())
             self.notice = notice
@@ -131,6 +131,12 @@ class SpotWatcher(Service):
         log.warning("spot termination notice: the instance is released at %s", notice.key)
         self.request_drain(drain_request(notice, self.settings))
         return notice
+
+    def _warn_once(self, message: str) -> None:
+        """The same warning at most once per period (the poll repeats every second)."""
+        more = self._throttle.suffix(message)
+        if more is not None:
+            log.warning("%s%s", message, more)
 
     def _error(self, message: str) -> None:
         with self._lock:

@@ -171,7 +171,8 @@ class Storage:
         self._transfers().upload_file(source, target)
         return target
 
-    def mount(self, source_url: str | OssUrl, dest: Path, write: bool = False) -> MountHandle:
+    def mount(self, source_url: str | OssUrl, dest: Path, write: bool = False, *,
+              origin: str = "task") -> MountHandle:
         """A read-only, supervised mount of an OSS directory at ``dest``."""
         if write:
             raise BadInput(f"mount {source_url}: writable OSS mounts are not supported; "
@@ -181,7 +182,7 @@ class Storage:
         remote = self.rclone_remote()
         if self.options is None:
             raise StorageError("OSS mounts are not configured in this agent")
-        self.mounts.add(Mount(source, path, remote, self.options, origin="task"))
+        self.mounts.add(Mount(source, path, remote, self.options, origin=origin))
         return MountHandle(source, path, self.mounts)
 
     def rclone_remote(self) -> RcloneRemote:
@@ -251,6 +252,8 @@ def rclone_remote(settings: Any, environ: Mapping[str, str]) -> RcloneRemote:
     url = f"http://{cs.tcp_host}:{cs.tcp_port}{prefix}/v1/credentials/aws"
     ep = endpoint.resolve(settings.storage, environ,
                           lambda: endpoint.from_instance(settings.metadata))
+    # The host endpoint's token file: rclone's SDK reads it itself, so the token is neither
+    # in argv nor in its environment.
     return RcloneRemote(endpoint=f"{ep.scheme}://{ep.netloc}", credentials_url=url,
                         region=ep.region, path_style=ep.path_style, token_file=cs.token_path,
                         rclone=settings.storage.rclone)

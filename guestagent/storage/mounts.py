@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 REMOTE = "GAOSS"  # rclone remote configured through RCLONE_CONFIG_GAOSS_* variables
 FUSE_CONF = Path("/etc/fuse.conf")
+HUNG_CHECKS = 3  # consecutive timed-out health checks before a hung mount is remade
 
 
 @dataclass(frozen=True)
@@ -244,6 +245,7 @@ class Mount:
         self.last_error = ""
         self.health = "new"
         self._probe = _Probe()
+        self._hung = 0
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -300,6 +302,8 @@ class Mount:
         if not result.ok:
             lines = result.stderr.decode(errors="replace").strip().splitlines()
             why = lines[-1] if lines else f"rclone exited {result.returncode}"
+            if result.timed_out:
+                why = f"no answer in {self.options.ready_timeout:g}s ({_short(why)})"
             raise StorageError(f"{self.source}: cannot list it for the mount: {_short(why)}")
 
     def start(self) -> None:
@@ -345,7 +349,14 @@ class Mount:
         """Remount if unhealthy; True if a remount was made."""
         with self._lock:
             if self.proc is None or self.check() == "ok":
+                self._hung = 0
                 return False
+            if self.health == "hung":
+                # A slow answer is not yet a dead mount: remount after several in a row.
+                self._hung += 1
+                if self._hung < HUNG_CHECKS:
+                    return False
+            self._hung = 0
             log.warning("mount %s at %s is %s: remounting", self.source, self.dest, self.health)
             self.proc.stop(2.0)
             try:

@@ -113,10 +113,7 @@ class StorageService(Service):
                 if isinstance(d.entry.source, NasSource):
                     self._nas(d)
                 else:
-                    self.storage.mount(d.entry.source, dest)
-                    for m in self.storage.mounts.mounts():
-                        if m.dest == dest:
-                            m.origin = "settings"
+                    self.storage.mount(d.entry.source, dest, origin="settings")
                 d.state, d.error, d.failures = "ok", "", 0
             except StorageError as exc:
                 d.failed(str(exc))
@@ -210,7 +207,7 @@ class StorageService(Service):
         return None
 
     def healthy(self) -> bool:
-        return all(d.state == "ok" for d in self.declared) and all(
+        return all(d.state != "error" for d in self.declared) and all(
             m.health in ("ok", "new") for m in self.storage.mounts.mounts())
 
 

@@ -215,7 +215,7 @@ def _validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _apply(args: argparse.Namespace) -> int:
+def _apply(args: argparse.Namespace) -> int:  # noqa: C901 - to split (owner)
     from guestagent.userdata.apply import Applier, Defaults
     from guestagent.userdata.service import fetch_waiting, state_dir_for
 

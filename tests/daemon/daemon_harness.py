@@ -26,6 +26,7 @@ def fast_config(url: str, workdir: Path) -> dict[str, dict[str, Any]]:
     # The real credential, first-boot and storage services are switched on by their tests.
     cfg["credentials"]["enabled"] = False
     cfg["userdata"] = {"enabled": False}
+    cfg["tasks"] = {"enabled": False}
     cfg["storage"] = {"enabled": False}  # tests/storage switch it on
     return cfg
 

@@ -34,12 +34,34 @@ def test_units_verify(tmp_path: Path) -> None:
     assert res.returncode == 0 and not problems, res.stderr
 
 
+def _settings(text: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            key, value = line.split("=", 1)
+            out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
 def test_service_unit_contract() -> None:
     text = (UNITS / "guestagent.service").read_text()
     for line in ("Type=notify", "Restart=on-failure", "WatchdogSec=", f"ExecStart={BINARY} run",
                  "ExecReload=/bin/kill -HUP $MAINPID", "KillMode=mixed"):
         assert line in text
-    assert "After=network-online.target guestagent-firstboot-local.service" in text
+    settings = _settings(text)
+    # Nothing that gives it a private mount namespace (its mounts must be the system's),
+    # nor restrictions its hooks would inherit.
+    private = [k for k in settings if k.startswith(("Private", "Protect", "ReadOnly",
+                                                    "ReadWrite", "Inaccessible", "Restrict",
+                                                    "SystemCall", "NoNewPrivileges",
+                                                    "TemporaryFileSystem", "BindPaths"))]
+    assert private == []
+    after = " ".join(settings["After"]).split()
+    for unit in ("network-online.target", "remote-fs.target", "docker.service",
+                 "guestagent-firstboot-local.service"):
+        assert unit in after  # the first three: so that at shutdown it stops before them
+    # network-pre.target is for what must run before the network is configured: not us.
+    assert "network-pre.target" not in text
     local = (UNITS / "guestagent-firstboot-local.service").read_text()
     for line in ("Type=oneshot", "Before=network-online.target sshd.service",
                  "After=network.target networking.service systemd-networkd-wait-online.service",
@@ -69,3 +91,18 @@ def test_sysusers_creates_the_credential_group(tmp_path: Path) -> None:
                     str(UNITS / "sysusers.d" / "guestagent.conf")], check=True, timeout=60,
                    capture_output=True)
     assert "guestagent:" in (tmp_path / "etc" / "group").read_text()
+
+
+def test_the_agent_unit_keeps_the_system_mount_namespace() -> None:
+    # OSS and NAS mounts made by the agent must be visible to every process; any of these
+    # gives the service a private mount namespace where they would be hidden.
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "units" / "guestagent.service").read_text()
+    active = [line.split("=", 1)[0] for line in text.splitlines()
+              if line and not line.startswith("#") and "=" in line]
+    private = {"PrivateTmp", "ProtectSystem", "ProtectHome", "PrivateMounts", "PrivateDevices",
+               "ReadOnlyPaths", "InaccessiblePaths", "TemporaryFileSystem", "BindPaths",
+               "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs",
+               "ProtectControlGroups", "MountFlags"}
+    assert not private & set(active)

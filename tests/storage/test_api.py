@@ -87,3 +87,20 @@ def test_mount_and_release(bucket, creds, s3, tmp_path):
         assert handle.healthy()
     assert mountinfo(dest) is None
     storage.close()
+
+
+def test_rclone_uses_the_credential_servers_token_file():
+    from guestagent.config import from_mapping
+    from guestagent.storage.api import rclone_remote
+
+    settings = from_mapping({"credentials": {"socket_path": "/run/x/credentials.sock"},
+                             "storage": {"endpoint": "http://127.0.0.1:9000",
+                                         "path_style": True}})
+    remote = rclone_remote(settings, {})
+    assert remote.token_file == settings.credentials.token_path
+    port = settings.credentials.tcp_port
+    assert remote.credentials_url == f"http://127.0.0.1:{port}/v1/credentials/aws"
+    env = remote.env({"AWS_ACCESS_KEY_ID": "leak", "PATH": "/bin"})
+    assert env["AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"] == str(settings.credentials.token_path)
+    assert "AWS_ACCESS_KEY_ID" not in env and env["PATH"] == "/bin"
+    assert env["RCLONE_CONFIG_GAOSS_PROVIDER"] == "Other"

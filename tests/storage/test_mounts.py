@@ -3,6 +3,7 @@ agent's credential server: readable, read-only, supervised, released."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -148,3 +149,20 @@ def test_cli_mount_needs_the_tcp_listener(tmp_path):
     assert out.returncode == 3
     assert "set [credentials] tcp_enabled = true" in out.stderr
     assert not (tmp_path / "in").exists()
+
+
+def test_a_hung_rclone_is_reported_then_replaced(bucket, remote, table, tmp_path):
+    name = bucket({"h.txt": b"answers again"})
+    dest = tmp_path / "mnt"
+    opts = Options(run_dir=tmp_path / "run-storage", ready_timeout=60, stat_timeout=0.5)
+    mount = table.add(Mount(OssUrl(name, ""), dest, remote, opts))
+    first = mount.proc.pid
+    os.killpg(first, signal.SIGSTOP)  # alive, mounted, answering nothing
+    try:
+        wait_for(lambda: mount.check() == "hung", timeout=20, step=0.2)
+        wait_for(lambda: table.check_all() or mount.remounts == 1, timeout=60, step=0.3)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # killed by the remount, normally
+            os.killpg(first, signal.SIGCONT)
+    assert mount.proc.pid != first and mount.check() == "ok"
+    assert (dest / "h.txt").read_bytes() == b"answers again"

@@ -282,9 +282,13 @@ def test_kill_9_during_download_resumes_from_the_part_file(
     dest.parent.mkdir()
     argv = [sys.executable, "-m", "guestagent", "-v", "storage", "cp", "oss://bkt/big.bin",
             str(dest), "--concurrency", "1"]
-    first = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # stderr to a file: a pipe nobody reads could stall the copy it is meant to watch.
+    errlog = tmp_path / "first.err"
+    with errlog.open("wb") as err:
+        first = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=err)
 
     def parts_done() -> int:
+        assert first.poll() is None, f"first copy ended early: {errlog.read_text()[-500:]}"
         records = list(state.glob("downloads/*.json"))
         if not records:
             return 0
@@ -293,7 +297,20 @@ def test_kill_9_during_download_resumes_from_the_part_file(
         except ValueError:
             return 0
 
-    wait_for(lambda: parts_done() >= 1, timeout=60)
+    # On an idle machine the whole copy takes well under a second, less than the record's
+    # save interval: hold the copier stopped and let it run in short slices, so the kill
+    # lands after a part was recorded however fast or busy the machine is.
+    part = dest.with_name("big.bin.part")
+    wait_for(lambda: part.exists(), timeout=240, step=0.002)
+    first.send_signal(signal.SIGSTOP)
+    for _ in range(400):
+        if parts_done() >= 1:
+            break
+        first.send_signal(signal.SIGCONT)
+        time.sleep(0.01)
+        first.send_signal(signal.SIGSTOP)
+        time.sleep(0.3)  # the record's save interval passes while the copier is stopped
+    assert parts_done() >= 1, "no part was ever recorded"
     first.send_signal(signal.SIGKILL)
     first.wait(30)
     assert not dest.exists(), "finished before the kill"

@@ -98,8 +98,8 @@ class ControlHandler(BaseHandler):
         return body
 
     def route(self, method: str, path: str, raw: bytes) -> tuple[int, Body | bytes]:
+        """One control request: a table from (method, path) to what it does."""
         emu = self.server.emulator
-        ok: Body = {"ok": True}
         simple: dict[tuple[str, str], Callable[[], Any]] = {
             ("GET", "/state"): emu.state,
             ("DELETE", "/faults"): emu.clear_faults,
@@ -114,68 +114,72 @@ class ControlHandler(BaseHandler):
             if method != "GET":
                 self.json_body(raw)  # ignored, but must not be garbage
             result = simple[(method, path)]()
-            return 200, result if isinstance(result, dict) else ok
-        if method == "GET" and path == "/credentials":
-            return 200, {"credentials": emu.issued_credentials()}
-        if method == "GET" and path == "/ca.pem":
-            return 200, emu.ca_cert_pem
-        if method == "PUT" and path == "/user-data":
-            emu.set_user_data(raw)
-            return 200, ok
+            return 200, result if isinstance(result, dict) else _done(None)
+        def put_user_data(data: bytes) -> Body:
+            emu.set_user_data(data)
+            return _done(None)
+
+        raw_routes: dict[tuple[str, str], Callable[[bytes], Body | bytes]] = {
+            ("GET", "/credentials"): lambda _: {"credentials": emu.issued_credentials()},
+            ("GET", "/ca.pem"): lambda _: emu.ca_cert_pem,
+            ("PUT", "/user-data"): put_user_data,
+        }
+        if (method, path) in raw_routes:
+            return 200, raw_routes[(method, path)](raw)
         if method == "DELETE" and path.startswith("/faults/"):
             if not emu.remove_fault(path.removeprefix("/faults/")):
                 raise ControlError(404, "NotFound", "no such fault rule")
-            return 200, ok
+            return 200, _done(None)
+        action = _BODY_ROUTES.get((method, path))
+        if action is None:
+            raise ControlError(404, "NotFound", f"no control endpoint {method} {path}")
+        fields, call = action
         body = self.json_body(raw)
-        number, text = (int, float), (str,)
-        if method == "POST" and path == "/faults":
-            _fields(
-                body,
-                {
-                    "path": (text, True),
-                    "kind": (text, True),
-                    "status": ((int,), False),
-                    "latency": (number, False),
-                    "count": ((int,), False),
-                    "method": (text, False),
-                    "body": (text, False),
-                },
-            )
-            args = {k: v for k, v in body.items() if v is not None and k not in ("path", "kind")}
-            return 200, {"id": emu.add_fault(body["path"], body["kind"], **args)}
-        if method == "POST" and path == "/spot":
-            _fields(body, {"in_seconds": (number, False), "release_after": (number, False)})
-            emu.schedule_termination(
-                float(body.get("in_seconds") or 0.0), float(body.get("release_after", 300.0))
-            )
-            return 200, ok
-        if method == "POST" and path == "/role":
-            _fields(body, {"name": (text, True)})
-            emu.attach_role(body["name"])
-            return 200, ok
-        if method == "POST" and path == "/time-scale":
-            _fields(body, {"scale": (number, True)})
-            emu.set_time_scale(float(body["scale"]))
-            return 200, ok
-        if method == "POST" and path == "/token":
-            _fields(body, {"required": ((bool,), True)})
-            emu.set_token_required(body["required"])
-            return 200, ok
-        if method == "POST" and path == "/maintenance":
-            _fields(
-                body,
-                {"code": (text, True), "not_before_in": (number, False), "event_id": (text, False)},
-            )
-            event_id = emu.add_maintenance_event(
-                body["code"], float(body.get("not_before_in") or 0.0), event_id=body.get("event_id")
-            )
-            return 200, {"id": event_id}
-        if method == "PUT" and path == "/value":
-            _fields(body, {"path": (text, True), "value": (text, False)})
-            emu.set_value(body["path"], body.get("value"))
-            return 200, ok
-        if method == "POST" and path == "/instance-id":
-            _fields(body, {"id": (text, True)})
-            emu.set_instance_id(body["id"])
-            return 200, ok
-        raise ControlError(404, "NotFound", f"no control endpoint {method} {path}")
+        _fields(body, fields)
+        return 200, call(emu, body)
+
+
+_NUMBER, _TEXT = (int, float), (str,)
+
+
+def _done(_: object) -> Body:
+    return {"ok": True}
+
+
+def _add_fault(emu: Any, body: Body) -> Body:
+    args = {k: v for k, v in body.items() if v is not None and k not in ("path", "kind")}
+    return {"id": emu.add_fault(body["path"], body["kind"], **args)}
+
+
+def _maintenance(emu: Any, body: Body) -> Body:
+    event_id = emu.add_maintenance_event(
+        body["code"], float(body.get("not_before_in") or 0.0), event_id=body.get("event_id")
+    )
+    return {"id": event_id}
+
+
+# (method, path) -> (the JSON body's fields: (types, required), what to do with it)
+_BODY_ROUTES: dict[tuple[str, str], tuple[dict[str, Any], Callable[[Any, Body], Body]]] = {
+    ("POST", "/faults"): (
+        {"path": (_TEXT, True), "kind": (_TEXT, True), "status": ((int,), False),
+         "latency": (_NUMBER, False), "count": ((int,), False), "method": (_TEXT, False),
+         "body": (_TEXT, False)},
+        _add_fault),
+    ("POST", "/spot"): (
+        {"in_seconds": (_NUMBER, False), "release_after": (_NUMBER, False)},
+        lambda emu, b: _done(emu.schedule_termination(
+            float(b.get("in_seconds") or 0.0), float(b.get("release_after", 300.0))))),
+    ("POST", "/role"): ({"name": (_TEXT, True)},
+                        lambda emu, b: _done(emu.attach_role(b["name"]))),
+    ("POST", "/time-scale"): ({"scale": (_NUMBER, True)},
+                              lambda emu, b: _done(emu.set_time_scale(float(b["scale"])))),
+    ("POST", "/token"): ({"required": ((bool,), True)},
+                         lambda emu, b: _done(emu.set_token_required(b["required"]))),
+    ("POST", "/maintenance"): (
+        {"code": (_TEXT, True), "not_before_in": (_NUMBER, False), "event_id": (_TEXT, False)},
+        _maintenance),
+    ("PUT", "/value"): ({"path": (_TEXT, True), "value": (_TEXT, False)},
+                        lambda emu, b: _done(emu.set_value(b["path"], b.get("value")))),
+    ("POST", "/instance-id"): ({"id": (_TEXT, True)},
+                               lambda emu, b: _done(emu.set_instance_id(b["id"]))),
+}

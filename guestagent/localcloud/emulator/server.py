@@ -160,22 +160,12 @@ class MetadataHandler(BaseHandler):
                 return 200, VERSIONS_LISTING
             return 404, b"Not Found"
         if rel == "api/token":
-            if method != "PUT":
-                return 405, b"Method Not Allowed"
-            if self.headers.get("X-Forwarded-For") is not None:
-                return 403, b"Forbidden"
-            ttl = parse_ttl(self.headers.get(TTL_HEADER))
-            if ttl is None:
-                return 400, b"Bad Request: token ttl must be an integer in 1..21600"
-            return 200, emu.tokens.issue(ttl).encode()
+            return self.issue_token(method)
         if method != "GET":
             return 405, b"Method Not Allowed"
-        token = self.headers.get(TOKEN_HEADER)
-        if token is not None:
-            if not emu.tokens.valid(token):
-                return 401, b"Unauthorized"
-        elif emu.token_required:
-            return 403, b"Forbidden"
+        refused = self.refusal()
+        if refused is not None:
+            return refused
         node = emu.tree.lookup(rel)
         if node is None:
             return 404, b"Not Found"
@@ -183,6 +173,25 @@ class MetadataHandler(BaseHandler):
             return 200, node.data
         body = emu.dynamic_leaf(node.name, rel, parse_qs(query) if query else {})
         return (404, b"Not Found") if body is None else (200, body)
+
+    def issue_token(self, method: str) -> tuple[int, bytes]:
+        """``PUT /latest/api/token``: a token for the asked TTL (1..21600 s)."""
+        if method != "PUT":
+            return 405, b"Method Not Allowed"
+        if self.headers.get("X-Forwarded-For") is not None:
+            return 403, b"Forbidden"
+        ttl = parse_ttl(self.headers.get(TTL_HEADER))
+        if ttl is None:
+            return 400, b"Bad Request: token ttl must be an integer in 1..21600"
+        return 200, self.server.emulator.tokens.issue(ttl).encode()
+
+    def refusal(self) -> tuple[int, bytes] | None:
+        """401 for a bad token, 403 for none where tokens are required; else None."""
+        emu = self.server.emulator
+        token = self.headers.get(TOKEN_HEADER)
+        if token is not None:
+            return None if emu.tokens.valid(token) else (401, b"Unauthorized")
+        return (403, b"Forbidden") if emu.token_required else None
 
     def apply_fault(
         self, rule: FaultRule, method: str, path: str, rel: str | None, query: str

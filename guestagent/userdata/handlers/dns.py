@@ -26,7 +26,7 @@ class DnsPlan:
     sortlist: tuple[str, ...] = ()
 
 
-def plan_from(cfg: Mapping[str, Any]) -> DnsPlan | None:
+def plan_from(cfg: Mapping[str, Any]) -> DnsPlan | None:  # noqa: C901 - to split (owner)
     if not checks.boolean(cfg.get("manage_resolv_conf", False), "manage_resolv_conf"):
         return None
     rc = cfg.get("resolv_conf")

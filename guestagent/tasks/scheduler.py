@@ -1,0 +1,493 @@
+"""Runs a job's DAG on this machine.
+
+A task starts when all its predecessors are Finished; its instances run in parallel up to
+the machine's limit (shared by every job of this scheduler); a failed attempt is retried
+up to ``MaxRetryCount``; ``Timeout`` ends an attempt with SIGTERM, then SIGKILL after
+``kill_grace``. Outputs and logs are uploaded when an instance ends, before it counts as
+Finished. Each state change is committed before the next step, so :meth:`Scheduler.resume`
+after a crash re-adopts what still runs and repeats at most the attempt that was running.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from guestagent.tasks import staging
+from guestagent.tasks.errors import TaskError
+from guestagent.tasks.events import Events
+from guestagent.tasks.model import Job, Task
+from guestagent.tasks.runner import Handle, Launch, Runner
+from guestagent.tasks.settings import TasksSettings
+from guestagent.tasks.store import (
+    DONE,
+    FAILED,
+    FINISHED,
+    RUNNING,
+    STOPPED,
+    WAITING,
+    Instance,
+    Store,
+)
+
+log = logging.getLogger(__name__)
+
+DOCKER_ENV = {"USER": "root", "PWD": staging.DOCKER_WORKDIR,
+              "PATH": "/sbin:/usr/sbin:/bin:/usr/bin", "HOME": "/root"}
+HOST_ENV_PASS = ("PATH", "HOME", "LANG", "LC_ALL", "USER", "LOGNAME", "TZ")
+
+# A task-scoped credential: env for the instance, and the revocation to call at its end.
+Minter = Callable[[str, bool], tuple[dict[str, str], Callable[[], None]]]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What BATCH_COMPUTE_OSS_HOST/_REGION/_CLUSTER_ID/_WORKER_ID say on this machine."""
+
+    oss_host: str = ""
+    region: str = ""
+    cluster_id: str = "local"
+    worker_id: str = "local"
+
+
+class _Detached(Exception):
+    """The scheduler let go of a running instance (agent restart)."""
+
+
+@dataclass
+class _Outcome:
+    task: str
+    index: int
+    state: str
+    exit_code: int | None
+    message: str = ""
+
+
+@dataclass
+class _JobRun:
+    job_id: str
+    job: Job
+    stop: threading.Event = field(default_factory=threading.Event)
+    reason: str = ""
+    done: queue.Queue[_Outcome] = field(default_factory=queue.Queue)
+    running: int = 0
+    inputs: dict[str, staging.Inputs] = field(default_factory=dict)
+
+
+def parallel_limit(settings: TasksSettings) -> int:
+    cores = settings.max_parallel or (os.cpu_count() or 1)
+    try:
+        import psutil
+
+        by_memory = psutil.virtual_memory().available // (settings.instance_memory_mb << 20)
+    except Exception:  # no psutil or /proc: cores decide
+        by_memory = cores
+    return max(1, min(cores, int(by_memory)))
+
+
+class Scheduler:
+    def __init__(
+        self,
+        store: Store,
+        settings: TasksSettings,
+        jobs_dir: Path,
+        runners: Mapping[str, Runner],
+        *,
+        identity: Identity | None = None,
+        storage: Callable[[], staging.Storage] = staging.default_storage,
+        minter: Minter | None = None,
+        draining: threading.Event | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.jobs_dir = jobs_dir
+        self.runners = runners
+        self.identity = identity or Identity()
+        self._storage_factory = storage
+        self._storage: staging.Storage | None = None
+        self.minter = minter
+        self.events = Events(store, settings)
+        self.draining = draining or threading.Event()
+        self.limit = parallel_limit(settings)
+        self.slots = threading.BoundedSemaphore(self.limit)
+        self.grace = settings.kill_grace  # shortened by a drain
+        self._runs: dict[str, _JobRun] = {}
+        self._lock = threading.Lock()
+        # Set when the service goes away but the agent will be back (restart): instances
+        # keep running, states stay as they are, a new scheduler re-adopts them.
+        self._detached = threading.Event()
+
+    # -- public -------------------------------------------------------------------------
+
+    def storage(self, needed: bool) -> staging.Storage | None:
+        if not needed:
+            return None
+        if self._storage is None:
+            self._storage = self._storage_factory()
+        return self._storage
+
+    def run(self, job_id: str) -> str:
+        """Run (or go on running) the job to its end; its final state."""
+        row = self.store.job(job_id)
+        if row["state"] in DONE:
+            return str(row["state"])
+        job = Job.parse(row["document"], max_timeout=self.settings.max_timeout)
+        run = _JobRun(job_id, job)
+        with self._lock:
+            if job_id in self._runs:
+                raise TaskError(f"{job_id} is already running")
+            self._runs[job_id] = run
+        try:
+            return self._drive(run, row["state"])
+        finally:
+            for inputs in run.inputs.values():
+                inputs.release()
+            with self._lock:
+                self._runs.pop(job_id, None)
+
+    def stop(self, job_id: str, reason: str = "stopped by the user") -> bool:
+        """Ask a running job to stop; False when this scheduler does not run it."""
+        with self._lock:
+            run = self._runs.get(job_id)
+        if run is None:
+            return False
+        run.reason = reason
+        run.stop.set()
+        return True
+
+    def detach(self) -> None:
+        """Leave every job as it is (for a restart); their threads end soon."""
+        self._detached.set()
+
+    def stop_all(self, reason: str) -> None:
+        with self._lock:
+            runs = list(self._runs.values())
+        for run in runs:
+            run.reason = reason
+            run.stop.set()
+
+    def drain(self, deadline: float, reason: str) -> None:
+        """Stop every job by ``deadline`` (a monotonic time): no new instance starts,
+        running ones get SIGTERM (SIGKILL after a grace that fits the deadline), their
+        outputs and logs are uploaded and they end Stopped with ``reason``."""
+        left = deadline - time.monotonic()
+        self.grace = max(0.5, min(self.settings.kill_grace, left / 3))
+        self.stop_all(reason)
+        while self.active() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def active(self) -> list[str]:
+        with self._lock:
+            return list(self._runs)
+
+    # -- the DAG ------------------------------------------------------------------------
+
+    def _drive(self, run: _JobRun, state: str) -> str:
+        subscribed = run.job.notification.events
+        if state == WAITING:
+            self.events.job(run.job_id, subscribed, WAITING)
+            self.store.set_job(run.job_id, RUNNING)
+            self.events.job(run.job_id, subscribed, RUNNING)
+            for name in run.job.order():
+                if self.store.tasks(run.job_id)[name]["state"] == WAITING:
+                    self.events.task(run.job_id, subscribed, name, WAITING)
+        self._adopt_running(run)
+        failed = ""
+        while True:
+            if self._detached.is_set():
+                return RUNNING
+            requested = self.store.stop_requested(run.job_id)
+            if requested and not run.stop.is_set():
+                run.reason = requested
+                run.stop.set()
+            if run.stop.is_set() or self.draining.is_set():
+                run.reason = run.reason or "the instance is draining"
+                run.stop.set()
+            elif not failed:
+                failed = self._start_ready(run)
+            if failed and not run.stop.is_set():
+                run.reason = failed
+                run.stop.set()
+            if run.running == 0 and (run.stop.is_set() or self._all_done(run)):
+                break
+            try:
+                outcome = run.done.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            run.running -= 1
+            failed = self._record(run, outcome) or failed
+        return self._finish(run, failed)
+
+    def _all_done(self, run: _JobRun) -> bool:
+        return all(t["state"] in DONE for t in self.store.tasks(run.job_id).values())
+
+    def _start_ready(self, run: _JobRun) -> str:
+        """Start waiting instances of every task whose predecessors finished; a failure
+        message when the job must fail now."""
+        tasks = self.store.tasks(run.job_id)
+        for name in run.job.order():
+            state = tasks[name]["state"]
+            preds = [tasks[p]["state"] for p in run.job.predecessors(name)]
+            if state == WAITING and any(p in (FAILED, STOPPED) for p in preds):
+                self._end_task(run, name, STOPPED, "a predecessor did not finish")
+                continue
+            if state == WAITING and all(p == FINISHED for p in preds):
+                message = self._open_task(run, name)
+                if message:
+                    return message
+                state = RUNNING
+            if state == RUNNING:
+                self._launch_waiting(run, name)
+        return ""
+
+    def _open_task(self, run: _JobRun, name: str) -> str:
+        task = run.job.tasks[name]
+        try:
+            storage = self.storage(bool(task.input_mapping))
+            run.inputs[name] = staging.Inputs(self._job_dir(run), task, storage,
+                                              self._docker(task))
+        except Exception as exc:
+            self._end_task(run, name, FAILED, f"inputs: {exc}")
+            return f"task {name}: inputs could not be mapped: {exc}"
+        self.store.set_task(run.job_id, name, RUNNING)
+        subscribed = run.job.notification.events
+        self.events.task(run.job_id, subscribed, name, RUNNING)
+        for inst in self.store.instances(run.job_id, name):
+            if inst.state == WAITING:
+                self.events.instance(run.job_id, subscribed, name, inst.index,
+                                     redirects=self._redirects(run, name, inst.index))
+        return ""
+
+    def _launch_waiting(self, run: _JobRun, name: str) -> None:
+        for inst in self.store.instances(run.job_id, name):
+            if inst.state != WAITING or run.stop.is_set():
+                continue
+            if not self.slots.acquire(timeout=0):
+                return
+            # No trace of an earlier attempt may pass for this one's after a crash.
+            shutil.rmtree(self._job_dir(run) / name / str(inst.index) / "run",
+                          ignore_errors=True)
+            self.store.claimed(run.job_id, name, inst.index)
+            self._spawn_thread(run, inst, adopt=None)
+
+    def _adopt_running(self, run: _JobRun) -> None:
+        """After a restart: instances still marked Running get their process back."""
+        for inst in self.store.instances(run.job_id):
+            if inst.state != RUNNING:
+                continue
+            task_state = self.store.tasks(run.job_id)[inst.task]["state"]
+            if task_state == RUNNING and inst.task not in run.inputs:
+                self._open_task(run, inst.task)
+            self.slots.acquire()
+            self._spawn_thread(run, inst, adopt=inst)
+
+    def _spawn_thread(self, run: _JobRun, inst: Instance, adopt: Instance | None) -> None:
+        run.running += 1
+        thread = threading.Thread(target=self._instance_thread, args=(run, inst, adopt),
+                                  name=f"task-{inst.task}-{inst.index}", daemon=True)
+        thread.start()
+
+    def _record(self, run: _JobRun, out: _Outcome) -> str:
+        task = run.job.tasks[out.task]
+        inst = self.store.instance(run.job_id, out.task, out.index)
+        subscribed = run.job.notification.events
+        if out.state == FAILED and inst.retries < task.max_retry_count and not run.stop.is_set():
+            log.info("%s %s.%s failed (%s): retry %s of %s", run.job_id, out.task, out.index,
+                     out.message, inst.retries + 1, task.max_retry_count)
+            self.store.retry(run.job_id, out.task, out.index, out.exit_code, out.message)
+            self.events.instance(run.job_id, subscribed, out.task, out.index,
+                                 redirects=self._redirects(run, out.task, out.index),
+                                 error=out.message)
+            return ""
+        self.store.ended(run.job_id, out.task, out.index, out.state,
+                         exit_code=out.exit_code, message=out.message)
+        self.events.instance(run.job_id, subscribed, out.task, out.index,
+                             redirects=self._redirects(run, out.task, out.index))
+        failed = ""
+        if out.state == FAILED and run.job.job_fail_on_instance_fail:
+            failed = f"instance {out.index} of task {out.task} failed: {out.message}"
+        self._maybe_end_task(run, out.task)
+        return failed
+
+    def _maybe_end_task(self, run: _JobRun, name: str) -> None:
+        states = [i.state for i in self.store.instances(run.job_id, name)]
+        if not all(s in DONE for s in states):
+            return
+        if STOPPED in states:
+            state = STOPPED
+        elif FAILED in states and run.job.job_fail_on_instance_fail:
+            state = FAILED
+        else:
+            state = FINISHED
+        self._end_task(run, name, state, "")
+
+    def _end_task(self, run: _JobRun, name: str, state: str, message: str) -> None:
+        inputs = run.inputs.pop(name, None)
+        if inputs is not None:
+            inputs.release()
+        for inst in self.store.instances(run.job_id, name):
+            if inst.state == WAITING:
+                self.store.ended(run.job_id, name, inst.index, STOPPED, exit_code=None,
+                                 message=message or "not started")
+        self.store.set_task(run.job_id, name, state, message)
+        self.events.task(run.job_id, run.job.notification.events, name, state)
+
+    def _finish(self, run: _JobRun, failed: str) -> str:
+        for name, row in self.store.tasks(run.job_id).items():
+            if row["state"] not in DONE:
+                self._maybe_end_task(run, name)
+                if self.store.tasks(run.job_id)[name]["state"] not in DONE:
+                    self._end_task(run, name, STOPPED, run.reason)
+        states = {t["state"] for t in self.store.tasks(run.job_id).values()}
+        if failed or FAILED in states:
+            state, message = FAILED, failed or "a task failed"
+        elif run.stop.is_set() and states != {FINISHED}:
+            state, message = STOPPED, run.reason
+        else:
+            state, message = FINISHED, ""
+        self.store.set_job(run.job_id, state, message)
+        self.events.job(run.job_id, run.job.notification.events, state, message)
+        return state
+
+    # -- one instance -------------------------------------------------------------------
+
+    def _docker(self, task: Task) -> bool:
+        return task.docker_image is not None
+
+    def _job_dir(self, run: _JobRun) -> Path:
+        return self.jobs_dir / run.job_id
+
+    def _redirects(self, run: _JobRun, task_name: str, index: int) -> dict[str, str]:
+        task = run.job.tasks[task_name]
+        out_name, err_name = staging.log_names(run.job_id, task_name, index)
+        out = {}
+        if task.stdout_redirect_path:
+            out["stdout"] = task.stdout_redirect_path + out_name
+        if task.stderr_redirect_path:
+            out["stderr"] = task.stderr_redirect_path + err_name
+        return out
+
+    def _instance_thread(self, run: _JobRun, inst: Instance, adopt: Instance | None) -> None:
+        try:
+            outcome = self._attempt(run, inst, adopt)
+        except _Detached:
+            self.slots.release()
+            return
+        except Exception as exc:
+            log.exception("instance %s.%s of %s", inst.task, inst.index, run.job_id)
+            outcome = _Outcome(inst.task, inst.index, FAILED, None, f"launcher error: {exc}")
+        self.slots.release()
+        run.done.put(outcome)
+
+    def _attempt(self, run: _JobRun, inst: Instance, adopt: Instance | None) -> _Outcome:
+        task = run.job.tasks[inst.task]
+        docker = self._docker(task)
+        runner = self.runners.get("docker" if docker else "host")
+        if runner is None:
+            return _Outcome(inst.task, inst.index, FAILED, None,
+                            "Docker mode is not available on this machine")
+        layout = staging.Layout(self._job_dir(run) / inst.task / str(inst.index))
+        storage = self.storage(staging.needs_storage(task))
+        name = f"{run.job_id}.{inst.task}.{inst.index}"
+        env, revoke = self._env(run, task, inst.index, layout=layout, docker=docker, name=name)
+        try:
+            launch = self._launch(run, task, inst.index, layout=layout, env=env, docker=docker,
+                                  name=name)
+            handle: Handle | None
+            started = time.time()
+            handle = runner.adopt(adopt.ref, launch) if adopt is not None else None
+            if adopt is not None and handle is None and adopt.ref:
+                return _Outcome(inst.task, inst.index, FAILED, None,
+                                "lost: its process ended while the agent was down")
+            if handle is not None:
+                assert adopt is not None
+                started = adopt.started or started
+                if not adopt.ref:  # found by its traces: save what names it now
+                    self.store.started(run.job_id, inst.task, inst.index, runner.kind,
+                                       handle.ref)
+            else:
+                staging.prepare(layout, task, storage, docker)
+                handle = runner.start(launch)
+                self.store.started(run.job_id, inst.task, inst.index, runner.kind, handle.ref)
+                self.events.instance(run.job_id, run.job.notification.events, inst.task,
+                                     inst.index,
+                                     redirects=self._redirects(run, inst.task, inst.index))
+            state, code, message = self._watch(run, task, handle, started)
+        finally:
+            revoke()
+        problems = staging.upload_results(layout, task, run.job_id, inst.index,
+                                          storage=storage, docker=docker)
+        if problems and state == FINISHED:
+            state, message = FAILED, problems[0]
+        return _Outcome(inst.task, inst.index, state, code, message)
+
+    def _watch(self, run: _JobRun, task: Task, handle: Handle,
+               started: float) -> tuple[str, int | None, str]:
+        deadline = started + task.timeout
+        while True:
+            left = deadline - time.time()
+            if self._detached.is_set():
+                raise _Detached
+            if left <= 0:
+                code = handle.stop(self.grace)
+                return FAILED, code, f"timed out after {task.timeout}s"
+            code = handle.wait(min(left, 0.25))
+            if code is not None:
+                if code == 0:
+                    return FINISHED, 0, ""
+                return FAILED, code, f"exited with {code}"
+            if run.stop.is_set():
+                code = handle.stop(self.grace)
+                return STOPPED, code, run.reason or "stopped"
+
+    def _env(self, run: _JobRun, task: Task, index: int, *, layout: staging.Layout,
+             docker: bool, name: str) -> tuple[dict[str, str], Callable[[], None]]:
+        if docker:
+            env = dict(DOCKER_ENV)
+        else:
+            env = {k: os.environ[k] for k in HOST_ENV_PASS if k in os.environ}
+            env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            env["PWD"] = str(layout.workdir)
+        ident = self.identity
+        env.update({
+            "BATCH_COMPUTE_DAG_JOB_ID": run.job_id,
+            "BATCH_COMPUTE_DAG_TASK_ID": task.name,
+            "BATCH_COMPUTE_DAG_INSTANCE_ID": str(index),
+            "BATCH_COMPUTE_OSS_HOST": ident.oss_host,
+            "BATCH_COMPUTE_REGION": ident.region,
+            "BATCH_COMPUTE_CLUSTER_ID": task.cluster_id or ident.cluster_id,
+            "BATCH_COMPUTE_WORKER_ID": ident.worker_id,
+        })
+        env.update(task.env_vars)
+
+        def nothing() -> None:
+            return None
+
+        revoke: Callable[[], None] = nothing
+        if self.minter is not None:
+            creds, revoke = self.minter(name, docker)
+            env.update(creds)
+        return env, revoke
+
+    def _launch(self, run: _JobRun, task: Task, index: int, *, layout: staging.Layout,
+                env: dict[str, str], docker: bool, name: str) -> Launch:
+        return Launch(
+            name=name,
+            argv=task.argv,
+            env=env,
+            workdir=layout.workdir,
+            stdout=layout.stdout,
+            stderr=layout.stderr,
+            state_dir=layout.private,
+            image=task.docker_image,
+            binds=staging.binds(layout, task, self._job_dir(run)) if docker else (),
+            labels={"guestagent.job": run.job_id, "guestagent.task": task.name,
+                    "guestagent.instance": str(index)},
+        )

@@ -1,0 +1,248 @@
+"""Files around one instance: its work dir and package, its mapping dirs, its logs, and
+the uploads when it ends. Every OSS access goes through the storage capability's facade
+(``guestagent.storage.api.Storage``: fetch_package, upload_dir, upload_file, mount).
+
+Host mode maps the job's local paths as they are (one VM per instance in BatchCompute;
+here the instances of a task share them); Docker mode stages them under the job's
+directory and bind-mounts them at the paths the job names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from guestagent.tasks.errors import TaskError
+from guestagent.tasks.model import Task
+from guestagent.tasks.runner import Bind
+
+log = logging.getLogger(__name__)
+
+DOCKER_WORKDIR = "/batchcompute/workdir"
+
+
+class MountHandle(Protocol):
+    def release(self) -> None: ...
+
+
+class Storage(Protocol):
+    """The storage facade the launcher needs (issue 10's ``storage.api.Storage``)."""
+
+    def fetch_package(self, url: str, workdir: Path, /) -> object: ...
+
+    def upload_dir(self, local_dir: Path, url: str, /) -> object: ...
+
+    def upload_file(self, local: Path, url: str, /) -> object: ...
+
+    def mount(self, source_url: str, dest: Path, write: bool = False, /) -> MountHandle: ...
+
+
+def default_storage(settings: Any = None) -> Storage:
+    """The storage facade from the agent's settings: transfers signed with keys from the
+    local credential server's socket, read-only mounts by rclone through its loopback TCP
+    listener (when enabled). A clear error if this build has no storage capability."""
+    try:
+        from guestagent.storage.api import Storage as Facade
+        from guestagent.storage.connect import client_for
+        from guestagent.storage.transfer import Options, Transfers
+    except ImportError:
+        raise TaskError(
+            "this job reads or writes OSS but the storage capability is not installed"
+        ) from None
+    if settings is None:
+        from guestagent import config
+
+        settings = config.load()
+    try:
+        client = client_for(settings)
+    except Exception as exc:  # StorageError: no endpoint configured, bad URL
+        raise TaskError(f"OSS is not reachable from this agent: {exc}") from None
+    facade: Storage = Facade(Transfers(client, Options.from_settings(settings)),
+                             **_mount_options(settings, client))
+    return facade
+
+
+def _mount_options(settings: Any, client: Any) -> dict[str, Any]:
+    creds = settings.credentials
+    if not creds.tcp_enabled:
+        return {}  # InputMapping then says mounts are not configured
+    from guestagent.storage.mounts import Options as MountOptions
+    from guestagent.storage.mounts import RcloneRemote
+
+    ep = client.endpoint
+    prefix = f"/{creds.path_secret}" if creds.path_secret else ""
+    remote = RcloneRemote(
+        endpoint=f"{ep.scheme}://{ep.netloc}",
+        credentials_url=f"http://{creds.tcp_host}:{creds.tcp_port}{prefix}/v1/credentials/aws",
+        region=ep.region, path_style=ep.path_style, token_file=creds.token_path)
+    run_dir = Path(settings.daemon.run_dir) / "storage"
+    return {"remote": remote, "options": MountOptions(run_dir=run_dir)}
+
+
+def needs_storage(task: Task) -> bool:
+    package = task.package_path or ""
+    return bool(package.startswith("oss://") or task.stdout_redirect_path
+                or task.stderr_redirect_path or task.output_mapping or task.log_mapping)
+
+
+def log_names(job_id: str, task: str, index: int) -> tuple[str, str]:
+    """The guide's object names of an instance's two logs."""
+    return f"stdout.{job_id}.{task}.{index}", f"stderr.{job_id}.{task}.{index}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one instance's files are on the host."""
+
+    root: Path  # <job dir>/<task>/<index>
+
+    @property
+    def workdir(self) -> Path:
+        return self.root / "workdir"
+
+    @property
+    def stdout(self) -> Path:
+        return self.root / "stdout"
+
+    @property
+    def stderr(self) -> Path:
+        return self.root / "stderr"
+
+    @property
+    def private(self) -> Path:
+        return self.root / "run"
+
+    def output(self, n: int) -> Path:
+        return self.root / f"output-{n}"
+
+
+def task_inputs(job_dir: Path, task: Task, docker: bool) -> list[tuple[str, Path, str]]:
+    """(oss url, host dir, path seen by the command) of each input mapping."""
+    out = []
+    for n, (url, local) in enumerate(sorted(task.input_mapping.items())):
+        host = job_dir / task.name / f"input-{n}" if docker else Path(local)
+        out.append((url, host, local))
+    return out
+
+
+def instance_outputs(layout: Layout, task: Task, docker: bool) -> list[tuple[Path, str, str]]:
+    """(host dir, path seen by the command, oss url) of each output mapping."""
+    out = []
+    for n, (local, url) in enumerate(sorted(task.output_mapping.items())):
+        host = layout.output(n) if docker else Path(local)
+        out.append((host, local, url))
+    return out
+
+
+def prepare(layout: Layout, task: Task, storage: Storage | None, docker: bool) -> None:
+    """A fresh work dir with the package unpacked in it, empty logs, output dirs."""
+    if layout.root.exists():
+        shutil.rmtree(layout.root)
+    layout.workdir.mkdir(parents=True)
+    layout.private.mkdir()
+    layout.stdout.touch()
+    layout.stderr.touch()
+    for host, _, _ in instance_outputs(layout, task, docker):
+        host.mkdir(parents=True, exist_ok=True)
+    package = task.package_path
+    if package is None:
+        return
+    if package.startswith("oss://"):
+        if storage is None:
+            raise TaskError(f"{task.name}: PackagePath {package} needs the storage capability")
+        storage.fetch_package(package, layout.workdir)
+    else:
+        unpack_local(Path(package), layout.workdir)
+
+
+def unpack_local(package: Path, workdir: Path) -> None:
+    """A package on this machine (a job.cfg ``pack``): a directory or a tarball."""
+    if package.is_dir():
+        shutil.copytree(package, workdir, symlinks=True, dirs_exist_ok=True)
+        return
+    try:
+        with tarfile.open(package) as tar:
+            tar.extractall(workdir, filter="data")  # refuses members escaping workdir
+    except (OSError, tarfile.TarError) as exc:
+        raise TaskError(f"package {package}: cannot unpack: {exc}") from None
+
+
+def binds(layout: Layout, task: Task, job_dir: Path) -> tuple[Bind, ...]:
+    out = [Bind(str(layout.workdir), DOCKER_WORKDIR)]
+    out += [Bind(str(host), target, True) for _, host, target in task_inputs(job_dir, task, True)]
+    out += [Bind(str(host), target) for host, target, _ in instance_outputs(layout, task, True)]
+    for local in task.log_mapping:
+        parent = str(Path(local).parent)
+        if not any(b.target == parent for b in out):
+            out.append(Bind(str(layout.root / "logmap" / parent.strip("/")), parent))
+    return tuple(out)
+
+
+def log_mapping_source(layout: Layout, local: str, docker: bool) -> Path:
+    if not docker:
+        return Path(local)
+    parent = Path(local).parent
+    return layout.root / "logmap" / str(parent).strip("/") / Path(local).name
+
+
+def upload_results(
+    layout: Layout, task: Task, job_id: str, index: int, *, storage: Storage | None,
+    docker: bool,
+) -> list[str]:
+    """Upload the instance's logs, outputs and log mappings; the problems, one line each."""
+    problems: list[str] = []
+    wanted = bool(task.stdout_redirect_path or task.stderr_redirect_path
+                  or task.output_mapping or task.log_mapping)
+    if not wanted:
+        return problems
+    if storage is None:
+        return ["uploads need the storage capability, which is not installed"]
+    out_name, err_name = log_names(job_id, task.name, index)
+    jobs: list[tuple[str, Path, str]] = []
+    if task.stdout_redirect_path:
+        jobs.append(("file", layout.stdout, task.stdout_redirect_path + out_name))
+    if task.stderr_redirect_path:
+        jobs.append(("file", layout.stderr, task.stderr_redirect_path + err_name))
+    for host, _, url in instance_outputs(layout, task, docker):
+        jobs.append(("dir", host, url))
+    for local, url in task.log_mapping.items():
+        jobs.append(("file", log_mapping_source(layout, local, docker), url))
+    for kind, path, url in jobs:
+        try:
+            if kind == "dir":
+                storage.upload_dir(path, url)
+            elif path.exists():
+                storage.upload_file(path, url)
+        except Exception as exc:  # the storage layer's errors are one line each
+            log.warning("upload of %s to %s failed: %s", path, url, exc)
+            problems.append(f"upload {path.name} -> {url}: {exc}")
+    return problems
+
+
+class Inputs:
+    """A task's input mappings, mounted read-only while any of its instances may run."""
+
+    def __init__(self, job_dir: Path, task: Task, storage: Storage | None, docker: bool) -> None:
+        self.handles: list[MountHandle] = []
+        mappings = task_inputs(job_dir, task, docker)
+        if mappings and storage is None:
+            raise TaskError(f"{task.name}: InputMapping needs the storage capability")
+        try:
+            for url, host, _ in mappings:
+                host.mkdir(parents=True, exist_ok=True)
+                assert storage is not None
+                self.handles.append(storage.mount(url, host, False))
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        while self.handles:
+            handle = self.handles.pop()
+            with contextlib.suppress(Exception):
+                handle.release()

@@ -1,0 +1,68 @@
+"""Shared helpers of the task tests: a scheduler on a temp state dir, job documents."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from guestagent.tasks import submit
+from guestagent.tasks.model import Job
+from guestagent.tasks.runner import HostRunner, Runner
+from guestagent.tasks.scheduler import Identity, Scheduler
+from guestagent.tasks.settings import TasksSettings
+from guestagent.tasks.store import Store
+
+
+def make_scheduler(root: Path, runners: dict[str, Runner] | None = None,
+                   storage: Any = None, minter: Any = None, **settings: Any) -> Scheduler:
+    store = Store(root / "tasks.db")
+    defaults: dict[str, Any] = {"max_parallel": 2, "kill_grace": 2.0}
+    defaults.update(settings)
+    return Scheduler(store, TasksSettings(**defaults), root / "jobs",
+                     runners or {"host": HostRunner()},
+                     identity=Identity("oss-cn-hangzhou-internal.aliyuncs.com", "cn-hangzhou",
+                                       "local", "i-test"),
+                     storage=(lambda: storage) if storage is not None else _no_storage,
+                     minter=minter)
+
+
+def _no_storage() -> Any:
+    raise AssertionError("this test uses no OSS")
+
+
+def task(cmd: str, **fields: Any) -> dict[str, Any]:
+    env = fields.pop("EnvVars", {})
+    params = {"Command": {"CommandLine": cmd, "EnvVars": env}}
+    params.update(fields.pop("Parameters", {}))
+    return {"Parameters": params, **fields}
+
+
+def job_doc(tasks: dict[str, Any], deps: dict[str, list[str]] | None = None,
+            **fields: Any) -> dict[str, Any]:
+    return {"Name": "test-job", "Type": "DAG", **fields,
+            "DAG": {"Tasks": tasks, "Dependencies": deps or {}}}
+
+
+def submit_doc(sched: Scheduler, doc: dict[str, Any]) -> str:
+    doc = json.loads(json.dumps(doc))
+    job = Job.parse(doc)
+    job_id, _ = submit.create_from(sched.store, sched.jobs_dir, job, doc,
+                                   sched.settings.max_timeout)
+    return job_id
+
+
+def tcp_base(service: Any) -> str:
+    assert service.server is not None and service.server.tcp_address
+    host, port = service.server.tcp_address
+    return f"http://{host}:{port}"
+
+
+needs_fuse = pytest.mark.skipif(
+    shutil.which("rclone") is None or not Path("/dev/fuse").exists() or os.geteuid() != 0,
+    reason="needs rclone, /dev/fuse and root",
+)
