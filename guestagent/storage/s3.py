@@ -105,6 +105,8 @@ class _Request:
     headers: Mapping[str, str]
     body: Body
     sink: Callable[[HttpResponse], None] | None
+    # Called with each attempt's headers: a ranged GET asks for what is still missing.
+    update: Callable[[dict[str, str]], None] | None = None
 
 
 class _Transient(Exception):
@@ -219,6 +221,8 @@ class S3Client:
         host = ep.host_for(bucket)
         path = ep.path_for(bucket, key)
         hdrs = {"host": host, **headers}
+        if req.update is not None:
+            req.update(hdrs)
         keys = self.keys.refresh() if refreshed else self.keys.current()
         sigv4.sign(method, path, query, hdrs, keys=keys, region=ep.region)
         target = path + ("?" + sigv4.canonical_query(query) if query else "")
@@ -269,10 +273,12 @@ class S3Client:
         body: Body = b"",
         ok: tuple[int, ...] = (200,),
         sink: Callable[[HttpResponse], None] | None = None,
+        update: Callable[[dict[str, str]], None] | None = None,
         what: str = "",
     ) -> Response:
         """Send a request, retrying transient failures; raise a named error otherwise."""
-        req = _Request(method, bucket, key, dict(query or {}), dict(headers or {}), body, sink)
+        req = _Request(method, bucket, key, dict(query or {}), dict(headers or {}), body, sink,
+                       update)
         refreshed = False
         attempt = 0
         while True:
@@ -336,6 +342,7 @@ class S3Client:
 
         def sink(resp: HttpResponse) -> None:
             nonlocal pos
+            _skip_to(resp, pos)
             while pos < end:
                 n = resp.readinto(view[: min(len(view), end - pos)])
                 if not n:
@@ -347,18 +354,19 @@ class S3Client:
                 pos += n
             resp.read()  # the (empty) rest, so the connection can be reused
 
+        def update(headers: dict[str, str]) -> None:
+            # Every attempt, also the client's own retries, asks from where the last stopped.
+            if end > start:
+                headers["range"] = f"bytes={pos}-{end - 1}"
+
         headers: dict[str, str] = {}
         if etag:
             headers["if-match"] = f'"{etag}"'
-        last: Mapping[str, str] = {}
         while True:
-            if end > start:
-                headers["range"] = f"bytes={pos}-{end - 1}"
             before = pos
             try:
-                last = self.call("GET", bucket, key, headers=headers, ok=(200, 206),
-                                 sink=sink).headers
-                return last
+                return self.call("GET", bucket, key, headers=headers, ok=(200, 206),
+                                 sink=sink, update=update).headers
             except Unavailable:
                 if pos == before:
                     raise
@@ -488,6 +496,24 @@ class S3Client:
 
     def abort_multipart(self, bucket: str, key: str, upload_id: str) -> None:
         self.call("DELETE", bucket, key, query={"uploadId": upload_id}, ok=(200, 204, 404))
+
+
+def _skip_to(resp: HttpResponse, pos: int) -> None:
+    """Make sure the body starts at byte ``pos`` of the object: a 206 must say so in its
+    Content-Range; a 200 (a server that ignored the Range) is read past up to ``pos``."""
+    if resp.status == 206:
+        given = resp.headers.get("content-range", "")
+        if given and given.partition(" ")[2].partition("-")[0] != str(pos):
+            raise ProtocolError(f"asked for bytes from {pos}, got Content-Range "
+                                f"{resp.headers.get('content-range')!r}")
+        return
+    scratch = memoryview(bytearray(min(pos, READ_CHUNK)))
+    left = pos
+    while left:
+        n = resp.readinto(scratch[:min(left, len(scratch))])
+        if not n:
+            raise ProtocolError(f"the answer ended {left} bytes before byte {pos}")
+        left -= n
 
 
 def _error_code(body: bytes) -> str:
