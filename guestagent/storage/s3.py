@@ -499,13 +499,15 @@ class S3Client:
 
 
 def _skip_to(resp: HttpResponse, pos: int) -> None:
-    """Make sure the body starts at byte ``pos`` of the object: a 206 must say so in its
-    Content-Range; a 200 (a server that ignored the Range) is read past up to ``pos``."""
+    """Make sure the body starts at byte ``pos`` of the object: a Content-Range must say
+    so (some servers send it with a 200); a 200 without one (a server that ignored the
+    Range) is the whole object, read past up to ``pos``."""
+    given = resp.headers.get("content-range", "")
+    if given:
+        if given.partition(" ")[2].partition("-")[0] != str(pos):
+            raise ProtocolError(f"asked for bytes from {pos}, got Content-Range {given!r}")
+        return
     if resp.status == 206:
-        given = resp.headers.get("content-range", "")
-        if given and given.partition(" ")[2].partition("-")[0] != str(pos):
-            raise ProtocolError(f"asked for bytes from {pos}, got Content-Range "
-                                f"{resp.headers.get('content-range')!r}")
         return
     scratch = memoryview(bytearray(min(pos, READ_CHUNK)))
     left = pos
