@@ -333,9 +333,11 @@ class S3Client:
         write: Callable[[int, memoryview], None],
         *,
         etag: str = "",
+        begin: Callable[[Mapping[str, str]], None] | None = None,
     ) -> Mapping[str, str]:
         """GET bytes ``start..end-1`` into ``write(offset, data)``, resuming after a failure
-        where it stopped. ``etag`` (If-Match) fails the call if the object changed."""
+        where it stopped. ``etag`` (If-Match) fails the call if the object changed;
+        ``begin`` sees each answer's headers before its body."""
         pos = start
         buf = bytearray(min(READ_CHUNK, max(1, end - start)))
         view = memoryview(buf)
@@ -343,6 +345,8 @@ class S3Client:
         def sink(resp: HttpResponse) -> None:
             nonlocal pos
             _skip_to(resp, pos)
+            if begin is not None:
+                begin(resp.headers)
             while pos < end:
                 n = resp.readinto(view[: min(len(view), end - pos)])
                 if not n:
