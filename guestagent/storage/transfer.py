@@ -31,7 +31,7 @@ from guestagent.storage.errors import BadInput, NotFound, StorageError
 from guestagent.storage.ossurl import OssUrl
 from guestagent.storage.s3 import CRC64_HEADER, FileSlice, LocalWriteError, ObjectInfo, S3Client
 from guestagent.storage.settings import MAX_PARTS, MiB, StorageSettings
-from guestagent.storage.state import Record, StateDir
+from guestagent.storage.state import Record, StateDir, boot_id
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,9 @@ class Transfers:
                 with lock:
                     done[n] = etag or md5.hex()
                     rec.data["parts"] = {str(k): v for k, v in done.items()}
-                    rec.save(force=False)
+                    # No fsync: on resume the server's ListParts is the truth, and the
+                    # upload id (saved durably above) is what must survive.
+                    rec.save(force=False, durable=False)
                 self.progress.advance(length)
 
             self._run_all(one, [n for n in range(1, count + 1) if n not in done])
@@ -373,7 +375,8 @@ class Transfers:
         with self.state.unit("downloads", src.bucket, src.key, str(local.resolve())) as rec:
             d = rec.data
             resumed = (
-                (d.get("etag"), d.get("size"), d.get("part_size")) == (info.etag, size, part)
+                (d.get("etag"), d.get("size"), d.get("part_size"), d.get("boot"))
+                == (info.etag, size, part, boot_id())
                 and partial.exists()
                 and partial.stat().st_size == size
             )
@@ -381,10 +384,10 @@ class Transfers:
             if not resumed:
                 done = {}
                 rec.data = {"bucket": src.bucket, "key": src.key, "etag": info.etag,
-                            "size": size, "part_size": part, "done": {}}
+                            "size": size, "part_size": part, "done": {}, "boot": boot_id()}
                 fd = _open_partial(partial)
                 _grow(fd, size)
-                rec.save()
+                rec.save(durable=False)
             else:
                 fd = os.open(partial, os.O_RDWR)
                 log.info("%s: resuming download, %d of %d parts already here", src,
@@ -437,7 +440,7 @@ class Transfers:
             with lock:
                 done[n] = digest.hexdigest() if digest is not None else ""
                 rec.data["done"] = {str(k): v for k, v in done.items()}
-                rec.save(force=False)
+                rec.save(force=False, durable=False)  # trusted within this boot only
             if follower is not None:
                 follower.catch_up(wait=False)
 
