@@ -49,6 +49,11 @@ class StorageSettings:
     mount_check_interval: float = 2.0  # health check (stat with a timeout) of each mount
     mount_stat_timeout: float = 2.0
     mount_ready_timeout: float = 30.0
+    # Directories whose files the storage service uploads, "/local/dir/:oss://bucket/dir/"
+    # each: what changed is flushed on a drain or stop (within its deadline), and with
+    # output_streaming each file as soon as its writer closes it.
+    outputs: list[str] = field(default_factory=list)
+    output_streaming: bool = True
     # NAS: NFS version ("3" or "4.0"), locks (Lock: true drops nolock), mount on first use.
     nas_version: Literal["3", "4.0"] = "3"
     nas_lock: bool = False
@@ -60,17 +65,20 @@ class StorageSettings:
         self._check_transfers()
 
     def _check_mounts(self) -> None:
+        """Mount timings, and the mounts and outputs declared (each spec parsed)."""
+        from guestagent.storage.errors import BadInput
+        from guestagent.storage.mappings import parse_mount_spec, parse_output_spec
+
         for name in ("mount_check_interval", "mount_stat_timeout", "mount_ready_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
-        for spec in self.mounts:
-            from guestagent.storage.errors import BadInput
-            from guestagent.storage.mappings import parse_mount_spec
-
-            try:
+        try:
+            for spec in self.mounts:
                 parse_mount_spec(spec, "mounts")
-            except BadInput as exc:
-                raise ValueError(str(exc)) from None
+            for spec in self.outputs:
+                parse_output_spec(spec, "outputs")
+        except BadInput as exc:
+            raise ValueError(str(exc)) from None
 
     def _check_endpoint(self) -> None:
         if self.endpoint:
