@@ -65,13 +65,17 @@ class StorageSettings:
         self._check_transfers()
 
     def _check_mounts(self) -> None:
-        """Mount timings, and the mounts and outputs declared (each spec parsed)."""
-        from guestagent.storage.errors import BadInput
-        from guestagent.storage.mappings import parse_mount_spec, parse_output_spec
-
         for name in ("mount_check_interval", "mount_stat_timeout", "mount_ready_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.mounts or self.outputs:
+            self._check_specs()
+
+    def _check_specs(self) -> None:
+        """Each declared mount and output parsed (the parser is imported only then)."""
+        from guestagent.storage.errors import BadInput
+        from guestagent.storage.mappings import parse_mount_spec, parse_output_spec
+
         try:
             for spec in self.mounts:
                 parse_mount_spec(spec, "mounts")
