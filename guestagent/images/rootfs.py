@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 RECIPE_VERSION = 1
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 # systemd as init; python3 + venv for the agent's own environment; what user-data's
-# handlers drive (sudo/visudo, chrony); dbus so systemctl and logind behave as on a VM.
+# handlers drive (sudo/visudo, chrony); dbus so systemctl and logind behave as on a VM;
+# rsync and the ssh client that `guestagent migrate` sends the disks with.
 BASE_PACKAGES = (
     "systemd",
     "systemd-sysv",
@@ -40,6 +41,8 @@ BASE_PACKAGES = (
     "python3-venv",
     "sudo",
     "chrony",
+    "rsync",
+    "openssh-client",
 )
 COMPLETE = ".guestagent-rootfs"
 
