@@ -62,3 +62,39 @@ def test_start_hands_the_run_to_the_daemon_which_survives_a_restart(
     finally:
         stop2.set()
         thread2.join(30)
+
+
+def test_a_run_that_keeps_dying_in_one_boot_is_given_up(tmp_path: Path) -> None:
+    """Gone without a verdict in client_data, in the same boot, after the last allowed
+    launch: the job ends "not finished" with the reason, and nothing is started again."""
+    from guestagent.migrate.jobs import MAX_SAME_BOOT_LAUNCHES, boot_id, write_job
+    from guestagent.migrate.state import State
+
+    config = make_config(tmp_path)
+    state = State(config.parent / "client_data")
+    state.result, state.current = "running", "transfer:system"
+    state.save()
+    jobs = tmp_path / "state/migrate"
+    write_job(jobs, {"config": str(config), "root": str(tmp_path), "state": "running",
+                     "boot_id": boot_id(), "launches": MAX_SAME_BOOT_LAUNCHES})
+    service = MigrateService(MigrateSettings(), jobs)
+    service.tick()
+    job = read_job(jobs) or {}
+    assert job["state"] == "not finished" and "without a result" in job["error"]
+    assert not (jobs / "run.log").exists() and service.problem() is not None
+
+
+def test_a_run_ended_with_a_verdict_is_not_started_again(tmp_path: Path) -> None:
+    from guestagent.migrate.jobs import write_job
+    from guestagent.migrate.state import State
+
+    config = make_config(tmp_path)
+    state = State(config.parent / "client_data")
+    state.result = "not finished"
+    state.save()
+    jobs = tmp_path / "state/migrate"
+    write_job(jobs, {"config": str(config), "root": str(tmp_path), "state": "running",
+                     "boot_id": "an earlier boot", "launches": 1})
+    MigrateService(MigrateSettings(), jobs).tick()
+    assert (read_job(jobs) or {})["state"] == "not finished"
+    assert not (jobs / "run.log").exists()
