@@ -65,6 +65,7 @@ class Migration:
         self.api = EcsClient(settings.endpoint_for(config.region_id), config.access_id,
                              config.secret_key, config.region_id, settings.api_timeout)
         self.session: Session | None = None
+        self._scans: dict[str, transfer.SparseScan] = {}
         self._last_save = 0.0
         self._shown = -1
 
@@ -99,6 +100,11 @@ class Migration:
         st.result, st.last_error = "running", []
         st.save()
         plan = self.steps()
+        disks = [("transfer:system", "/")] + [(f"transfer:data{d.index}", d.src_path)
+                                              for d in self.config.data_disks]
+        for name, src_path in disks:
+            if name not in st.done:
+                self._sparse_scan(src_path)  # walks while the instance is being created
         try:
             for n, (name, action) in enumerate(plan, 1):
                 if name in st.done and name != "prechecks":
@@ -233,8 +239,7 @@ class Migration:
             self.dir / "client_keys" / f"excludes-{name.replace(':', '-')}.txt", rules)
         source = self.root if src_path == "/" else in_root(self.root, src_path)
         session = self.open_session()
-        sparse = transfer.has_sparse(source, [*transfer.DEFAULT_EXCLUDES, *data_paths]
-                                     if src_path == "/" else [])
+        sparse = self._sparse_scan(src_path).result()
         argv = transfer.rsync_argv(source, session.target(dest), excludes,
                                    self.config.bandwidth_limit, sparse=sparse)
         retries = self.settings.transfer_retries
@@ -258,6 +263,15 @@ class Migration:
             self.session = None  # a fresh login (and key) for the next attempt
             argv = transfer.rsync_argv(source, self.open_session().target(dest), excludes,
                                        self.config.bandwidth_limit, sparse=sparse)
+
+    def _sparse_scan(self, src_path: str) -> transfer.SparseScan:
+        """Whether the disk at ``src_path`` has holes (rsync -S only then), looked for once."""
+        if src_path not in self._scans:
+            source = self.root if src_path == "/" else in_root(self.root, src_path)
+            skip = ([*transfer.DEFAULT_EXCLUDES, *(d.src_path for d in self.config.data_disks)]
+                    if src_path == "/" else [])
+            self._scans[src_path] = transfer.SparseScan(source, skip)
+        return self._scans[src_path]
 
     def _raise_if_final(self, name: str, outcome: transfer.Outcome, attempt: int,
                         retries: int) -> None:
