@@ -289,7 +289,9 @@ class Migration:
 
     def _on_start(self, pid: int) -> None:
         self.state.rsync_pid = pid
-        self.state.save()
+        # Not fsynced: the pid only matters to a rerun on the same boot (the page cache has
+        # it); after a power loss no rsync is left to stop.
+        self.state.save(durable=False)
 
     def _on_progress(self, name: str, p: transfer.Progress) -> None:
         self.state.progress = {"step": name, "bytes": p.bytes, "percent": p.percent,
