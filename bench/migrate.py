@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -72,6 +73,40 @@ def bare(tree: Path, target: transfer.Target, dest: str) -> float:
     start = time.monotonic()
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
     return time.monotonic() - start
+
+
+class SaveTimer:
+    """Wall time spent writing client_data (fsynced records and progress notes)."""
+
+    def __init__(self, migration: Migration) -> None:
+        self.seconds = 0.0
+        self.count = 0
+        state = migration.state
+        inner = state.save
+
+        def timed(durable: bool = True) -> None:
+            start = time.monotonic()
+            inner(durable)
+            self.seconds += time.monotonic() - start
+            self.count += 1
+
+        state.save = timed  # type: ignore[method-assign]
+
+
+RSYNC_SECONDS: list[float] = []
+_run_rsync = transfer.run_rsync
+
+
+def _timed_rsync(*args: Any, **kwargs: Any) -> transfer.Outcome:
+    """rsync's own share of our step: the rest is orchestration."""
+    start = time.monotonic()
+    try:
+        return _run_rsync(*args, **kwargs)
+    finally:
+        RSYNC_SECONDS.append(time.monotonic() - start)
+
+
+transfer.run_rsync = _timed_rsync
 
 
 def ours(migration: Migration, dest: str, cpu: list[float] | None = None) -> float:
@@ -134,6 +169,7 @@ def main() -> int:
         t_bare: list[float] = []
         t_ours: list[float] = []
         cpu: list[float] = []
+        saves = SaveTimer(migration)
         for n in range(args.rounds):
             for name in ("bare", "ours") if n % 2 == 0 else ("ours", "bare"):
                 dest = f"{base}-{name}{n}"
@@ -154,6 +190,12 @@ def main() -> int:
               + " ".join(f"{t:.2f}" for t in t_ours))
         print(f"ratio (median times) {b / o:.3f}x (target >= 0.95x); per-round ratios "
               + " ".join(f"{r:.3f}" for r in ratios))
+        outside = statistics.median(t - r for t, r in
+                                    zip(t_ours, RSYNC_SECONDS[:len(t_ours)], strict=True))
+        print(f"our step outside rsync (session, scan, excludes, state): {outside * 1000:.0f} "
+              f"ms per transfer (median), {outside / o * 100:.1f} % of our time")
+        print(f"client_data writes: {saves.count / args.rounds:.0f} per transfer, "
+              f"{saves.seconds / args.rounds * 1000:.0f} ms per transfer in all")
         walk, scan = pre_transfer(tree, config)
         print(f"our own CPU per transfer: {statistics.median(cpu):.2f} s (progress parsing, "
               f"state, scan); before a run's transfer: used-space walk {walk:.2f} s, sparse "
