@@ -136,22 +136,45 @@ def _status(args: argparse.Namespace) -> int:
     from guestagent.migrate.state import State
 
     directory = Path(args.user_config).resolve().parent
+    job = _daemon_job(args, Path(args.user_config).resolve())
     try:
         state = State.load(directory)
     except ValueError as exc:
         print(f"guestagent: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if not state.path.exists():
+        if job is not None:
+            print(f"migration {job.get('state')} for the agent daemon (`migrate start` at "
+                  f"{job.get('submitted_at')}); nothing done yet")
+            return EXIT_OK
         print(f"guestagent: no migration has started here ({state.path} not found)",
               file=sys.stderr)
         return EXIT_ABSENT
     if args.json:
-        json.dump(state.as_dict(), sys.stdout, indent=2, sort_keys=True)
+        json.dump(state.as_dict() | ({"daemon": job} if job else {}), sys.stdout, indent=2,
+                  sort_keys=True)
         sys.stdout.write("\n")
     else:
         sys.stdout.write(render(state.as_dict()))
+        if job is not None:
+            print(f"daemon: {job.get('state')}" + (f" as {job['unit']}" if job.get("unit")
+                                                   else "")
+                  + (f", started {job['launches']} time(s) this boot" if job.get("launches")
+                     else ""))
     return EXIT_OK if state.result == "finished" else EXIT_ABSENT if not state.result else (
         EXIT_PARTIAL if state.result == "not finished" else EXIT_OK)
+
+
+def _daemon_job(args: argparse.Namespace, config: Path) -> dict[str, Any] | None:
+    """The daemon's job for this config (``migrate start``), if there is one."""
+    from guestagent.config import ConfigError
+    from guestagent.migrate.jobs import jobs_dir, read_job
+
+    try:
+        job = read_job(jobs_dir(load_settings(args).daemon.state_dir))
+    except (OSError, ValueError, ConfigError):
+        return None
+    return job if job and job.get("config") == str(config) else None
 
 
 def render(s: dict[str, Any]) -> str:

@@ -37,6 +37,10 @@ def test_start_hands_the_run_to_the_daemon_which_survives_a_restart(
     assert out.returncode == 0, out.stderr
     jobs = state_dir / "migrate"
     assert read_job(jobs)["state"] == "queued"  # type: ignore[index]
+    queued = subprocess.run([sys.executable, "-m", "guestagent", "migrate", "status", "--config",
+                             str(config)], capture_output=True, text=True, timeout=120, env=env,
+                            check=False)
+    assert queued.returncode == 0 and "migration queued for the agent daemon" in queued.stdout
     for key, value in migrate_env(ecs).items():
         monkeypatch.setenv(key, value)
 
@@ -56,6 +60,7 @@ def test_start_hands_the_run_to_the_daemon_which_survives_a_restart(
                                 text=True, timeout=60, env=env, check=False)
         state = json.loads(status.stdout)
         assert state["result"] == "finished", state
+        assert state["daemon"]["state"] == "finished" and state["daemon"]["launches"] == 1
         assert ecs.api.calls.count("CreateInstance") == 1
         assert read_job(jobs)["state"] == "finished"  # type: ignore[index]
         assert pid != 0 and service2.status()["state"] == "finished"

@@ -154,6 +154,8 @@ def test_migrate_start_survives_an_agent_restart(emulator: Any, guest_factory: A
     pid = _start(guest)
     line = wait_for(lambda: _progress(guest), timeout=300, step=0.5)
     assert "transfer:system" in line
+    shown = guest.run(["guestagent", "migrate", "status", "--config", CONFIG]).text()
+    assert f"daemon: running as {UNIT}" in shown, shown
     wait_for(lambda: _arrived(ecs) >= 4 * 2**20, timeout=300, step=0.2)
 
     assert guest.systemctl("restart", "guestagent.service", timeout=120).ok
