@@ -2,9 +2,11 @@
 
     python bench/daemon.py [--seconds 60] [--rounds 5]
 
-Idle: the real daemon, started as ``guestagent run``, with its services on (metadata
-watch, credential server, maintenance watcher, spot watcher at the production 1 s poll),
-measured from outside with psutil: RSS at the end and at its peak, CPU over the window.
+Idle: the real daemon, started as ``guestagent run``, with every service on (first boot,
+metadata watch, credentials, storage, tasks, migrate, maintenance, spot at the production
+1 s poll), measured from outside with psutil: RSS at the end and at its peak, CPU over the
+window; ``--idle-rounds`` daemons one after the other, median and spread. Then what the
+start imports, by the RSS each package adds (the place to look when RSS grows).
 Spot: a notice is posted at a random moment of the poll cycle; "seen" is the watcher's own
 timestamp (drain.json seen_at) minus the moment the notice appeared, "drained" is the drain's
 finished_at minus the same moment. First boot runs with no user-data (so it changes
@@ -81,6 +83,65 @@ def idle(emu: Emulator, seconds: float) -> dict[str, float]:
     finally:
         agent.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def idle_rounds(emu: Emulator, seconds: float, rounds: int) -> None:
+    """Several daemons one after the other (the machine is shared: one window can be hit by
+    a neighbour's burst): median and [min-max] of each figure."""
+    figs = [idle(emu, seconds) for _ in range(rounds)]
+
+    def spread(key: str, fmt: str) -> str:
+        values = [f[key] for f in figs]
+        return (f"{statistics.median(values):{fmt}} "
+                f"[{min(values):{fmt}}-{max(values):{fmt}}]")
+
+    print(f"idle [guestagent run], {rounds} daemons x {seconds:.0f} s, median [min-max]: "
+          f"RSS {spread('rss_mb', '.1f')} MB (peak {spread('peak_rss_mb', '.1f')}; target "
+          f"<= 35), CPU {spread('cpu_pct', '.3f')} % (target <= 0.5; "
+          f"{statistics.median(f['cpu_pct'] for f in figs) * 10:.2f} ms of CPU per second "
+          f"with the 1 s spot poll)")
+
+
+def import_costs(emu: Emulator, top: int = 15) -> None:
+    """What the daemon's start imports, by RSS: the daemon runs once under ``-X
+    importtime`` (every module, in import order), then a fresh interpreter imports the same
+    modules in the same order and notes what each adds to its RSS, summed per package."""
+    workdir = Path(tempfile.mkdtemp(prefix="bench-imports-"))
+    agent = AgentProcess(config(emu.url, workdir), workdir, verbose=0,
+                         python_flags=("-X", "importtime"))
+    try:
+        agent.start()
+        time.sleep(3.0)
+        agent.stop()
+        modules = [line.rsplit("|", 1)[-1].strip() for line in agent.log().splitlines()
+                   if line.startswith("import time:") and "|" in line]
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    script = (
+        "import importlib, json, sys\n"
+        "def rss():\n"
+        "    with open('/proc/self/statm') as f:\n"
+        "        return int(f.read().split()[1]) * 4096\n"
+        "out = {}\n"
+        "for m in json.load(sys.stdin):\n"
+        "    if m in sys.modules: continue\n"
+        "    before = rss()\n"
+        "    try: importlib.import_module(m)\n"
+        "    except Exception: continue\n"
+        "    g = '.'.join(m.split('.')[:2]) if m.startswith('guestagent.') else "
+        "m.split('.')[0].lstrip('_')\n"
+        "    out[g] = out.get(g, 0) + rss() - before\n"
+        "print(json.dumps([rss(), out]))\n"
+    )
+    import json
+
+    done = subprocess.run([sys.executable, "-c", script], input=json.dumps(modules),
+                          capture_output=True, text=True, check=True)
+    total, costs = json.loads(done.stdout)
+    ranked = sorted(costs.items(), key=lambda kv: -kv[1])[:top]
+    print(f"start-up imports: {len(modules)} modules; replayed in a fresh interpreter: "
+          f"{total / 2**20:.1f} MB; the largest (MB, per package, in import order):")
+    print("  " + ", ".join(f"{name} {cost / 2**20:.1f}" for name, cost in ranked))
 
 
 def interpreter_floor_mb() -> float:
@@ -164,15 +225,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60.0, help="idle window (default 60)")
     parser.add_argument("--rounds", type=int, default=5, help="spot notices (default 5)")
+    parser.add_argument("--idle-rounds", type=int, default=3,
+                        help="idle daemons measured one after the other (default 3)")
+    parser.add_argument("--idle-only", action="store_true",
+                        help="footprint only (idle rounds and start-up imports)")
     args = parser.parse_args()
     with Emulator().start() as emu:
         emu.set_user_data(None)
-        fig = idle(emu, args.seconds)
-        print(f"idle [guestagent run] over {fig['seconds']:.0f}s: RSS {fig['rss_mb']:.1f} MB "
-              f"(peak {fig['peak_rss_mb']:.1f} MB; target <= 35), "
-              f"CPU {fig['cpu_pct']:.3f} % (target <= 0.5)")
+        idle_rounds(emu, args.seconds, args.idle_rounds)
         print(f"peer floor [bare python3 interpreter, nothing imported]: RSS "
               f"{interpreter_floor_mb():.1f} MB")
+        import_costs(emu)
+        if args.idle_only:
+            return
         seen, drained = [], []
         for _ in range(args.rounds):
             s, d = notice_round(emu)

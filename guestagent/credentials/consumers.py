@@ -91,6 +91,9 @@ class Registry:
         self._by_capability: dict[str, Consumer] = {}
         self._by_token: dict[bytes, Consumer] = {}
         self._named: dict[str, Consumer] = {}
+        # Bumped by every add and remove (after the swap): what the server decided for a
+        # request under an older generation is decided again.
+        self.generation = 0
         if default.capability:
             self._by_capability[default.capability] = default
 
@@ -112,6 +115,7 @@ class Registry:
             # Swap whole dicts so the server's reads never need the lock.
             self._by_capability, self._by_token = by_cap, by_tok
             self._named = {**self._named, consumer.name: consumer}
+            self.generation += 1
 
     def mint(
         self,
@@ -149,6 +153,7 @@ class Registry:
             }
             self._by_token = {k: v for k, v in self._by_token.items() if v is not consumer}
             self._named = {k: v for k, v in self._named.items() if k != name}
+            self.generation += 1
 
     def names(self) -> list[str]:
         return sorted(self._named)

@@ -60,10 +60,19 @@ class SessionTokens:
         return token
 
     def valid(self, headers: dict[bytes, bytes]) -> bool:
+        return self.check(headers) is not None
+
+    def check(self, headers: dict[bytes, bytes]) -> bytes | None:
+        """The digest of the request's session token while that token is valid, else None."""
         presented = headers.get(SESSION_HEADER)
         if not presented:
-            return False
-        lapses = self._expiry.get(hashlib.sha256(presented.strip()).digest())
+            return None
+        key = hashlib.sha256(presented.strip()).digest()
+        return key if self.holds(key) else None
+
+    def holds(self, key: bytes) -> bool:
+        """The token with this digest is still valid (issued, not lapsed, not forgotten)."""
+        lapses = self._expiry.get(key)
         return lapses is not None and self._clock() < lapses
 
 

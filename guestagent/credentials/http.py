@@ -26,7 +26,7 @@ import socket
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from guestagent.credentials import formats
 from guestagent.credentials.peers import Peer, is_loopback, tcp_peer, unix_peer
@@ -90,6 +90,12 @@ class Handler(Protocol):
     """What a connection asks of the server."""
 
     def handle(self, peer: Peer, req: Request) -> bytes | Snapshot: ...
+
+    def answer(self, peer: Peer, req: Request) -> tuple[bytes | Snapshot, Any]:
+        """As ``handle``, plus an opaque grant to :meth:`replay` for the same head (or None)."""
+
+    def replay(self, grant: Any) -> bytes | Snapshot | None:
+        """Answer from a grant of this connection's last head; None: call ``answer``."""
 
     def wait_and_handle(self, req: Request, snap: Snapshot) -> Awaitable[bytes]: ...
 
@@ -160,6 +166,10 @@ class Connection(asyncio.Protocol):
         self.paused = False
         self.eof = False
         self.deadline = math.inf
+        # The last head parsed and what came of it: keep-alive clients repeat their head
+        # byte for byte, and such a repeat skips parsing and the per-head checks.
+        self.last_head = b""
+        self.last: tuple[Request, int, Any] | None = None
 
     # -- asyncio callbacks -------------------------------------------------------------
 
@@ -268,11 +278,16 @@ class Connection(asyncio.Protocol):
                 if len(self.buf) >= MAX_HEAD + 4:
                     self._fail(431, "HeaderTooLarge", f"request head larger than {MAX_HEAD} bytes")
                 break
-            parsed = parse_head(self.buf[:end])
-            if parsed is None:
-                self._fail(400, "BadRequest", "malformed request")
-                return
-            req, body_len = parsed
+            head = self.buf[:end]
+            last = self.last
+            if last is not None and head == self.last_head:
+                req, body_len, grant = last
+            else:
+                parsed = parse_head(head)
+                if parsed is None:
+                    self._fail(400, "BadRequest", "malformed request")
+                    return
+                (req, body_len), grant = parsed, None
             if body_len:
                 if body_len > MAX_HEAD:
                     self._fail(400, "BadRequest", "unsupported body")
@@ -280,7 +295,10 @@ class Connection(asyncio.Protocol):
                 if len(self.buf) < end + 4 + body_len:
                     break  # tiny bodies on a GET are tolerated and skipped, once here
             self.buf = self.buf[end + 4 + body_len :]
-            result = self.server.handle(peer, req)
+            result = None if grant is None else self.server.replay(grant)
+            if result is None:
+                result, grant = self.server.answer(peer, req)
+                self.last_head, self.last = head, (req, body_len, grant)
             if isinstance(result, bytes):
                 self._answer(result, req.close)
                 continue

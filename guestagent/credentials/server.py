@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from guestagent.credentials import ec2
 from guestagent.credentials.consumers import Consumer, Registry
@@ -75,6 +75,16 @@ class _Rendered:
         if out is None:
             out = self.cache[key] = response(200, self.snapshot.bodies[fmt], close=close)
         return out
+
+
+class Grant(NamedTuple):
+    """A request for credentials that passed every check its head and peer decide."""
+
+    consumer: Consumer
+    fmt: str
+    close: bool
+    generation: int  # the registry's when granted: adding or removing a consumer voids it
+    session: bytes | None  # digest of the EC2 session token that let it in
 
 
 class CredentialServer:
@@ -245,8 +255,31 @@ class CredentialServer:
 
     def handle(self, peer: Peer, req: Request) -> bytes | Snapshot:
         """The response bytes, or the snapshot to wait past (mandatory window)."""
-        method, target, headers, close = req
+        return self.answer(peer, req)[0]
+
+    def answer(self, peer: Peer, req: Request) -> tuple[bytes | Snapshot, Grant | None]:
+        """As :meth:`handle`, plus the grant a connection may :meth:`replay` when its
+        client sends the very same head again (None: no credentials were served)."""
         self.requests += 1
+        decided = self._decide(peer, req)
+        if isinstance(decided, Grant):
+            return self._answer(decided.consumer, decided.fmt, decided.close), decided
+        return decided, None
+
+    def replay(self, grant: Grant) -> bytes | Snapshot | None:
+        """Answer a head identical to the one ``grant`` came from, on the same connection
+        (so from the same peer): everything that head and peer decided still holds unless
+        a consumer was added or removed since, or the session token lapsed (then None: decide
+        again). What changes over time (the snapshot, its windows) is checked as always."""
+        if grant.generation != self.registry.generation:
+            return None
+        if grant.session is not None and not self.sessions.holds(grant.session):
+            return None
+        self.requests += 1
+        return self._answer(grant.consumer, grant.fmt, grant.close)
+
+    def _decide(self, peer: Peer, req: Request) -> bytes | Grant:
+        method, target, headers, close = req
         if b"x-forwarded-for" in headers or b"forwarded" in headers or b"x-real-ip" in headers:
             # A proxy relayed this request: the peer we identified is not the client.
             proxied = next(h for h in _PROXY_HEADERS if h in headers)
@@ -286,7 +319,7 @@ class CredentialServer:
                 peer, 401, "Unauthorized", "missing or wrong Authorization token; send the "
                 "content of the endpoint's token file", close,
             )
-        return self._answer(consumer, fmt, close)
+        return Grant(consumer, fmt, close, self.registry.generation, None)
 
     def _authenticated(self, consumer: Consumer, by_path: bool, peer: Peer,
                        auth: bytes | None) -> bool:
@@ -335,9 +368,10 @@ class CredentialServer:
         return self._unavailable(snap, close)
 
     def _ec2(self, consumer: Consumer, by_path: bool, req: Request,
-             rest: bytes) -> bytes | Snapshot:
+             rest: bytes) -> bytes | Grant:
         method, headers, close = req.method, req.headers, req.close
-        if rest != ec2.TOKEN and not by_path and not self.sessions.valid(headers):
+        session = None if rest == ec2.TOKEN or by_path else self.sessions.check(headers)
+        if rest != ec2.TOKEN and not by_path and session is None:
             return error_response(401, "Unauthorized", "EC2-style reads need a session token: "
                                   "PUT /latest/api/token first (or use a capability path)",
                                   close=close)
@@ -359,7 +393,7 @@ class CredentialServer:
             return response(200, name, close=close)
         if role != name:
             return error_response(404, "NotFound", "no such role", close=close)
-        return self._answer(consumer, "ec2", close)
+        return Grant(consumer, "ec2", close, self.registry.generation, session)
 
     async def wait_and_handle(self, req: Request, snap: Snapshot) -> bytes:
         """Mandatory window: wait for the rotator's next word, then serve or refuse."""

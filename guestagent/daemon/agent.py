@@ -23,7 +23,7 @@ from typing import Any
 
 from guestagent import __version__, config, process
 from guestagent.config import Settings
-from guestagent.daemon import control
+from guestagent.daemon import control, restart
 from guestagent.daemon.lock import DaemonLock
 from guestagent.daemon.notify import Notifier
 from guestagent.daemon.registry import Context, ServiceSpec, build, requirements, specs
@@ -289,10 +289,15 @@ class Daemon:
         began = time.monotonic()
         deadline = began + self.settings.daemon.stop_timeout
         assert self.ctx is not None
-        self.ctx.draining.set()
         self.supervisor.freeze()
-        # Drain and stop share the budget: the drain gets at most half of it.
-        self.supervisor.drain(began + (deadline - began) / 2)
+        if self.init == "systemd" and restart.restart_pending():
+            # A restart: no drain. Mounts and detached work stay; the next agent adopts them.
+            self.ctx.restarting.set()
+            log.warning("restarting: leaving mounts and detached work to the next agent")
+        else:
+            self.ctx.draining.set()
+            # Drain and stop share the budget: the drain gets at most half of it.
+            self.supervisor.drain(began + (deadline - began) / 2)
         stuck = self.supervisor.stop(deadline)
         log.warning("guestagent stopped%s", f" ({', '.join(stuck)} did not)" if stuck else "")
         return 0

@@ -53,6 +53,8 @@ class Context:
     request_drain: Callable[[DrainRequest], None]
     # Set once the instance drains: take no new work.
     draining: threading.Event = field(default_factory=threading.Event)
+    # Set when systemd restarts the agent (no drain): leave detached work for the next one.
+    restarting: threading.Event = field(default_factory=threading.Event)
     # The settings file the daemon was started with (for child processes).
     config_path: str | None = None
     # False in the daemon: heavy one-shots run as child processes (see daemon/child.py).

@@ -32,6 +32,7 @@ RECIPE_VERSION = 1
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 # systemd as init; python3 + venv for the agent's own environment; what user-data's
 # handlers drive (sudo/visudo, chrony); dbus so systemctl and logind behave as on a VM;
+# fuse3 (fusermount3, which rclone mount needs) for the OSS mounts of the storage service;
 # rsync and the ssh client that `guestagent migrate` sends the disks with.
 BASE_PACKAGES = (
     "systemd",
@@ -41,6 +42,7 @@ BASE_PACKAGES = (
     "python3-venv",
     "sudo",
     "chrony",
+    "fuse3",
     "rsync",
     "openssh-client",
 )

@@ -255,6 +255,14 @@ def parse_mount_spec(text: str, where: str = "mount") -> MountEntry:
     return mount_entry({"Source": source, "Destination": dest}, where)
 
 
+def parse_output_spec(text: str, where: str = "output") -> OutputMap:
+    """``/local/dir/:oss://bucket/dir/``: a directory whose files go to an OSS directory."""
+    local, sep, dest = text.partition(":oss://")
+    if not sep or not local.startswith("/"):
+        raise BadInput(f"{where}: want /local/dir/:oss://bucket/dir/, got {text!r}")
+    return OutputMap(local_dir(local, where), _oss_dir("oss://" + dest, where))
+
+
 def mount_entry(raw: Any, where: str) -> MountEntry:
     entry = _table(raw, where)
     unknown = set(entry) - {"Source", "Destination", "WriteSupport"}

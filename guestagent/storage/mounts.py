@@ -9,6 +9,9 @@
   with a timeout, so a hung FUSE server is reported, never waited on.
 - Each mount is recorded in ``<run_dir>/storage/mounts/``, so ``storage mounts`` and a
   restarted daemon find (and adopt) mounts made by another process.
+- rclone runs through :mod:`guestagent.detached` (a transient unit ``guestagent-mount-<hash
+  of the mount point>`` under systemd), outside the agent's cgroup: an agent restart
+  leaves the mount in place, and the next agent adopts it instead of remounting.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from guestagent import process
+from guestagent import detached, process
 from guestagent.files import atomic_write
 from guestagent.storage.errors import BadInput, StorageError
 from guestagent.storage.ossurl import OssUrl
@@ -38,6 +41,11 @@ log = logging.getLogger(__name__)
 
 REMOTE = "GAOSS"  # rclone remote configured through RCLONE_CONFIG_GAOSS_* variables
 FUSE_CONF = Path("/etc/fuse.conf")
+# The agent's own unit variables: meaningless (or misleading: rclone mount notifies
+# NOTIFY_SOCKET) for a process that outlives it in another unit.
+_AGENT_ONLY = frozenset({"NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
+                         "WATCHDOG_USEC", "WATCHDOG_PID", "INVOCATION_ID", "JOURNAL_STREAM",
+                         "MAINPID", "MANAGERPID", "SYSTEMD_EXEC_PID"})
 HUNG_CHECKS = 3  # consecutive timed-out health checks before a hung mount is remade
 
 
@@ -173,19 +181,23 @@ class _Proc(Protocol):
     def stop(self, grace: float) -> None: ...
 
 
-class _Spawned:
-    def __init__(self, child: process.Child) -> None:
-        self.child = child
+class _Detached:
+    """rclone started through :mod:`guestagent.detached` (by us, or adopted by name)."""
+
+    def __init__(self, work: detached.Detached, run_dir: Path) -> None:
+        self.work = work
+        self.run_dir = run_dir
 
     @property
     def pid(self) -> int:
-        return self.child.pid
+        return self.work.pid or 0
 
     def alive(self) -> bool:
-        return self.child.poll() is None
+        return self.work.running()
 
     def stop(self, grace: float) -> None:
-        self.child.stop(grace)
+        self.work.stop(grace, run_dir=self.run_dir)  # also unlinks its record and env file
+        process.reap_adopted()
 
 
 class _Adopted:
@@ -257,6 +269,11 @@ class Mount:
         return self.options.run_dir / "mounts" / f"{digest}.json"
 
     @property
+    def work_name(self) -> str:
+        """The detached work's name (a valid unit name): stable for one mount point."""
+        return f"mount-{self.record_path.stem}"
+
+    @property
     def log_path(self) -> Path:
         return self.options.run_dir / "logs" / f"rclone-{self.record_path.stem}.log"
 
@@ -316,9 +333,14 @@ class Mount:
     def _spawn(self) -> None:
         lazy_unmount(self.dest)  # a dead FUSE mount of ours left behind
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        child = process.spawn(self.argv(), name=f"rclone {self.dest}", env=self.remote.env(),
+        run_dir = self.options.run_dir
+        old = detached.adopt(self.work_name, run_dir=run_dir)
+        if old is not None:  # an rclone of ours whose record was lost: ours to replace
+            old.stop(2.0, run_dir=run_dir)
+        env = {k: v for k, v in self.remote.env().items() if k not in _AGENT_ONLY}
+        work = detached.start(self.work_name, self.argv(), run_dir=run_dir, env=env,
                               log_path=self.log_path)
-        self.proc = _Spawned(child)
+        self.proc = _Detached(work, run_dir)
         end = time.monotonic() + self.options.ready_timeout
         while mountinfo(self.dest) is None:
             if not self.proc.alive() or time.monotonic() > end:
@@ -373,14 +395,22 @@ class Mount:
             lazy_unmount(self.dest)
             if self.proc is not None:
                 self.proc.stop(grace)
-                self.proc = None
+            if not isinstance(self.proc, _Detached):
+                # Its detached work is gone already: forget its record and env file too.
+                gone = detached.Detached(self.work_name, "none", None)
+                gone.stop(0.0, run_dir=self.options.run_dir)
+            self.proc = None
             self.health = "stopped"
             with contextlib.suppress(FileNotFoundError):
                 self.record_path.unlink()
             log.info("unmounted %s", self.dest)
 
     def adopt(self, record: Mapping[str, Any]) -> None:
-        self.proc = _Adopted(int(record.get("pid", 0)), str(record.get("started", "")))
+        work = detached.adopt(self.work_name, run_dir=self.options.run_dir)
+        if work is not None:
+            self.proc = _Detached(work, self.options.run_dir)
+        else:  # gone, or a record from before mounts were detached: checked by pid
+            self.proc = _Adopted(int(record.get("pid", 0)), str(record.get("started", "")))
         self.remounts = int(record.get("remounts", 0))
 
     def _write_record(self) -> None:

@@ -1,9 +1,17 @@
 """The daemon's ``storage`` service: mounts declared in ``[storage] mounts`` made at start and
-kept healthy (and the CLI's mounts supervised too), OutputMapping/LogMapping uploads flushed
-on a spot drain within its deadline, and both shown by ``guestagent status``.
+kept healthy (and the CLI's mounts supervised too), the output directories of ``[storage]
+outputs`` uploaded (streamed as files close, flushed on a drain), and both shown by
+``guestagent status``.
 
-Mounts outlive an agent restart: stopping the service leaves them (a restarted agent adopts
-them from their records); a drain flushes outputs and then unmounts lazily.
+Life cycle of the mounts (rclone runs outside the agent: a transient unit under systemd):
+
+- the agent restarts (``systemctl restart``, an upgrade, a kill -9, a crash, a watchdog
+  abort): the daemon does not drain (see :mod:`guestagent.daemon.restart`), ``run`` ends and
+  leaves the mounts; the next agent adopts them from their records — the same rclone, no
+  remount, so a task reading a mount never sees it go;
+- the agent stops (``systemctl stop``, shutdown, SIGTERM without systemd) or the instance
+  drains (spot notice): :meth:`StorageService.drain` flushes the pending uploads within the
+  deadline, then unmounts lazily (open files keep working until closed) and ends rclone.
 """
 
 from __future__ import annotations
@@ -19,7 +27,12 @@ from guestagent.service import Service
 from guestagent.storage.api import Storage, mount_options
 from guestagent.storage.errors import StorageError, Unavailable
 from guestagent.storage.keys import Keys, SourceKeys
-from guestagent.storage.mappings import MountEntry, NasSource, parse_mount_spec
+from guestagent.storage.mappings import (
+    MountEntry,
+    NasSource,
+    parse_mount_spec,
+    parse_output_spec,
+)
 from guestagent.storage.ossurl import OssUrl
 
 log = logging.getLogger(__name__)
@@ -85,6 +98,8 @@ class StorageService(Service):
         self.storage = storage
         self.declared = [_Declared(parse_mount_spec(s, "storage.mounts"))
                          for s in settings.storage.mounts]
+        self.outputs = [parse_output_spec(s, "storage.outputs")
+                        for s in settings.storage.outputs]
         self.interval = float(settings.storage.mount_check_interval)
         self.last_drain: dict[str, Any] | None = None
         self._wake = threading.Event()
@@ -92,6 +107,7 @@ class StorageService(Service):
     # -- the loop --------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
+        self._open_outputs()
         self._adopt_recorded()
         self._ensure()
         self.mark_ready()
@@ -99,6 +115,21 @@ class StorageService(Service):
             self._ensure()
             self.storage.mounts.check_all()
         # Leave the mounts: a restarted agent adopts them (see the module docstring).
+        for session in list(self.storage.sessions):
+            self.storage.close_output(session)
+
+    def _open_outputs(self) -> None:
+        st = self.settings.storage
+        opened = {str(s.local) for s in self.storage.sessions}
+        for out in self.outputs:
+            if str(out.local) in opened:
+                continue
+            try:
+                Path(out.local).mkdir(parents=True, exist_ok=True)
+                self.storage.open_output(Path(out.local), out.dest,
+                                         streaming=st.output_streaming)
+            except (OSError, StorageError) as exc:
+                log.warning("storage output %s: %s", out.local, exc)
 
     def _ensure(self) -> None:
         now = time.monotonic()

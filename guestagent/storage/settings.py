@@ -49,6 +49,11 @@ class StorageSettings:
     mount_check_interval: float = 2.0  # health check (stat with a timeout) of each mount
     mount_stat_timeout: float = 2.0
     mount_ready_timeout: float = 30.0
+    # Directories whose files the storage service uploads, "/local/dir/:oss://bucket/dir/"
+    # each: what changed is flushed on a drain or stop (within its deadline), and with
+    # output_streaming each file as soon as its writer closes it.
+    outputs: list[str] = field(default_factory=list)
+    output_streaming: bool = True
     # NAS: NFS version ("3" or "4.0"), locks (Lock: true drops nolock), mount on first use.
     nas_version: Literal["3", "4.0"] = "3"
     nas_lock: bool = False
@@ -64,6 +69,14 @@ class StorageSettings:
 
             try:
                 parse_mount_spec(spec, "mounts")
+            except BadInput as exc:
+                raise ValueError(str(exc)) from None
+        for spec in self.outputs:
+            from guestagent.storage.errors import BadInput
+            from guestagent.storage.mappings import parse_output_spec
+
+            try:
+                parse_output_spec(spec, "outputs")
             except BadInput as exc:
                 raise ValueError(str(exc)) from None
         if self.endpoint:

@@ -13,23 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fixtures.cloud import SCALE, SCALED  # sets live 12 s, windows to match
 
 from guestagent.config import Settings, from_mapping
 from guestagent.credentials.local import UnixHTTPConnection
 from guestagent.credentials.service import CredentialService
 from guestagent.metadata.client import MetadataClient
-
-# The emulator at time_scale 1800: sets live 12 s, the next one appears 1 s before expiry.
-SCALE = 1800.0
-SCALED = {
-    "advisory_window": 1.0,
-    "mandatory_window": 0.5,
-    "safety_margin": 0.2,
-    "poll_interval": 0.2,
-    "refresh_interval": 0.1,
-    "retry_interval": 0.1,
-    "request_wait": 0.5,
-}
 
 
 class Running:

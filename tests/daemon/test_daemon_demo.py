@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from daemon_harness import subprocess_env
+from fixtures.agent import subprocess_env
 from polling import wait_for
 
 pytestmark = pytest.mark.slow

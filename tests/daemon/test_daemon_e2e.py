@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from daemon_harness import subprocess_env
 from daemon_probes import events
+from fixtures.agent import subprocess_env
 from polling import wait_for
 
 from guestagent.daemon.localrun import to_toml

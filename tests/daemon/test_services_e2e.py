@@ -11,7 +11,7 @@ from typing import Any
 
 import polling
 import pytest
-from daemon_harness import subprocess_env
+from fixtures.agent import subprocess_env
 
 from guestagent.credentials.local import UnixHTTPConnection
 

@@ -1,9 +1,6 @@
 import sys
 from pathlib import Path
 
-# The daemon harness (and the probe services it plugs in) live in tests/daemon.
+# The probe services (and their ``events`` reader) live in tests/daemon; the agent_factory
+# fixture comes from tests/fixtures/agent.py.
 sys.path.insert(0, str(Path(__file__).parents[1] / "daemon"))
-
-from daemon_harness import agent_factory
-
-__all__ = ["agent_factory"]

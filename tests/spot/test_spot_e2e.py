@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daemon_harness import write_hook
 from daemon_probes import events
+from fixtures.agent import write_hook
 from polling import wait_for
 
 from guestagent.drain import load_report

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from daemon_harness import write_hook
+from fixtures.agent import write_hook
 
 from guestagent.hooks import list_hooks, run_hooks
 

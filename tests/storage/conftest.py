@@ -1,82 +1,21 @@
-"""Fixtures of the storage mount tests: the agent's credential service (against the
-emulator) with a loopback TCP listener for rclone, and buckets on the moto server."""
+"""Fixtures of the storage tests: our S3 client and transfers on the moto server, and
+``rclone serve s3`` with a key of its own. The credential server (``creds``) and buckets
+(``bucket``) come from tests/fixtures/cloud.py."""
 
 from __future__ import annotations
 
-import threading
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from storage_helpers import KEYS, boto
 
-from guestagent.config import from_mapping
-from guestagent.credentials.service import CredentialService
-from guestagent.metadata.client import MetadataClient
 from guestagent.storage.endpoint import from_url
 from guestagent.storage.keys import StaticKeys
 from guestagent.storage.s3 import S3Client
 from guestagent.storage.settings import MiB
 from guestagent.storage.transfer import Options, Transfers
-
-
-class Creds:
-    def __init__(self, service: CredentialService, token_file: Path) -> None:
-        self.service = service
-        self.token_file = token_file
-
-    @property
-    def aws_url(self) -> str:
-        assert self.service.server is not None and self.service.server.tcp_address
-        host, port = self.service.server.tcp_address
-        return f"http://{host}:{port}/v1/credentials/aws"
-
-
-@pytest.fixture
-def creds(emulator: Any, tmp_path: Path) -> Iterator[Creds]:
-    token_file = tmp_path / "creds-token"
-    settings = from_mapping({
-        "metadata": {"url": emulator.url, "timeout": 1.0, "retries": 1},
-        "credentials": {"socket_path": str(tmp_path / "run" / "credentials.sock"),
-                        "tcp_enabled": True, "tcp_port": 0, "token_file": str(token_file)},
-    })
-    client = MetadataClient(settings.metadata)
-    service = CredentialService(settings, client)
-    stop = threading.Event()
-    service.start(stop)
-    try:
-        import time
-
-        end = time.monotonic() + 20
-        while service.rotator.snapshot.state != "ok":
-            assert time.monotonic() < end, service.status()
-            time.sleep(0.05)
-        yield Creds(service, token_file)
-    finally:
-        stop.set()
-        service.close()
-        client.close()
-
-
-@pytest.fixture
-def bucket(s3: Any) -> Callable[..., str]:
-    """Make a bucket on moto holding ``objects`` (key -> bytes); returns its name."""
-    import boto3
-
-    admin = boto3.client("s3", endpoint_url=s3.url, region_name="us-east-1",
-                         aws_access_key_id="admin", aws_secret_access_key="admin")
-
-    def make(objects: dict[str, bytes] | None = None) -> str:
-        name = "b-" + uuid.uuid4().hex[:12]
-        admin.create_bucket(Bucket=name)
-        for key, data in (objects or {}).items():
-            admin.put_object(Bucket=name, Key=key, Body=data)
-        return name
-
-    make.client = admin  # type: ignore[attr-defined]
-    return make
 
 
 @pytest.fixture

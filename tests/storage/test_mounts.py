@@ -166,3 +166,48 @@ def test_a_hung_rclone_is_reported_then_replaced(bucket, remote, table, tmp_path
             os.killpg(first, signal.SIGCONT)
     assert mount.proc.pid != first and mount.check() == "ok"
     assert (dest / "h.txt").read_bytes() == b"answers again"
+
+
+AGENT = """
+import sys
+from pathlib import Path
+from guestagent.storage.mounts import Mount, MountTable, Options, RcloneRemote
+from guestagent.storage.ossurl import OssUrl
+endpoint, creds_url, token_file, bucket, dest, run_dir = sys.argv[1:]
+remote = RcloneRemote(endpoint=endpoint, credentials_url=creds_url, region="us-east-1",
+                      path_style=True, token_file=Path(token_file))
+mount = MountTable().add(Mount(OssUrl(bucket, ""), Path(dest), remote,
+                               Options(run_dir=Path(run_dir), ready_timeout=60)))
+print(mount.proc.pid, flush=True)
+"""
+
+
+def test_a_mount_outlives_the_agent_that_made_it_and_is_adopted(bucket, remote, table,
+                                                                 tmp_path, creds, s3):
+    import subprocess
+    import sys
+
+    name = bucket({"kept.txt": b"across a restart"})
+    dest = tmp_path / "mnt"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    first = subprocess.run(
+        [sys.executable, "-c", AGENT, s3.url, creds.aws_url, str(creds.token_file), name,
+         str(dest), str(tmp_path / "run-storage")],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    pid = int(first.stdout.split()[-1])
+    try:
+        # That agent has exited; its mount has not.
+        assert mountinfo(dest) == "fuse.rclone"
+        assert (dest / "kept.txt").read_bytes() == b"across a restart"
+        mount = table.add(Mount(OssUrl(name, ""), dest, remote, options(tmp_path)))
+        assert mount.proc.pid == pid and mount.remounts == 0 and mount.check() == "ok"
+        table.release(dest)
+        assert mountinfo(dest) is None
+        wait_for(lambda: not Path(f"/proc/{pid}").exists()
+                 or "Z" in Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2][:3],
+                 timeout=30)
+    finally:
+        if mountinfo(dest) is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)

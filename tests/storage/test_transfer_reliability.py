@@ -184,35 +184,6 @@ def test_server_restart_mid_transfer_is_retried(rclone_oss: RcloneOss, tmp_path:
     client.close()
 
 
-@pytest.fixture
-def scaled_creds(emulator: Any, tmp_path: Path) -> Iterator[Any]:
-    """The credential service with the emulator at time scale 1800 (sets live 12 s)."""
-    from guestagent.config import from_mapping
-    from guestagent.credentials.service import CredentialService
-    from guestagent.metadata.client import MetadataClient
-
-    emulator.set_time_scale(1800.0)
-    settings = from_mapping({
-        "metadata": {"url": emulator.url, "timeout": 0.5, "retries": 1},
-        "credentials": {"socket_path": str(tmp_path / "run" / "credentials.sock"),
-                        "advisory_window": 1.0, "mandatory_window": 0.5,
-                        "safety_margin": 0.2, "poll_interval": 0.2,
-                        "refresh_interval": 0.1, "retry_interval": 0.1,
-                        "request_wait": 0.5},
-    })
-    client = MetadataClient(settings.metadata)
-    service = CredentialService(settings, client)
-    stop = threading.Event()
-    service.start(stop)
-    try:
-        wait_for(lambda: service.rotator.snapshot.state == "ok", timeout=20)
-        yield service
-    finally:
-        stop.set()
-        service.close()
-        client.close()
-
-
 class Pause(NoProgress):
     """Holds the transfer after ``at`` files until ``until()`` is true."""
 
@@ -228,7 +199,7 @@ class Pause(NoProgress):
             wait_for(self.until, timeout=60)
 
 
-def test_rotation_during_a_transfer(scaled_creds: Any, s3: Any, tmp_path: Path) -> None:
+def test_rotation_during_a_transfer(scaled_credentials: Any, s3: Any, tmp_path: Path) -> None:
     from storage_helpers import boto
 
     boto(s3.url).create_bucket(Bucket="bkt")
@@ -238,10 +209,10 @@ def test_rotation_during_a_transfer(scaled_creds: Any, s3: Any, tmp_path: Path) 
         if snap.credentials is not None:
             expirations[snap.credentials.access_key_id] = snap.credentials.expiration.timestamp()
 
-    note(scaled_creds.rotator.snapshot)
-    scaled_creds.rotator.subscribe(note)
-    first = scaled_creds.rotator.snapshot.credentials
-    keys = SocketKeys(scaled_creds.settings.socket_path)
+    note(scaled_credentials.rotator.snapshot)
+    scaled_credentials.rotator.subscribe(note)
+    first = scaled_credentials.rotator.snapshot.credentials
+    keys = SocketKeys(scaled_credentials.settings.socket_path)
     client = S3Client(from_url(s3.url, path_style=True), keys, retries=3)
     tree = tmp_path / "tree"
     for i in range(40):

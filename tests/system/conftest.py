@@ -77,18 +77,21 @@ def _probe_boot(base: Path, work: Path) -> None:
 
 @pytest.fixture
 def guest_factory(system_layers: list[Path]) -> Iterator[Callable[..., nspawn.Machine]]:
-    """``make(emulator, config="", files={guest path: text})`` → an unbooted guest."""
+    """``make(emulator, config="", files={guest path: text}, nspawn_args=())`` → an unbooted
+    guest (``nspawn_args``: more systemd-nspawn options, e.g. ``--bind=/dev/fuse``)."""
     made: list[nspawn.Machine] = []
     with contextlib.ExitStack() as stack:
 
         def make(
-            emulator: Any, config: str = "", files: dict[str, str] | None = None
+            emulator: Any, config: str = "", files: dict[str, str] | None = None,
+            nspawn_args: tuple[str, ...] = (),
         ) -> nspawn.Machine:
             # Under /var/tmp (disk), not a tmpfs: the guest writes its journal and state there.
             work = Path(tempfile.mkdtemp(prefix="guestagent-guest.", dir="/var/tmp"))
             stack.callback(rootfs.remove_tree, work)
             root = stack.enter_context(nspawn.overlay(system_layers, work / "upper", work / "root"))
-            machine = nspawn.Machine(root, f"ga-{os.getpid()}-{next(_names)}", work / "boot.log")
+            machine = nspawn.Machine(root, f"ga-{os.getpid()}-{next(_names)}", work / "boot.log",
+                                     extra=nspawn_args)
             stack.callback(machine.poweroff)
             made.append(machine)
             conf = {"/etc/guestagent/agent.toml": agent_toml(emulator, config),

@@ -56,12 +56,6 @@ def submit_doc(sched: Scheduler, doc: dict[str, Any]) -> str:
     return job_id
 
 
-def tcp_base(service: Any) -> str:
-    assert service.server is not None and service.server.tcp_address
-    host, port = service.server.tcp_address
-    return f"http://{host}:{port}"
-
-
 needs_fuse = pytest.mark.skipif(
     shutil.which("rclone") is None or not Path("/dev/fuse").exists() or os.geteuid() != 0,
     reason="needs rclone, /dev/fuse and root",

@@ -4,61 +4,24 @@ it, credentials from the agent's credential server (EC2-style route) across rota
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
+from dockerjobs import docker, registry_factory
 from polling import wait_for
 
-from guestagent import process
-from guestagent.config import from_mapping
 from guestagent.credentials.service import CredentialService
-from guestagent.metadata.client import MetadataClient
 from guestagent.tasks.ossregistry import OssRegistry, RegistryError, RegistryStorage
 
-# Sets live 12 s at this scale (see tests/credentials/conftest.py).
-SCALE = 1800.0
 BUCKET = "images-bucket"
-
-
-@pytest.fixture
-def credentials(emulator: Any, tmp_path: Path) -> Iterator[CredentialService]:
-    emulator.set_time_scale(SCALE)
-    settings = from_mapping({
-        "metadata": {"url": emulator.url, "timeout": 0.5, "retries": 1},
-        "credentials": {"socket_path": str(tmp_path / "credentials.sock"), "tcp_enabled": True,
-                        "tcp_port": 0, "advisory_window": 1.0, "mandatory_window": 0.5,
-                        "safety_margin": 0.2, "poll_interval": 0.2, "refresh_interval": 0.1,
-                        "retry_interval": 0.1, "request_wait": 0.5},
-    })
-    client = MetadataClient(settings.metadata)
-    service = CredentialService(settings, client)
-    stop = threading.Event()
-    service.start(stop)
-    wait_for(lambda: service.rotator.snapshot.state == "ok")
-    yield service
-    stop.set()
-    service.close()
-    client.close()
 
 
 def _registry(s3: Any, credentials: CredentialService, workdir: Path) -> OssRegistry:
     boto3.client("s3", endpoint_url=s3.url, region_name="us-east-1", aws_access_key_id="test",
                  aws_secret_access_key="test").create_bucket(Bucket=BUCKET)
-    minted = credentials.registry.mint("registry", credentials.rotator)
-    assert credentials.server is not None and credentials.server.tcp_address
-    host, port = credentials.server.tcp_address
-    return OssRegistry(RegistryStorage.parse(f"oss://{BUCKET}/team/images/"), s3.url,
-                       "cn-hangzhou", f"http://{host}:{port}{minted.path}", workdir)
-
-
-def _docker(engine: Any, *args: str) -> process.Result:
-    res = process.run(["docker", "-H", engine.host, *args], timeout=180)
-    assert res.ok, res.stderr.decode()
-    return res
+    return registry_factory(s3, credentials, workdir)(f"oss://{BUCKET}/team/images/")
 
 
 def _registry_keys(s3: Any) -> list[str]:
@@ -67,15 +30,16 @@ def _registry_keys(s3: Any) -> list[str]:
 
 @pytest.mark.slow
 def test_image_round_trip_through_oss_across_rotations(
-    s3: Any, credentials: CredentialService, docker_engine: Any, busybox_image: str,
+    s3: Any, scaled_credentials: CredentialService, docker_engine: Any, busybox_image: str,
     tmp_path: Path,
 ) -> None:
+    credentials = scaled_credentials  # a new set every ~11 s
     registry = _registry(s3, credentials, tmp_path / "registry")
     registry.start()
     try:
         ref = registry.image("batch/busybox:1")
-        _docker(docker_engine, "tag", busybox_image, ref)
-        _docker(docker_engine, "push", ref)
+        docker(docker_engine, "tag", busybox_image, ref)
+        docker(docker_engine, "push", ref)
         listed = boto3.client("s3", endpoint_url=s3.url, region_name="us-east-1",
                               aws_access_key_id="test", aws_secret_access_key="test"
                               ).list_objects_v2(Bucket=BUCKET)["Contents"]
@@ -91,10 +55,10 @@ def test_image_round_trip_through_oss_across_rotations(
         wait_for(lambda: credentials.rotator.snapshot.generation >= gen + 2, timeout=60)
         current = credentials.rotator.snapshot.credentials
         assert current is not None
-        _docker(docker_engine, "rmi", ref)
+        docker(docker_engine, "rmi", ref)
         before = len(_registry_keys(s3))
-        _docker(docker_engine, "pull", ref)
-        out = _docker(docker_engine, "run", "--rm", ref, "echo", "pulled-through-oss")
+        docker(docker_engine, "pull", ref)
+        out = docker(docker_engine, "run", "--rm", ref, "echo", "pulled-through-oss")
         assert out.text().strip() == "pulled-through-oss"
         later = _registry_keys(s3)[before:]
         assert later and not (set(later) & first), "an old set was used after two rotations"

@@ -106,13 +106,13 @@ WGET = ("sh -c 'cd /batchcompute/workdir; "
 def test_container_on_the_bridge_reads_only_its_own_endpoint(
     tmp_path: Path, credentials: CredentialService, docker_engine: Any, busybox_image: str,
 ) -> None:
-    from test_tasks_docker import _runners
+    from dockerjobs import docker_runners
 
     assert credentials.settings.socket_path is not None
     relay = Relay(credentials.settings.socket_path, TASK_ADDRESS, docker_engine.bridge).start()
     try:
         minter = TaskCredentials(credentials, None, relay)
-        sched = make_scheduler(tmp_path / "state", _runners(docker_engine), minter=minter)
+        sched = make_scheduler(tmp_path / "state", docker_runners(docker_engine), minter=minter)
         job_id = submit_doc(sched, job_doc({"inside": task(
             WGET, EnvVars={"BATCH_COMPUTE_DOCKER_IMAGE": busybox_image})}))
         assert sched.run(job_id) == "Finished", sched.store.instances(job_id)

@@ -9,32 +9,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dockerjobs import docker, docker_runners, push_to_path, registry_factory
 from polling import wait_for
-from tasks_helpers import job_doc, make_scheduler, submit_doc, task, tcp_base
+from tasks_helpers import job_doc, make_scheduler, submit_doc, task
 
-from guestagent import process
 from guestagent.credentials.service import CredentialService
-from guestagent.tasks.docker import DockerRunner
-from guestagent.tasks.ossregistry import OssRegistry, RegistryStorage
-from guestagent.tasks.runner import HostRunner
-from guestagent.tasks.settings import TasksSettings
 
 pytestmark = pytest.mark.slow
 
 
-def _docker(engine: Any, *args: str) -> process.Result:
-    res = process.run(["docker", "-H", engine.host, *args], timeout=300)
-    assert res.ok, res.stderr.decode()
-    return res
-
-
-def _runners(engine: Any, registries: Any = None) -> dict[str, Any]:
-    settings = TasksSettings(docker_host=engine.host)
-    return {"host": HostRunner(), "docker": DockerRunner(settings, registries)}
-
-
 def test_container_contract(tmp_path: Path, docker_engine: Any, busybox_image: str) -> None:
-    sched = make_scheduler(tmp_path / "state", _runners(docker_engine))
+    sched = make_scheduler(tmp_path / "state", docker_runners(docker_engine))
     cmd = ("sh -c 'env > /batchcompute/workdir/env.txt; pwd > /batchcompute/workdir/pwd.txt; "
            "grep CapEff /proc/self/status > /batchcompute/workdir/caps.txt; "
            "echo to-stdout; echo to-stderr >&2'")
@@ -57,14 +42,14 @@ def test_container_contract(tmp_path: Path, docker_engine: Any, busybox_image: s
     assert (work / "stdout").read_text() == "to-stdout\n"
     assert (work / "stderr").read_text() == "to-stderr\n"
     # Collected containers are removed.
-    listed = _docker(docker_engine, "ps", "-a", "-q", "--filter", f"label=guestagent.job={job_id}")
+    listed = docker(docker_engine, "ps", "-a", "-q", "--filter", f"label=guestagent.job={job_id}")
     assert listed.text().strip() == ""
 
 
 def test_container_ignoring_sigterm_is_killed_at_timeout(
     tmp_path: Path, docker_engine: Any, busybox_image: str
 ) -> None:
-    sched = make_scheduler(tmp_path / "state", _runners(docker_engine), kill_grace=1.0)
+    sched = make_scheduler(tmp_path / "state", docker_runners(docker_engine), kill_grace=1.0)
     cmd = "sh -c 'trap \"\" TERM; while :; do sleep 1; done'"
     job_id = submit_doc(sched, job_doc({"stubborn": task(
         cmd, Timeout=3, EnvVars={"BATCH_COMPUTE_DOCKER_IMAGE": busybox_image})}))
@@ -73,38 +58,15 @@ def test_container_ignoring_sigterm_is_killed_at_timeout(
     assert "timed out after 3s" in inst.message and inst.exit_code == 137
 
 
-def _push(engine: Any, registry: OssRegistry, local: str, name: str) -> None:
-    ref = registry.image(name)
-    _docker(engine, "tag", local, ref)
-    _docker(engine, "push", ref)
-    _docker(engine, "rmi", ref)
-
-
-def _registry_factory(s3: Any, credentials: CredentialService, root: Path,
-                      endpoint: str | None = None) -> Any:
-    def make(path: str) -> OssRegistry:
-        minted = credentials.registry.mint(f"registry-{len(list(root.glob('*')))}",
-                                           credentials.rotator)
-        return OssRegistry(RegistryStorage.parse(path), endpoint or s3.url, "cn-hangzhou",
-                           tcp_base(credentials) + minted.path,
-                           root / str(len(list(root.glob("*")))))
-    return make
-
-
 def test_image_pulled_through_the_oss_registry(
     tmp_path: Path, s3: Any, bucket: Any, credentials: CredentialService, docker_engine: Any,
     busybox_image: str,
 ) -> None:
     name = bucket()
     path = f"oss://{name}/dockers/"
-    make = _registry_factory(s3, credentials, tmp_path / "registries")
-    pusher = make(path)
-    pusher.start()
-    try:
-        _push(docker_engine, pusher, busybox_image, "myubuntu:latest")
-    finally:
-        pusher.stop()
-    runners = _runners(docker_engine, make)
+    make = registry_factory(s3, credentials, tmp_path / "registries")
+    push_to_path(make, path, docker_engine, busybox_image, "myubuntu:latest")
+    runners = docker_runners(docker_engine, make)
     sched = make_scheduler(tmp_path / "state", runners)
     env = {"BATCH_COMPUTE_DOCKER_IMAGE": "localhost:5000/myubuntu",
            "BATCH_COMPUTE_DOCKER_REGISTRY_OSS_PATH": path}
@@ -120,9 +82,9 @@ def test_registry_storage_down_fails_clearly_and_is_retried(
     tmp_path: Path, s3: Any, credentials: CredentialService, docker_engine: Any,
 ) -> None:
     # The registry runs, but its OSS endpoint answers nothing.
-    make = _registry_factory(s3, credentials, tmp_path / "registries",
+    make = registry_factory(s3, credentials, tmp_path / "registries",
                              endpoint="http://127.0.0.1:9")
-    runners = _runners(docker_engine, make)
+    runners = docker_runners(docker_engine, make)
     sched = make_scheduler(tmp_path / "state", runners)
     env = {"BATCH_COMPUTE_DOCKER_IMAGE": "myubuntu",
            "BATCH_COMPUTE_DOCKER_REGISTRY_OSS_PATH": "oss://nowhere-bucket/dockers/"}
@@ -139,7 +101,7 @@ def test_registry_storage_down_fails_clearly_and_is_retried(
 def test_dockerd_restart_mid_instance_is_retried(
     tmp_path: Path, docker_engine: Any, busybox_image: str
 ) -> None:
-    sched = make_scheduler(tmp_path / "state", _runners(docker_engine))
+    sched = make_scheduler(tmp_path / "state", docker_runners(docker_engine))
     # dockerd's shutdown kills the first attempt (PID 1 ignores SIGTERM, killed after the
     # engine's grace); the retry runs to its end on the restarted engine.
     job_id = submit_doc(sched, job_doc({"survivor": task(
@@ -170,12 +132,8 @@ def test_cli_submit_runs_an_image_from_an_oss_path(
 
     name = bucket()
     path = f"oss://{name}/dockers/"
-    pusher = _registry_factory(s3, credentials, tmp_path / "push")(path)
-    pusher.start()
-    try:
-        _push(docker_engine, pusher, busybox_image, "myimage:v1")
-    finally:
-        pusher.stop()
+    push_to_path(registry_factory(s3, credentials, tmp_path / "push"), path, docker_engine,
+                 busybox_image, "myimage:v1")
     host, port = credentials.server.tcp_address  # type: ignore[union-attr]
     (tmp_path / "agent.toml").write_text(
         f'[tasks]\ndocker_host = "{docker_engine.host}"\n'

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dockerjobs import docker_runners, push_to_path, registry_factory
 from logcount import (
     cfg_flags,
     copy_example,
@@ -75,23 +76,16 @@ def test_log_count_docker_mode_through_the_oss_registry(
     tmp_path: Path, s3: Any, bucket: Any, storage: Any, credentials: Any, docker_engine: Any,
     python_image: str,
 ) -> None:
-    from test_tasks_docker import _push, _registry_factory, _runners
-
     name, data = _bucket_with_data(bucket)
     registry_path = f"oss://{name}/dockers/"
-    make = _registry_factory(s3, credentials, tmp_path / "registries")
-    pusher = make(registry_path)
-    pusher.start()
-    try:
-        _push(docker_engine, pusher, python_image, "myubuntu:latest")
-    finally:
-        pusher.stop()
+    make = registry_factory(s3, credentials, tmp_path / "registries")
+    push_to_path(make, registry_path, docker_engine, python_image, "myubuntu:latest")
     cfg = copy_example(tmp_path / "user")
     # The guide's own command: bcs sub --file job.cfg -r ...:/home/input -w ...:/home/output
     #   --docker localhost:5000/myubuntu@oss://your-bucket/dockers/
     flags = cfg_flags(name, "/home/input", "/home/output",
                       docker=f"localhost:5000/myubuntu@{registry_path}")
-    runners = _runners(docker_engine, make)
+    runners = docker_runners(docker_engine, make)
     sched = make_scheduler(tmp_path / "state", runners, storage=storage)
     job_id, _ = submit.create(sched.store, sched.jobs_dir, cfg, flags, 21600)
     try:
@@ -112,7 +106,7 @@ def test_log_count_with_tasks_submit_wait(
     import subprocess
     import sys
 
-    from tasks_helpers import tcp_base
+    from fixtures.cloud import tcp_base
 
     name, data = _bucket_with_data(bucket)
     cfg = copy_example(tmp_path / "user")

@@ -1,3 +1,0 @@
-from daemon_harness import agent_factory
-
-__all__ = ["agent_factory"]

@@ -1,0 +1,45 @@
+"""The idle footprint (DESIGN.md §5: RSS <= 35 MB with every service on) stays in reach:
+with every service switched on, the daemon's start imports none of what only transfers,
+the CLIs, the local cloud or a child process need (bench/daemon.py prints the RSS each
+imported package costs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from polling import wait_for
+
+# Loaded where they are used (a transfer, a command, a test), never by an idle daemon.
+NOT_AT_START = (
+    "guestagent.localcloud", "guestagent.credentials.cli", "guestagent.credentials.clientenv",
+    "guestagent.storage.s3", "guestagent.storage.transfer", "guestagent.storage.cli",
+    "guestagent.tasks.ossregistry", "guestagent.tasks.cli", "guestagent.migrate.transfer",
+    "guestagent.migrate.cli", "guestagent.metadata.cli", "guestagent.metadata.pkcs7",
+    "guestagent.userdata.apply", "yaml", "email.mime", "http.server", "xml.etree.ElementTree",
+    "multiprocessing", "concurrent.futures.process",
+)
+
+
+def test_every_service_on_imports_nothing_it_does_not_run(agent_factory: Any) -> None:
+    agent = agent_factory(
+        python_flags=("-X", "importtime"),
+        credentials={"enabled": True}, storage={"enabled": True}, tasks={"enabled": True},
+        userdata={"enabled": True, "default_dns": False, "default_ntp": False,
+                  "defer_to_cloud_init": False},
+    )
+    names = ("userdata", "metadata", "credentials", "storage", "tasks", "migrate",
+             "maintenance", "spot")
+    wait_for(lambda: agent.service("userdata")["state"] == "done", timeout=60)
+    wait_for(lambda: agent.status()["healthy"], timeout=60)
+    running = {s["name"] for s in agent.status()["services"]}
+    assert set(names) <= running, running
+    assert agent.stop() == 0
+    imported = {line.rsplit("|", 1)[-1].strip() for line in agent.log().splitlines()
+                if line.startswith("import time:")}
+    # The listing is real: what each service runs on is in it (the registry's
+    # importlib.import_module of a service module itself is not listed by -X importtime;
+    # everything that module imports is).
+    for present in ("guestagent.credentials.server", "guestagent.storage.api",
+                    "guestagent.tasks.scheduler", "guestagent.spot.watcher"):
+        assert present in imported, present
+    assert not [m for m in NOT_AT_START if m in imported]
