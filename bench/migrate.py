@@ -75,6 +75,22 @@ def bare(tree: Path, target: transfer.Target, dest: str) -> float:
     return time.monotonic() - start
 
 
+def transfer_cpu(sshd_pid: int) -> float:
+    """CPU seconds used so far by the rsync and ssh processes of both ends: ours (children
+    we waited for) and the test host's (children its sshd waited for). Less sensitive to a
+    shared machine's load than wall time."""
+    import psutil
+
+    sshd = psutil.Process(sshd_pid)
+    end = time.monotonic() + 30
+    while sshd.children() and time.monotonic() < end:
+        time.sleep(0.02)  # a session's CPU is counted once sshd has reaped it
+    mine = resource.getrusage(resource.RUSAGE_CHILDREN)
+    theirs = sshd.cpu_times()
+    return (mine.ru_utime + mine.ru_stime + theirs.children_user
+            + theirs.children_system)
+
+
 class SaveTimer:
     """Wall time spent writing client_data (fsynced records and progress notes)."""
 
@@ -170,13 +186,18 @@ def main() -> int:
         t_ours: list[float] = []
         cpu: list[float] = []
         saves = SaveTimer(migration)
+        sshd = api.cloud.instances[migration.state.instance_id].host._sshd
+        assert sshd is not None
+        work_cpu: dict[str, list[float]] = {"bare": [], "ours": []}
         for n in range(args.rounds):
             for name in ("bare", "ours") if n % 2 == 0 else ("ours", "bare"):
                 dest = f"{base}-{name}{n}"
+                before = transfer_cpu(sshd.pid)
                 if name == "bare":
                     t_bare.append(bare(tree, target, dest))
                 else:
                     t_ours.append(ours(migration, dest, cpu))
+                work_cpu[name].append(transfer_cpu(sshd.pid) - before)
                 shutil.rmtree(dest, ignore_errors=True)
                 subprocess.run(["sync"], check=False)  # no writeback left for the next one
         mb = size / 2**20
@@ -190,6 +211,11 @@ def main() -> int:
               + " ".join(f"{t:.2f}" for t in t_ours))
         print(f"ratio (median times) {b / o:.3f}x (target >= 0.95x); per-round ratios "
               + " ".join(f"{r:.3f}" for r in ratios))
+        cb, co = statistics.median(work_cpu["bare"]), statistics.median(work_cpu["ours"])
+        print(f"CPU of rsync + ssh, both ends (median): bare {cb:.2f} s, ours {co:.2f} s "
+              f"(ours/bare {co / cb:.3f}); runs bare "
+              + " ".join(f"{t:.2f}" for t in work_cpu["bare"]) + "; ours "
+              + " ".join(f"{t:.2f}" for t in work_cpu["ours"]))
         outside = statistics.median(t - r for t, r in
                                     zip(t_ours, RSYNC_SECONDS[:len(t_ours)], strict=True))
         print(f"our step outside rsync (session, scan, excludes, state): {outside * 1000:.0f} "

@@ -152,7 +152,7 @@ class TestHost:
     def authorize(self, public_key: str) -> None:
         """Let exactly this key in (a new session's key replaces the last one)."""
         atomic_write(self.workdir / "authorized_keys",
-                     f"restrict {public_key.strip()}\n", mode=0o600)
+                     f"restrict {public_key.strip()}\n", mode=0o600, durable=False)
 
     def cut_connections(self) -> int:
         """Kill every SSH session of this host (the listener stays): a network cut as the

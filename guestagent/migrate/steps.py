@@ -210,11 +210,13 @@ class Migration:
         got = self.api.call("CreateMigrationSession", InstanceId=self.state.instance_id)
         keys = self.dir / KEY_DIR
         keys.mkdir(mode=0o700, exist_ok=True)
-        key_file = atomic_write(keys / "id_instance", str(got["PrivateKey"]), mode=0o600)
+        # Not fsynced: a session lives for one run; the next run asks for a new one.
+        key_file = atomic_write(keys / "id_instance", str(got["PrivateKey"]), mode=0o600,
+                                durable=False)
         host, port = str(got["Address"]), int(got["Port"])
         name = host if port == 22 else f"[{host}]:{port}"
         known = atomic_write(keys / "known_hosts", f"{name} {got['HostPublicKey']}\n",
-                             mode=0o600)
+                             mode=0o600, durable=False)
         disks = got.get("DataDisks", {}).get("DataDisk", [])
         self.session = Session(host, port, str(got.get("UserName", "root")), key_file, known,
                                str(got["SystemDiskPath"]),
@@ -327,7 +329,9 @@ class Migration:
                 entry[key] = entry.get(key, 0) + outcome.stats[label]
         entry["last_exit"] = outcome.returncode
         self.state.rsync_pid = 0
-        self.state.save()
+        # Not fsynced: the step's end is recorded durably next (mark_done, or the run's
+        # verdict); these counts only inform `migrate status`.
+        self.state.save(durable=False)
 
     def step_prepare_target(self) -> None:
         data_paths = [d.src_path for d in self.config.data_disks]

@@ -139,7 +139,9 @@ def rsync_argv(source: Path, target: Target, excludes: Path, bwlimit: int,
 def write_excludes(path: Path, patterns: list[str]) -> Path:
     from guestagent.files import atomic_write
 
-    return atomic_write(path, "".join(p + "\n" for p in patterns), mode=0o600)
+    # Not fsynced: derived from the config and rewritten by every transfer step.
+    return atomic_write(path, "".join(p + "\n" for p in patterns), mode=0o600,
+                        durable=False)
 
 
 def read_user_excludes(path: Path | None) -> list[str]:
