@@ -39,6 +39,18 @@ MAX_SAME_BOOT_LAUNCHES = 3
 # The agent's own systemd plumbing is not the run's.
 _PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
                 "LISTEN_FDNAMES", "JOURNAL_STREAM", "INVOCATION_ID")
+# Under systemd the environment goes through a file (detached.py): only what the run needs
+# (the agent's settings overrides and the locale), never whatever else the agent was given.
+_UNIT_ENV = ("PATH", "LANG", "LANGUAGE", "TZ", "PYTHONPATH")
+_UNIT_ENV_PREFIXES = ("GUESTAGENT_", "LC_")
+
+
+def run_environment(under_systemd: bool) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
+    if under_systemd:
+        env = {k: v for k, v in env.items()
+               if k in _UNIT_ENV or k.startswith(_UNIT_ENV_PREFIXES)}
+    return env
 
 
 def boot_id() -> str:
@@ -155,7 +167,7 @@ class MigrateService(Service):
         argv += ["migrate", "run", "--config", job["config"], "--root", job["root"]]
         if job.get("excludes"):
             argv += ["--excludes", job["excludes"]]
-        env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
+        env = run_environment(process.systemd_running())
         self.work = detached.start(WORK_NAME, argv, run_dir=self.jobs, env=env,
                                    log_path=self.jobs / "run.log")
         now_boot = boot_id()

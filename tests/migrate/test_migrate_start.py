@@ -103,3 +103,17 @@ def test_a_run_ended_with_a_verdict_is_not_started_again(tmp_path: Path) -> None
     MigrateService(MigrateSettings(), jobs).tick()
     assert (read_job(jobs) or {})["state"] == "not finished"
     assert not (jobs / "run.log").exists()
+
+
+def test_a_unit_gets_only_the_settings_and_locale_of_the_agent(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from guestagent.migrate.jobs import run_environment
+
+    monkeypatch.setenv("GUESTAGENT_MIGRATE_ENDPOINT", "http://127.0.0.1:1")
+    monkeypatch.setenv("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "not-for-the-unit")
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    unit = run_environment(under_systemd=True)
+    assert unit["GUESTAGENT_MIGRATE_ENDPOINT"] == "http://127.0.0.1:1" and "PATH" in unit
+    assert "ALIBABA_CLOUD_ACCESS_KEY_SECRET" not in unit and "NOTIFY_SOCKET" not in unit
+    child = run_environment(under_systemd=False)  # a child's environment, no file
+    assert "ALIBABA_CLOUD_ACCESS_KEY_SECRET" in child and "NOTIFY_SOCKET" not in child
