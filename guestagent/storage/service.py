@@ -171,11 +171,18 @@ class StorageService(Service):
             dest = Path(str(record.get("dest")))
             if dest in declared:
                 continue  # _ensure adopts it through the table
+            origin = str(record.get("origin", "cli"))
             try:
                 source = OssUrl.parse(str(record.get("source")))
                 remote = self.storage.rclone_remote()
-                self.storage.mounts.add(Mount(source, dest, remote, options,
-                                              origin=str(record.get("origin", "cli"))))
+                mount = Mount(source, dest, remote, options, origin=origin)
+                if origin == "settings":
+                    # Declared by the settings an earlier agent ran with, not by ours.
+                    mount.adopt(record)
+                    mount.stop()
+                    log.warning("storage: unmounted %s: no longer in [storage] mounts", dest)
+                    continue
+                self.storage.mounts.add(mount)
             except StorageError as exc:
                 log.warning("storage: cannot supervise the mount at %s: %s", dest, exc)
 

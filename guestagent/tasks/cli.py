@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -180,24 +181,61 @@ def _logs(args: argparse.Namespace) -> int:
             if path.exists():
                 sys.stdout.write(path.read_text(errors="replace"))
         return EXIT_OK
-    return _follow(store, args, root / "stdout")
+    return _follow(store, args, root)
 
 
-def _follow(store: Any, args: argparse.Namespace, path: Path) -> int:
-    offset = 0
+FOLLOW_POLL = 0.2
+
+
+def _follow(store: Any, args: argparse.Namespace, root: Path) -> int:
+    """Both streams as they grow (stdout here, stderr to stderr) until the instance ends:
+    host instances write the files directly, the Docker runner follows the container's
+    logs into them while it runs. A retry's attempt starts with fresh files: so does the
+    output shown."""
+    streams = [_Tail(root / "stdout", sys.stdout.buffer), _Tail(root / "stderr", sys.stderr.buffer)]
+    attempt = None
     while True:
-        if path.exists():
-            with path.open("rb") as fh:
-                fh.seek(offset)
-                chunk = fh.read()
-            offset += len(chunk)
-            sys.stdout.write(chunk.decode(errors="replace"))
-            sys.stdout.flush()
-        state = store.instance(args.job, args.task, args.instance).state
-        if state in ("Finished", "Failed", "Stopped") and (
-                not path.exists() or path.stat().st_size == offset):
+        # The state first: once it says ended, the files were complete before it did.
+        inst = store.instance(args.job, args.task, args.instance)
+        if attempt is not None and inst.retries != attempt:
+            for tail in streams:
+                tail.reset_due = True
+        attempt = inst.retries
+        for tail in streams:
+            tail.copy_new()
+        if inst.state in ("Finished", "Failed", "Stopped"):
             return EXIT_OK
-        time.sleep(0.3)
+        time.sleep(FOLLOW_POLL)
+
+
+class _Tail:
+    """One log file followed by offset. A new file (another inode) is the same attempt's
+    final copy, unless a retry came in between: then it is the next attempt's, shown from
+    its start. A file truncated in place (a restarted agent following a container's logs
+    again) is rewritten with the same bytes: the offset stays."""
+
+    def __init__(self, path: Path, out: Any) -> None:
+        self.path, self.out = path, out
+        self.offset = 0
+        self.inode: int | None = None
+        self.reset_due = False
+
+    def copy_new(self) -> None:
+        try:
+            with self.path.open("rb") as fh:
+                inode = os.fstat(fh.fileno()).st_ino
+                if inode != self.inode:
+                    if self.reset_due:
+                        self.offset, self.reset_due = 0, False
+                    self.inode = inode
+                fh.seek(self.offset)
+                chunk = fh.read()
+        except OSError:
+            return
+        if chunk:
+            self.out.write(chunk)
+            self.out.flush()
+            self.offset += len(chunk)
 
 
 def _stop(args: argparse.Namespace) -> int:

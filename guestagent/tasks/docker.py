@@ -6,10 +6,12 @@ running, as BatchCompute does); the registry part of the user's name (the
 ``localhost:5000/`` they pushed with) is replaced by ours. Without a registry path the
 image must already be in the engine. The container is not privileged, runs as root in
 ``/batchcompute/workdir`` with the guide's environment, the work dir, read-only inputs and
-output dirs bind-mounted. Its logs are copied to the instance's stdout/stderr files when
+output dirs bind-mounted. Its two streams are followed into the instance's stdout/stderr
+files while it runs (``tasks logs -f`` shows them live), and copied whole once more when
 it ends; the container is removed only then, so an agent restart finds it (and its exit
-code) again by id. A dockerd restart ends the container: the attempt fails with the
-engine's word for it and is retried per ``MaxRetryCount``.
+code) again by id, and follows its logs again from the start. A dockerd restart ends the
+container: the attempt fails with the engine's word for it and is retried per
+``MaxRetryCount``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from guestagent.files import atomic_write
@@ -36,11 +39,13 @@ log = logging.getLogger(__name__)
 # How long one call may wait on the engine (a dockerd restart makes calls fail meanwhile).
 API_TIMEOUT = 60
 PULL_TIMEOUT = 600
+# How long the end of a container waits for its log followers to write their last bytes.
+PUMP_LINGER = 2.0
 
 RegistryFactory = Callable[[str], "OssRegistry"]
 
 
-def _client(base_url: str, timeout: int = API_TIMEOUT) -> Any:
+def _client(base_url: str, timeout: int | None = API_TIMEOUT) -> Any:
     import docker  # type: ignore[import-untyped,unused-ignore]  # only Docker mode pays
 
     return docker.DockerClient(base_url=base_url, timeout=timeout)
@@ -53,16 +58,51 @@ def _errors() -> tuple[type[BaseException], ...]:
     return (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
 
 
+class _LogPump:
+    """Follows one stream of a container into a file while it runs. The file is written
+    from the container's first byte (truncated first), so a pump started again after an
+    agent restart leaves no duplicate; the stream ends when the container stops."""
+
+    def __init__(self, runner: DockerRunner, ref: str, path: Path, stream: str) -> None:
+        self.runner, self.ref, self.path, self.stream = runner, ref, path, stream
+        self.thread = threading.Thread(target=self._run, name=f"logs-{stream}-{ref[:12]}",
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        client = None
+        try:
+            # No read timeout: a quiet container may stay silent for hours.
+            client = _client(self.runner.base_url, timeout=None)
+            chunks = client.api.logs(self.ref, stdout=self.stream == "stdout",
+                                     stderr=self.stream == "stderr", stream=True, follow=True)
+            # Streaming into the live log (not atomic_write): the whole copy replaces it
+            # atomically when the container ends.
+            with self.path.open("wb", buffering=0) as out:
+                for chunk in chunks:
+                    out.write(chunk)
+        except Exception as exc:  # the end-of-run copy still has everything
+            log.debug("following the %s of %s: %s", self.stream, self.ref[:12], exc)
+        finally:
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    client.close()
+
+
 class _Container:
     def __init__(self, runner: DockerRunner, container_id: str, launch: Launch) -> None:
         self.runner = runner
         self.ref = container_id
         self.launch = launch
         self._code: int | None = None
+        self._pumps = [_LogPump(runner, container_id, launch.stdout, "stdout"),
+                       _LogPump(runner, container_id, launch.stderr, "stderr")]
 
     def _finish(self, code: int) -> int:
         """Logs to the instance's files, container removed; once."""
         if self._code is None:
+            for pump in self._pumps:
+                pump.thread.join(PUMP_LINGER)  # its stream ends with the container
             self.runner.collect(self.ref, self.launch)
             self._code = code
         return self._code

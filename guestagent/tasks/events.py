@@ -2,20 +2,23 @@
 
 Every event goes into the job's event log (``tasks show``); the ones the job subscribes
 to (``Notification.Topic.Events``; all when it names none) are delivered to the
-configured local command (body on stdin) and/or loopback URL (HTTP POST). Delivery never
-blocks the scheduler for long and a failure is logged, not fatal: events are advisory.
+configured local command (body on stdin) and/or loopback URL (HTTP POST). An event is in
+the log (the store) before the step that follows it; delivery is in event order by one
+thread of its own, so a slow command or URL never holds up an instance, and a failure is
+logged, not fatal: events are advisory. ``flush`` waits for the deliveries (a job's run
+returns only once its events went out).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import queue
 import shlex
 import threading
 import time
 import urllib.request
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 from guestagent import process
@@ -28,9 +31,12 @@ DELIVERY_TIMEOUT = 5.0
 
 
 def iso(ts: float | None) -> str:
+    """``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (time.strftime: datetime's was a hot spot)."""
     if ts is None:
         return ""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    whole = int(ts)
+    return (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+            + f".{min(999999, int((ts - whole) * 1e6)):06d}Z")
 
 
 class Events:
@@ -38,7 +44,10 @@ class Events:
         self.store = store
         self.command = shlex.split(settings.notify_command) if settings.notify_command else []
         self.url = settings.notify_url
-        self._lock = threading.Lock()  # deliveries in event order
+        # (event, body) to deliver, or a flush's marker, set once all before it are done
+        self._queue: queue.Queue[tuple[str, bytes] | threading.Event] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
 
     def job(self, job_id: str, subscribed: tuple[str, ...], state: str,
             message: str = "") -> None:
@@ -76,9 +85,33 @@ class Events:
             return
         if not (self.command or self.url):
             return
-        data = json.dumps(body).encode()
+        self._queue.put((event, json.dumps(body).encode()))
         with self._lock:
-            self._deliver(event, data)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._deliveries, name="task-events",
+                                                daemon=True)
+                self._thread.start()
+
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Wait until every event emitted so far was delivered (or failed); False when
+        ``timeout`` ran out first."""
+        if self._thread is None:
+            return True
+        done = threading.Event()
+        self._queue.put(done)
+        return done.wait(timeout)
+
+    def _deliveries(self) -> None:
+        while True:
+            item = self._queue.get()
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            event, data = item
+            try:
+                self._deliver(event, data)
+            except Exception:  # never lose the thread: later events still go out
+                log.exception("delivering %s", event)
 
     def _deliver(self, event: str, data: bytes) -> None:
         start = time.monotonic()

@@ -25,9 +25,11 @@ log = logging.getLogger(__name__)
 # Leaves traces on disk for a restarted agent: its own pid first (found again even if the
 # agent died before recording it), then the command's exit code. The shell traps TERM/INT
 # (a handler, not "ignore", so the command itself keeps the default disposition), waits
-# for the command and writes its status atomically (tmp + rename) before exiting with it.
+# for the command and writes its status before exiting with it. Builtins only (no mv: one
+# process less per instance): the status is read only once the shell is gone, and a
+# shell killed before its one small write() leaves an empty file, read as "killed".
 _SHIM = ('f=$1; echo $$ >"$2"; shift 2; trap : TERM INT; "$@"; rc=$?; '
-         'echo $rc >"$f.tmp"; mv "$f.tmp" "$f"; exit $rc')
+         'echo $rc >"$f"; exit $rc')
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import shutil
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +44,11 @@ DOCKER_ENV = {"USER": "root", "PWD": staging.DOCKER_WORKDIR,
 HOST_ENV_PASS = ("PATH", "HOME", "LANG", "LC_ALL", "USER", "LOGNAME", "TZ")
 
 # A task-scoped credential: env for the instance, and the revocation to call at its end.
+# How often a waiting DAG loop looks at the store for a stop asked by another process.
+STOP_POLL = 0.5
+# How long a finished job waits for the delivery of its notification events.
+EVENTS_FLUSH = 15.0
+
 Minter = Callable[[str, bool], tuple[dict[str, str], Callable[[], None]]]
 
 
@@ -76,9 +81,25 @@ class _JobRun:
     job: Job
     stop: threading.Event = field(default_factory=threading.Event)
     reason: str = ""
-    done: queue.Queue[_Outcome] = field(default_factory=queue.Queue)
-    running: int = 0
+    failed: str = ""  # why the job fails (it stops taking instances)
+    # Everything below is changed only under ``lock``: by the driver, and by an instance
+    # thread recording its outcome and taking the next ready instance itself.
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    wake: threading.Event = field(default_factory=threading.Event)  # for the driver
+    error: BaseException | None = None  # the bookkeeping failed in an instance thread
+    running: int = 0  # attempts claimed and not yet recorded
+    claimed: list[Instance] = field(default_factory=list)  # claimed, no thread yet
     inputs: dict[str, staging.Inputs] = field(default_factory=dict)
+    # The stored states, mirrored (see "the DAG" below).
+    tasks: dict[str, str] = field(default_factory=dict)
+    states: dict[str, dict[int, str]] = field(default_factory=dict)  # task -> index -> state
+    retries: dict[tuple[str, int], int] = field(default_factory=dict)
+    waiting: dict[str, deque[int]] = field(default_factory=dict)  # in start order
+    next_stop_check: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.order = self.job.order()
+        self.predecessors = {name: self.job.predecessors(name) for name in self.order}
 
 
 def parallel_limit(settings: TasksSettings) -> int:
@@ -149,6 +170,9 @@ class Scheduler:
         finally:
             for inputs in run.inputs.values():
                 inputs.release()
+            if not self._detached.is_set() and not self.events.flush(EVENTS_FLUSH):
+                log.warning("%s: notification events still undelivered after %ss", job_id,
+                            EVENTS_FLUSH)
             with self._lock:
                 self._runs.pop(job_id, None)
 
@@ -160,11 +184,19 @@ class Scheduler:
             return False
         run.reason = reason
         run.stop.set()
+        run.wake.set()
         return True
 
     def detach(self) -> None:
         """Leave every job as it is (for a restart); their threads end soon."""
         self._detached.set()
+        self._wake_all()
+
+    def _wake_all(self) -> None:
+        with self._lock:
+            runs = list(self._runs.values())
+        for run in runs:
+            run.wake.set()
 
     def stop_all(self, reason: str) -> None:
         with self._lock:
@@ -172,6 +204,7 @@ class Scheduler:
         for run in runs:
             run.reason = reason
             run.stop.set()
+            run.wake.set()
 
     def drain(self, deadline: float, reason: str) -> None:
         """Stop every job by ``deadline`` (a monotonic time): no new instance starts,
@@ -188,6 +221,11 @@ class Scheduler:
             return list(self._runs)
 
     # -- the DAG ------------------------------------------------------------------------
+    #
+    # While a job runs, this scheduler is the only writer of its task and instance states:
+    # every change is committed to the store (the record a restart resumes from) and
+    # mirrored in the _JobRun, so the loop decides what to start next without reading
+    # SQLite again (re-reading a 1,000-instance job after each end cost milliseconds).
 
     def _drive(self, run: _JobRun, state: str) -> str:
         subscribed = run.job.notification.events
@@ -195,46 +233,79 @@ class Scheduler:
             self.events.job(run.job_id, subscribed, WAITING)
             self.store.set_job(run.job_id, RUNNING)
             self.events.job(run.job_id, subscribed, RUNNING)
-            for name in run.job.order():
-                if self.store.tasks(run.job_id)[name]["state"] == WAITING:
+            tasks = self.store.tasks(run.job_id)
+            for name in run.order:
+                if tasks[name]["state"] == WAITING:
                     self.events.task(run.job_id, subscribed, name, WAITING)
-        self._adopt_running(run)
-        failed = ""
+        with run.lock:
+            self._adopt_running(run, self._load(run))
+        # The driver only starts what is ready and notices the end (or a stop asked by
+        # another process): an instance thread records its own outcome and goes on with
+        # the next ready instance, so no hand-over between threads sits between one
+        # instance's end and the next one's start.
         while True:
             if self._detached.is_set():
                 return RUNNING
-            requested = self.store.stop_requested(run.job_id)
-            if requested and not run.stop.is_set():
-                run.reason = requested
-                run.stop.set()
-            if run.stop.is_set() or self.draining.is_set():
-                run.reason = run.reason or "the instance is draining"
-                run.stop.set()
-            elif not failed:
-                failed = self._start_ready(run)
-            if failed and not run.stop.is_set():
-                run.reason = failed
-                run.stop.set()
-            if run.running == 0 and (run.stop.is_set() or self._all_done(run)):
-                break
-            try:
-                outcome = run.done.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            run.running -= 1
-            failed = self._record(run, outcome) or failed
-        return self._finish(run, failed)
+            run.wake.clear()
+            with run.lock:
+                if run.error is not None:
+                    raise run.error
+                self._step(run)
+                self._start_claimed(run)
+                if run.running == 0 and (run.stop.is_set() or self._all_done(run)):
+                    break
+            run.wake.wait(STOP_POLL)
+        with run.lock:
+            return self._finish(run, run.failed)
+
+    def _step(self, run: _JobRun) -> None:
+        """Claim whatever may start now (into ``run.claimed``), or stop taking any."""
+        self._check_stop_request(run)
+        if run.stop.is_set() or self.draining.is_set():
+            run.reason = run.reason or "the instance is draining"
+            run.stop.set()
+        elif not run.failed:
+            run.failed = self._start_ready(run)
+        if run.failed and not run.stop.is_set():
+            run.reason = run.failed
+            run.stop.set()
+
+    def _load(self, run: _JobRun) -> list[Instance]:
+        """Mirror the stored states in ``run``; the instances left Running."""
+        run.tasks = {name: row["state"] for name, row in self.store.tasks(run.job_id).items()}
+        running = []
+        for inst in self.store.instances(run.job_id):
+            run.states.setdefault(inst.task, {})[inst.index] = inst.state
+            run.retries[(inst.task, inst.index)] = inst.retries
+            if inst.state == WAITING:
+                run.waiting.setdefault(inst.task, deque()).append(inst.index)
+            elif inst.state == RUNNING:
+                running.append(inst)
+        return running
+
+    def _check_stop_request(self, run: _JobRun) -> None:
+        """A ``tasks stop`` from another process is a row in the store: read it at most
+        every STOP_POLL seconds, not at each instance's end."""
+        now = time.monotonic()
+        if run.stop.is_set() or now < run.next_stop_check:
+            return
+        run.next_stop_check = now + STOP_POLL
+        requested = self.store.stop_requested(run.job_id)
+        if requested:
+            run.reason = requested
+            run.stop.set()
 
     def _all_done(self, run: _JobRun) -> bool:
-        return all(t["state"] in DONE for t in self.store.tasks(run.job_id).values())
+        return all(state in DONE for state in run.tasks.values())
 
     def _start_ready(self, run: _JobRun) -> str:
         """Start waiting instances of every task whose predecessors finished; a failure
         message when the job must fail now."""
-        tasks = self.store.tasks(run.job_id)
-        for name in run.job.order():
-            state = tasks[name]["state"]
-            preds = [tasks[p]["state"] for p in run.job.predecessors(name)]
+        for name in run.order:
+            state = run.tasks[name]
+            if state in DONE:
+                continue
+            preds = [run.tasks[p] for p in run.predecessors[name]]
             if state == WAITING and any(p in (FAILED, STOPPED) for p in preds):
                 self._end_task(run, name, STOPPED, "a predecessor did not finish")
                 continue
@@ -247,6 +318,10 @@ class Scheduler:
                 self._launch_waiting(run, name)
         return ""
 
+    def _set_task(self, run: _JobRun, name: str, state: str, message: str = "") -> None:
+        self.store.set_task(run.job_id, name, state, message)
+        run.tasks[name] = state
+
     def _open_task(self, run: _JobRun, name: str) -> str:
         task = run.job.tasks[name]
         try:
@@ -256,60 +331,75 @@ class Scheduler:
         except Exception as exc:
             self._end_task(run, name, FAILED, f"inputs: {exc}")
             return f"task {name}: inputs could not be mapped: {exc}"
-        self.store.set_task(run.job_id, name, RUNNING)
+        self._set_task(run, name, RUNNING)
         subscribed = run.job.notification.events
         self.events.task(run.job_id, subscribed, name, RUNNING)
-        for inst in self.store.instances(run.job_id, name):
-            if inst.state == WAITING:
-                self.events.instance(run.job_id, subscribed, name, inst.index,
-                                     redirects=self._redirects(run, name, inst.index))
+        with self.store.batch():
+            for index in run.waiting.get(name, ()):
+                self.events.instance(run.job_id, subscribed, name, index,
+                                     redirects=self._redirects(run, name, index))
         return ""
 
     def _launch_waiting(self, run: _JobRun, name: str) -> None:
-        for inst in self.store.instances(run.job_id, name):
-            if inst.state != WAITING or run.stop.is_set():
-                continue
+        with self.store.batch():  # the claims, in one commit before any process starts
+            self._claim(run, name)
+
+    def _claim(self, run: _JobRun, name: str) -> None:
+        waiting = run.waiting.get(name)
+        while waiting and not run.stop.is_set():
             if not self.slots.acquire(timeout=0):
                 return
+            index = waiting.popleft()
             # No trace of an earlier attempt may pass for this one's after a crash.
-            shutil.rmtree(self._job_dir(run) / name / str(inst.index) / "run",
-                          ignore_errors=True)
-            self.store.claimed(run.job_id, name, inst.index)
-            self._spawn_thread(run, inst, adopt=None)
+            shutil.rmtree(self._job_dir(run) / name / str(index) / "run", ignore_errors=True)
+            self.store.claimed(run.job_id, name, index)
+            run.states[name][index] = RUNNING
+            run.running += 1
+            run.claimed.append(Instance(run.job_id, name, index, RUNNING,
+                                        run.retries[(name, index)], None, None, None, "",
+                                        "", ""))
 
-    def _adopt_running(self, run: _JobRun) -> None:
+    def _adopt_running(self, run: _JobRun, running: list[Instance]) -> None:
         """After a restart: instances still marked Running get their process back."""
-        for inst in self.store.instances(run.job_id):
-            if inst.state != RUNNING:
-                continue
-            task_state = self.store.tasks(run.job_id)[inst.task]["state"]
-            if task_state == RUNNING and inst.task not in run.inputs:
+        for inst in running:
+            if run.tasks[inst.task] == RUNNING and inst.task not in run.inputs:
                 self._open_task(run, inst.task)
             self.slots.acquire()
+            run.running += 1
             self._spawn_thread(run, inst, adopt=inst)
 
+    def _start_claimed(self, run: _JobRun) -> None:
+        while run.claimed:
+            self._spawn_thread(run, run.claimed.pop(0), adopt=None)
+
     def _spawn_thread(self, run: _JobRun, inst: Instance, adopt: Instance | None) -> None:
-        run.running += 1
         thread = threading.Thread(target=self._instance_thread, args=(run, inst, adopt),
                                   name=f"task-{inst.task}-{inst.index}", daemon=True)
         thread.start()
 
     def _record(self, run: _JobRun, out: _Outcome) -> str:
         task = run.job.tasks[out.task]
-        inst = self.store.instance(run.job_id, out.task, out.index)
+        key = (out.task, out.index)
+        retries = run.retries[key]
         subscribed = run.job.notification.events
-        if out.state == FAILED and inst.retries < task.max_retry_count and not run.stop.is_set():
+        if out.state == FAILED and retries < task.max_retry_count and not run.stop.is_set():
             log.info("%s %s.%s failed (%s): retry %s of %s", run.job_id, out.task, out.index,
-                     out.message, inst.retries + 1, task.max_retry_count)
-            self.store.retry(run.job_id, out.task, out.index, out.exit_code, out.message)
-            self.events.instance(run.job_id, subscribed, out.task, out.index,
-                                 redirects=self._redirects(run, out.task, out.index),
-                                 error=out.message)
+                     out.message, retries + 1, task.max_retry_count)
+            with self.store.batch():
+                self.store.retry(run.job_id, out.task, out.index, out.exit_code, out.message)
+                self.events.instance(run.job_id, subscribed, out.task, out.index,
+                                     redirects=self._redirects(run, out.task, out.index),
+                                     error=out.message)
+            run.retries[key] = retries + 1
+            run.states[out.task][out.index] = WAITING
+            run.waiting.setdefault(out.task, deque()).append(out.index)
             return ""
-        self.store.ended(run.job_id, out.task, out.index, out.state,
-                         exit_code=out.exit_code, message=out.message)
-        self.events.instance(run.job_id, subscribed, out.task, out.index,
-                             redirects=self._redirects(run, out.task, out.index))
+        with self.store.batch():
+            self.store.ended(run.job_id, out.task, out.index, out.state,
+                             exit_code=out.exit_code, message=out.message)
+            self.events.instance(run.job_id, subscribed, out.task, out.index,
+                                 redirects=self._redirects(run, out.task, out.index))
+        run.states[out.task][out.index] = out.state
         failed = ""
         if out.state == FAILED and run.job.job_fail_on_instance_fail:
             failed = f"instance {out.index} of task {out.task} failed: {out.message}"
@@ -317,8 +407,10 @@ class Scheduler:
         return failed
 
     def _maybe_end_task(self, run: _JobRun, name: str) -> None:
-        states = [i.state for i in self.store.instances(run.job_id, name)]
-        if not all(s in DONE for s in states):
+        if run.waiting.get(name):
+            return
+        states = set(run.states.get(name, {}).values())
+        if not states <= DONE:
             return
         if STOPPED in states:
             state = STOPPED
@@ -332,20 +424,22 @@ class Scheduler:
         inputs = run.inputs.pop(name, None)
         if inputs is not None:
             inputs.release()
-        for inst in self.store.instances(run.job_id, name):
-            if inst.state == WAITING:
-                self.store.ended(run.job_id, name, inst.index, STOPPED, exit_code=None,
-                                 message=message or "not started")
-        self.store.set_task(run.job_id, name, state, message)
+        waiting = run.waiting.pop(name, deque())
+        if waiting:
+            self.store.stop_waiting(run.job_id, name, list(waiting),
+                                    message or "not started")
+            for index in waiting:
+                run.states[name][index] = STOPPED
+        self._set_task(run, name, state, message)
         self.events.task(run.job_id, run.job.notification.events, name, state)
 
     def _finish(self, run: _JobRun, failed: str) -> str:
-        for name, row in self.store.tasks(run.job_id).items():
-            if row["state"] not in DONE:
+        for name in run.order:
+            if run.tasks[name] not in DONE:
                 self._maybe_end_task(run, name)
-                if self.store.tasks(run.job_id)[name]["state"] not in DONE:
+                if run.tasks[name] not in DONE:
                     self._end_task(run, name, STOPPED, run.reason)
-        states = {t["state"] for t in self.store.tasks(run.job_id).values()}
+        states = set(run.tasks.values())
         if failed or FAILED in states:
             state, message = FAILED, failed or "a task failed"
         elif run.stop.is_set() and states != {FINISHED}:
@@ -375,16 +469,44 @@ class Scheduler:
         return out
 
     def _instance_thread(self, run: _JobRun, inst: Instance, adopt: Instance | None) -> None:
-        try:
-            outcome = self._attempt(run, inst, adopt)
-        except _Detached:
+        """Run the attempt, record it, and go on with the next claimed instance if any."""
+        current: Instance | None = inst
+        while current is not None:
+            try:
+                outcome = self._attempt(run, current, adopt)
+            except _Detached:
+                self.slots.release()
+                return
+            except Exception as exc:
+                log.exception("instance %s.%s of %s", current.task, current.index, run.job_id)
+                outcome = _Outcome(current.task, current.index, FAILED, None,
+                                   f"launcher error: {exc}")
+            current, adopt = self._next_after(run, outcome), None
+        self._wake_all()  # the slot may serve another job's waiting instances
+
+    def _next_after(self, run: _JobRun, outcome: _Outcome) -> Instance | None:
+        """Record ``outcome``; the instance this thread runs next (the others claimed now
+        get threads of their own)."""
+        with run.lock:
+            # Released under the job's lock: the step below claims it again for this
+            # thread before another instance thread of the job could.
             self.slots.release()
-            return
-        except Exception as exc:
-            log.exception("instance %s.%s of %s", inst.task, inst.index, run.job_id)
-            outcome = _Outcome(inst.task, inst.index, FAILED, None, f"launcher error: {exc}")
-        self.slots.release()
-        run.done.put(outcome)
+            run.running -= 1
+            try:
+                run.failed = self._record(run, outcome) or run.failed
+                if not self._detached.is_set():
+                    self._step(run)
+            except Exception as exc:
+                log.exception("%s: recording an instance's end", run.job_id)
+                run.error = run.error or exc
+                run.stop.set()
+            nxt = run.claimed.pop(0) if run.claimed else None
+            self._start_claimed(run)
+            if nxt is not None:
+                threading.current_thread().name = f"task-{nxt.task}-{nxt.index}"
+            elif run.running == 0 or run.stop.is_set():
+                run.wake.set()
+        return nxt
 
     def _attempt(self, run: _JobRun, inst: Instance, adopt: Instance | None) -> _Outcome:
         task = run.job.tasks[inst.task]
@@ -415,10 +537,12 @@ class Scheduler:
             else:
                 staging.prepare(layout, task, storage, docker)
                 handle = runner.start(launch)
-                self.store.started(run.job_id, inst.task, inst.index, runner.kind, handle.ref)
-                self.events.instance(run.job_id, run.job.notification.events, inst.task,
-                                     inst.index,
-                                     redirects=self._redirects(run, inst.task, inst.index))
+                with self.store.batch():
+                    self.store.started(run.job_id, inst.task, inst.index, runner.kind,
+                                       handle.ref)
+                    self.events.instance(run.job_id, run.job.notification.events, inst.task,
+                                         inst.index,
+                                         redirects=self._redirects(run, inst.task, inst.index))
             state, code, message = self._watch(run, task, handle, started)
         finally:
             revoke()

@@ -1,9 +1,21 @@
 """Job, task and instance states, kept in SQLite (stdlib) in the state directory.
 
-Every state change is one committed transaction, so a kill -9 at any point leaves the last
-change on disk: a Running instance found at start is reconciled with the process or
-container named by its ``ref`` (see ``scheduler.Scheduler.recover``). WAL mode lets the
-CLI read while the daemon writes.
+Every state change is committed before the step it allows (an instance is claimed before
+its process exists, its end is recorded before the next one is claimed), so a kill -9 at
+any point leaves the last change on disk: a Running instance found at start is reconciled
+with the process or container named by its ``ref`` (see ``Scheduler._adopt_running``).
+Changes that belong together (an instance's end and its event) share one transaction
+(:meth:`Store.batch`). WAL mode lets the CLI read while the daemon writes.
+
+Durability: WAL with ``synchronous=NORMAL`` — a commit is a write() into the WAL, no fsync
+(the WAL is synced at checkpoints). A kill -9 of the agent loses nothing: what was
+written is in the kernel's page cache and SQLite recovers the WAL at the next open. Only
+a crash of the whole machine (power, kernel) may roll back the last commits — and that
+same crash ends every instance it ran, so the rolled-back states (Running or Waiting)
+are exactly what the restarted agent reconciles anyway: a Running instance whose process
+is gone is failed and retried per MaxRetryCount, like any instance lost with its
+machine. An fsync per state change (FULL) would cost milliseconds per instance for no
+guarantee the tests or users can tell.
 """
 
 from __future__ import annotations
@@ -71,6 +83,7 @@ class Store:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.RLock()
+        self._depth = 0  # nesting of open transactions (see batch)
         try:
             self._db = sqlite3.connect(str(path), timeout=30, check_same_thread=False,
                                        isolation_level=None)
@@ -87,15 +100,32 @@ class Store:
             self._db.close()
 
     @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group the changes made inside into one transaction (one commit)."""
+        with self._tx():
+            yield
+
+    @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
+            if self._depth:  # inside a batch: its commit covers this change
+                self._depth += 1
+                try:
+                    yield self._db
+                finally:
+                    self._depth -= 1
+                return
             self._db.execute("BEGIN IMMEDIATE")
+            self._depth = 1
             try:
                 yield self._db
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            else:
+                self._db.execute("COMMIT")
+            finally:
+                self._depth = 0
 
     def _rows(self, sql: str, *args: Any) -> list[sqlite3.Row]:
         with self._lock:
@@ -209,6 +239,15 @@ class Store:
             db.execute("UPDATE instances SET state = ?, exit_code = ?, ended = ?, message = ? "
                        "WHERE job_id = ? AND task = ? AND idx = ?",
                        (state, exit_code, time.time(), message, job_id, task, index))
+
+    def stop_waiting(self, job_id: str, task: str, indexes: list[int], message: str) -> None:
+        """Instances that will not start (their task ended): Stopped, in one transaction."""
+        now = time.time()
+        with self._tx() as db:
+            db.executemany("UPDATE instances SET state = ?, exit_code = NULL, ended = ?, "
+                           "message = ? WHERE job_id = ? AND task = ? AND idx = ? "
+                           "AND state = ?",
+                           [(STOPPED, now, message, job_id, task, i, WAITING) for i in indexes])
 
     def retry(self, job_id: str, task: str, index: int, exit_code: int | None,
               message: str) -> None:

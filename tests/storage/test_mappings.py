@@ -134,3 +134,26 @@ def test_bad_mappings_get_one_clear_line(task, message, tmp_path):
 def test_unknown_streaming_directory_is_refused():
     with pytest.raises(BadInput, match="is not an OutputMapping directory"):
         parse_task({"OutputMapping": {"/data/a/": "oss://bk1/o/"}}, streaming=["/data/b"])
+
+
+@pytest.mark.parametrize(("spec", "says"), [
+    ("out/:oss://bkt/out/", "want /local/dir/:oss://bucket/dir/"),
+    ("/data/out/", "want /local/dir/:oss://bucket/dir/"),
+    ("/data/out/:oss://bkt/out", "must be an OSS directory"),
+    ("/etc/:oss://bkt/out/", "/etc"),
+    ("/data/out/:oss://B@d/out/", "bucket"),
+])
+def test_a_bad_declared_output_is_one_clear_line(spec: str, says: str) -> None:
+    from guestagent.config import ConfigError, from_mapping
+
+    with pytest.raises(ConfigError) as err:
+        from_mapping({"storage": {"outputs": [spec]}})
+    text = str(err.value)
+    assert "outputs" in text and says in text and "\n" not in text
+
+
+def test_a_declared_output_names_its_directory_and_oss_directory() -> None:
+    from guestagent.storage.mappings import parse_output_spec
+
+    out = parse_output_spec("/var/log/app/:oss://bkt/logs/app/")
+    assert (str(out.local), str(out.dest)) == ("/var/log/app", "oss://bkt/logs/app/")

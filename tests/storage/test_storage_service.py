@@ -108,3 +108,46 @@ def test_a_drain_out_of_time_reports_what_it_could_not_upload(bucket, creds, s3,
     service.drain(time.monotonic())  # no time left at all
     assert service.last_drain["incomplete"][str(out)]["unfinished"] == ["big.bin"]
     assert service.status()["drain"]["incomplete"]
+
+
+def test_a_restart_keeps_declared_mounts_and_drops_undeclared_ones(bucket, creds, s3, tmp_path,
+                                                                   agent_transfers):
+    name = bucket({"ref/a.txt": b"kept", "old/b.txt": b"dropped"})
+    kept, dropped = tmp_path / "ref", tmp_path / "old"
+
+    def service_for(mounts):
+        settings = settings_for(tmp_path, creds, s3, mounts)
+        made = Storage.from_settings(settings)
+        return StorageService(settings, Storage(agent_transfers, options=made.options,
+                                                remote_factory=made.rclone_remote))
+
+    def run(service):
+        stop = threading.Event()
+        thread = threading.Thread(target=service.run, args=(stop,), daemon=True)
+        thread.start()
+        wait_for(lambda: service.ready, timeout=120, step=0.1)
+        return stop, thread
+
+    first = service_for([f"oss://{name}/ref/:{kept}", f"oss://{name}/old/:{dropped}"])
+    stop, thread = run(first)
+    pids = {m.dest: m.proc.pid for m in first.storage.mounts.mounts()}
+    assert mountinfo(kept) == mountinfo(dropped) == "fuse.rclone"
+    stop.set()  # the agent restarts: no drain, the mounts stay
+    thread.join(30)
+    assert mountinfo(kept) == mountinfo(dropped) == "fuse.rclone"
+
+    second = service_for([f"oss://{name}/ref/:{kept}"])  # the settings changed meanwhile
+    stop, thread = run(second)
+    try:
+        (mount,) = second.storage.mounts.mounts()
+        assert mount.dest == kept and mount.proc.pid == pids[kept]  # adopted, not remade
+        assert (kept / "a.txt").read_bytes() == b"kept"
+        assert mountinfo(dropped) is None  # no longer declared: released
+        wait_for(lambda: not Path(f"/proc/{pids[dropped]}").exists()
+                 or "Z" in Path(f"/proc/{pids[dropped]}/stat").read_text().rpartition(")")[2][:3],
+                 timeout=30)
+    finally:
+        stop.set()
+        thread.join(30)
+        second.storage.close()
+        first.storage.close()

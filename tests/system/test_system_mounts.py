@@ -65,6 +65,12 @@ def mounts_at_dest(guest: Any) -> int:
     return sum(1 for line in text.splitlines() if line.split()[4] == DEST)
 
 
+def records(guest: Any) -> list[str]:
+    """What the agent keeps about its mounts and their units (records, env files)."""
+    out = guest.run(["sh", "-c", "cd /run/guestagent/storage && ls mounts detached"]).text()
+    return [name for name in out.split() if name.endswith((".json", ".env"))]
+
+
 def no_rclone(guest: Any) -> bool:
     # minbase has no procps: read every process's name.
     names = guest.run(["sh", "-c", "cat /proc/[0-9]*/comm 2>/dev/null"]).text().split()
@@ -109,6 +115,7 @@ def test_oss_mount_lifecycle_under_systemd(emulator: Any, guest_factory: Any, s3
     row = healthy(guest)
     unit, pid = mount_unit(guest)
     assert row["pid"] == pid and row["origin"] == "settings" and not no_rclone(guest)
+    assert len(records(guest)) == 2  # the mount's record, its unit's environment file
     assert guest.run(["cat", f"{DEST}/data.txt"]).stdout == DATA
     listed = json.loads(guest.run(["guestagent", "storage", "mounts", "--json"]).stdout)
     assert [(r["dest"], r["health"], r["pid"]) for r in listed["mounts"]] == [(DEST, "ok", pid)]
@@ -155,6 +162,7 @@ def test_oss_mount_lifecycle_under_systemd(emulator: Any, guest_factory: Any, s3
     assert mounts_at_dest(guest) == 0
     wait_for(lambda: no_rclone(guest), timeout=60, step=0.5)
     assert guest.show(unit, "ActiveState")["ActiveState"] != "active"
+    assert records(guest) == []
 
     # Started again: mounted anew; a spot notice drains it away and the agent exits 0.
     assert guest.systemctl("start", AGENT, timeout=120).ok
@@ -166,3 +174,4 @@ def test_oss_mount_lifecycle_under_systemd(emulator: Any, guest_factory: Any, s3
     assert props["Result"] == "success"
     assert mounts_at_dest(guest) == 0
     wait_for(lambda: no_rclone(guest), timeout=60, step=0.5)
+    assert records(guest) == []
