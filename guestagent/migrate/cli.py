@@ -207,4 +207,27 @@ def _start(args: argparse.Namespace) -> int:
     config = _load(args)
     if config is None:
         return EXIT_USAGE
-    return submit(args, config, jobs_dir(load_settings(args).daemon.state_dir))
+    settings = load_settings(args)
+    code = submit(args, config, jobs_dir(settings.daemon.state_dir))
+    if code != EXIT_OK:
+        return code
+    why = _no_runner(settings.daemon.run_dir)
+    if why:
+        print(f"guestagent: {why}: the migration starts when the agent daemon runs with its "
+              "migrate service (`systemctl start guestagent`)", file=sys.stderr)
+        return EXIT_ABSENT
+    return EXIT_OK
+
+
+def _no_runner(run_dir: Path) -> str | None:
+    """Why no daemon will pick the job up now, or None when its migrate service runs."""
+    from guestagent.daemon import control
+
+    try:
+        reply = control.ask(run_dir / control.SOCKET_NAME, "status")
+    except control.ControlError as exc:
+        return str(exc)
+    service = reply.get("migrate")
+    if isinstance(service, dict) and service.get("state") == "disabled":
+        return "the daemon's migrate service is disabled (daemon.disabled_services)"
+    return None
