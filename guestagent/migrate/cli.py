@@ -14,7 +14,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from guestagent.cli import EXIT_ABSENT, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, load_settings
+from guestagent.cli import (
+    EXIT_ABSENT,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    load_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +222,7 @@ def _start(args: argparse.Namespace) -> int:
     if why:
         print(f"guestagent: {why}: the migration starts when the agent daemon runs with its "
               "migrate service (`systemctl start guestagent`)", file=sys.stderr)
-        return EXIT_ABSENT
+        return EXIT_UNAVAILABLE
     return EXIT_OK
 
 
