@@ -1,13 +1,16 @@
 """OSS transfers: our upload and download beside ``rclone copy``, same run, same server
 (``rclone serve s3`` over a local directory, on loopback), same data.
 
-    python bench/storage.py [--sets big,small,medium] [--rounds 2] [--dir /var/tmp]
+    python bench/storage.py [--sets big,small,medium] [--directions upload,download]
+                            [--rounds 3] [--dir /var/tmp] [--server URL]
 
 Data sets: (big) one 1 GiB file, (small) 10,000 files of 4 KiB, (medium) 100 files of
 10 MiB. Each tool runs as its own process (ours: ``bench/storage.py --worker``, the
 library the CLI calls, default settings; rclone: ``rclone copy`` with its defaults), and
-its peak RSS is read from ``wait4``. Uploads go to separate prefixes; both downloads read
-the same objects. Best of ``--rounds`` for each. Prints MB/s, files/s, ratio, peak RSS.
+its peak RSS and CPU time are read from ``wait4``. Uploads go to fresh prefixes; both
+downloads read the same objects (the ones rclone uploaded). The machine is shared, so the
+two tools run interleaved, A/B then B/A, for ``--rounds`` rounds; the figures are the
+medians (every sample is printed too), with the load average before and after.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,16 +58,17 @@ def make_data(root: Path, name: str) -> Path:
     return where
 
 
-def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """(seconds, peak RSS in MB) of one child process."""
+def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float, float]:
+    """(seconds, peak RSS in MB, CPU seconds) of one child process."""
     start = time.monotonic()
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.monotonic() - start
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{argv[0]} failed: {err[-2000:]}")
-    return seconds, usage.ru_maxrss / 1024
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.monotonic() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            raise SystemExit(f"{argv[0]} failed: {err.read().decode(errors='replace')[-2000:]}")
+    return seconds, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
 def rclone_env(url: str) -> dict[str, str]:
@@ -107,56 +112,86 @@ def ours(direction: str, src: str, dst: str, url: str, state: Path) -> list[str]
             str(state), "--src", src, "--dst", dst]
 
 
-def run_set(name: str, root: Path, oss: object, rounds: int) -> list[dict[str, object]]:
-    url: str = oss.url  # type: ignore[attr-defined]
+def _argv(tool: str, direction: str, name: str, prefix: str, src: Path, out: Path,
+          url: str, root: Path) -> list[str]:
+    if direction == "upload":
+        if tool == "ours":
+            return ours("up", str(src), f"oss://bkt/{prefix}/", url, root / "state")
+        return ["rclone", "copy", str(src), f"bench:bkt/{prefix}"]
+    # Both downloads read one copy: the one rclone uploaded.
+    if tool == "ours":
+        return ours("down", f"oss://bkt/rclone-{name}-src/", str(out), url, root / "state")
+    return ["rclone", "copy", f"bench:bkt/rclone-{name}-src", str(out)]
+
+
+def run_set(name: str, root: Path, url: str, rounds: int, directions: list[str]
+            ) -> list[dict[str, object]]:
     count, size = SETS[name]
     total = count * size
     src = make_data(root, name)
     env = dict(os.environ)
     renv = rclone_env(url)
+    # The objects both downloads read (not timed; rclone copy skips what is already there).
+    subprocess.run(["rclone", "copy", str(src), f"bench:bkt/rclone-{name}-src"], env=renv,
+                   check=True)
     results = []
-    for direction in ("upload", "download"):
-        best: dict[str, tuple[float, float]] = {}
+    for direction in directions:
+        samples: dict[str, list[tuple[float, float, float]]] = {"ours": [], "rclone": []}
         for rnd in range(rounds):
-            for tool in ("rclone", "ours"):
+            order = ("rclone", "ours") if rnd % 2 == 0 else ("ours", "rclone")
+            for tool in order:
                 # A fresh prefix each time: the server is never changed behind its back.
-                prefix = f"{tool}-{name}-{rnd}"
+                prefix = f"{tool}-{name}-{rnd}-{os.getpid()}"
                 out = root / "out" / prefix
                 shutil.rmtree(out, ignore_errors=True)
-                if direction == "upload":
-                    if tool == "ours":
-                        argv = ours("up", str(src), f"oss://bkt/{prefix}/", url, root / "state")
-                    else:
-                        argv = ["rclone", "copy", str(src), f"bench:bkt/{prefix}"]
-                elif tool == "ours":
-                    argv = ours("down", f"oss://bkt/rclone-{name}-0/", str(out), url,
-                                root / "state")
-                else:
-                    # Both downloads read one copy: the one rclone uploaded.
-                    argv = ["rclone", "copy", f"bench:bkt/rclone-{name}-0", str(out)]
-                seconds, rss = timed(argv, renv if tool == "rclone" else env)
+                argv = _argv(tool, direction, name, prefix, src, out, url, root)
+                sample = timed(argv, renv if tool == "rclone" else env)
+                samples[tool].append(sample)
                 if direction == "download":
                     got = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
                     assert got == total, f"{tool} downloaded {got} of {total} bytes"
                     shutil.rmtree(out)
-                old = best.get(tool, (float("inf"), 0.0))
-                best[tool] = (min(seconds, old[0]), max(rss, old[1]))
+                else:
+                    subprocess.run(["rclone", "purge", f"bench:bkt/{prefix}"], env=renv,
+                                   check=False, stderr=subprocess.DEVNULL)
+        theirs = statistics.median(s[0] for s in samples["rclone"])
         for tool in ("ours", "rclone"):
-            seconds, rss = best[tool]
+            seconds = statistics.median(s[0] for s in samples[tool])
             results.append({
                 "set": name, "direction": direction, "tool": tool, "seconds": round(seconds, 2),
                 "MB/s": round(total / seconds / 1e6, 1), "files/s": round(count / seconds, 1),
-                "peak_rss_MB": round(rss, 1),
-                "ratio": round(best["rclone"][0] / seconds, 2),
+                "peak_rss_MB": round(max(s[1] for s in samples[tool]), 1),
+                "cpu_s": round(statistics.median(s[2] for s in samples[tool]), 2),
+                "ratio": round(theirs / seconds, 2),
+                "samples": [round(s[0], 2) for s in samples[tool]],
             })
     shutil.rmtree(root / "out", ignore_errors=True)
     return results
 
 
+def report(rows: list[dict[str, object]], rounds: int, load: tuple[str, str]) -> None:
+    print(f"medians of {rounds} interleaved rounds; load average before {load[0]}, "
+          f"after {load[1]}")
+    print(f"{'set':7} {'dir':9} {'tool':7} {'s':>7} {'MB/s':>8} {'files/s':>9} "
+          f"{'ratio':>6} {'RSS MB':>7} {'CPU s':>6}  samples (s)")
+    for r in rows:
+        ratio = f"{r['ratio']:.2f}x" if r["tool"] == "ours" else ""
+        print(f"{r['set']:7} {r['direction']:9} {r['tool']:7} {r['seconds']:>7} "
+              f"{r['MB/s']:>8} {r['files/s']:>9} {ratio:>6} {r['peak_rss_MB']:>7} "
+              f"{r['cpu_s']:>6}  {r['samples']}")
+    print(json.dumps(rows))
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", default="big,small,medium")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--directions", default="upload,download")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--server", help="an rclone serve s3 already running (bucket bkt)")
     parser.add_argument("--dir", default="/var/tmp")
     parser.add_argument("--keep-data", action="store_true")
     parser.add_argument("--worker", choices=("up", "down"))
@@ -173,23 +208,23 @@ def main() -> int:
     root = Path(args.dir) / "guestagent-bench-storage"
     root.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, object]] = []
+    directions = args.directions.split(",")
+    before = loadavg()
     with tempfile.TemporaryDirectory(dir=root) as tmp:
-        oss = RcloneOss(Path(tmp), {"GUESTAGENT_LOCALCLOUD_BUCKETS": "bkt"})
-        oss.start()
+        oss = None
+        if not args.server:
+            oss = RcloneOss(Path(tmp), {"GUESTAGENT_LOCALCLOUD_BUCKETS": "bkt"})
+            oss.start()
         try:
             for name in args.sets.split(","):
-                rows += run_set(name, root, oss, args.rounds)
+                rows += run_set(name, root, args.server or oss.url,  # type: ignore[union-attr]
+                                args.rounds, directions)
         finally:
-            oss.stop()
+            if oss is not None:
+                oss.stop()
     if not args.keep_data:
         shutil.rmtree(root / "data", ignore_errors=True)
-    print(f"{'set':7} {'dir':9} {'tool':7} {'s':>7} {'MB/s':>8} {'files/s':>9} "
-          f"{'ratio':>6} {'RSS MB':>7}")
-    for r in rows:
-        ratio = f"{r['ratio']:.2f}x" if r["tool"] == "ours" else ""
-        print(f"{r['set']:7} {r['direction']:9} {r['tool']:7} {r['seconds']:>7} "
-              f"{r['MB/s']:>8} {r['files/s']:>9} {ratio:>6} {r['peak_rss_MB']:>7}")
-    print(json.dumps(rows))
+    report(rows, args.rounds, (before, loadavg()))
     return 0
 
 

@@ -1,16 +1,19 @@
 """Task launcher figures, each beside its peer from the same run.
 
-    python bench/tasks.py [--rounds 10] [--instances 1000] [--image-mb 100] [--skip-docker]
+    python bench/tasks.py [--rounds 10] [--instances 1000] [--repeat 5] [--image-mb 100]
+                          [--skip-docker]
 
 1. Launch overhead with a warm image: one-instance job (``true`` in busybox) through the
    scheduler and the Docker runner, submit to Finished, against ``docker run --rm`` of the
    same image and command. Target: <= +300 ms.
 2. Pull of a ~100 MB image through the OSS-backed registry (docker-registry, s3 driver,
-   over ``rclone serve s3`` on a local dir — moto is the bottleneck for throughput) against
-   the same docker-registry with its filesystem driver on local disk.
+   over moto's S3: ``rclone serve s3``'s multipart listing crashes distribution 2.8's s3
+   driver) against the same docker-registry with its filesystem driver on local disk.
 3. Scheduling overhead of a job of N short host instances (``sleep 0.05``) at the
-   concurrency limit: wall time minus the ideal (sum of work / limit), against the same
-   commands run by a bare thread pool of the same size.
+   concurrency limit: wall time minus the ideal (sum of work / limit), per instance,
+   against the same commands run by a bare process pool (threads running
+   ``subprocess.run``) of the same size; ``--repeat`` rounds of each, alternately, and
+   their medians (the machine is shared), with the CPU each spends per instance.
 
 Needs root, dockerd, docker-registry, rclone (scripts/bootstrap installs them).
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -167,31 +171,63 @@ def pull_compare(engine: Any, image: str, work: Path) -> None:
         rclone.stop(5)
 
 
-def scheduling_overhead(work: Path, instances: int, work_s: float) -> None:
+def _cpu_ms(before: Any, after: Any, n: int) -> float:
+    return (after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime) * 1000 / n
+
+
+def _ours(work: Path, instances: int, work_s: float, round_: int) -> tuple[float, int, float]:
+    """(wall seconds, concurrency limit, CPU ms per instance of the agent and its children)."""
     settings = TasksSettings(kill_grace=2.0)
-    sched = Scheduler(Store(work / "sched.db"), settings, work / "sched-jobs",
+    sched = Scheduler(Store(work / f"sched-{round_}.db"), settings, work / f"sched-{round_}",
                       {"host": HostRunner()})
-    limit = sched.limit
     per_task = 500
     tasks = {f"t{n}": {"InstanceCount": min(per_task, instances - n * per_task),
                        "Parameters": {"Command": {"CommandLine": f"sleep {work_s}"}}}
              for n in range((instances + per_task - 1) // per_task)}
     job, doc = _job(tasks)
     job_id, _ = create_from(sched.store, sched.jobs_dir, job, doc, 21600)
+    usage = (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
     start = time.perf_counter()
     state = sched.run(job_id)
-    ours = time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
     assert state == "Finished", state
+    sched.store.close()
+    cpu = _cpu_ms(usage[0], after[0], instances) + _cpu_ms(usage[1], after[1], instances)
+    return wall, sched.limit, cpu
+
+
+def _bare(instances: int, work_s: float, limit: int) -> tuple[float, float]:
+    usage = (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
     start = time.perf_counter()
     with ThreadPoolExecutor(limit) as pool:
         list(pool.map(lambda _: subprocess.run(["sleep", str(work_s)], check=True),
                       range(instances)))
-    peer = time.perf_counter() - start
-    ideal = instances * work_s / limit
-    print(f"{instances} host instances of {work_s}s at {limit} in parallel: guestagent "
-          f"{ours:.1f} s, bare thread pool {peer:.1f} s, ideal {ideal:.1f} s; overhead "
-          f"{(ours - ideal) * 1000 / instances:.1f} ms/instance vs "
-          f"{(peer - ideal) * 1000 / instances:.1f} ms/instance")
+    wall = time.perf_counter() - start
+    after = (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+    return wall, _cpu_ms(usage[0], after[0], instances) + _cpu_ms(usage[1], after[1], instances)
+
+
+def scheduling_overhead(work: Path, instances: int, work_s: float, repeat: int) -> None:
+    """Ours and the bare pool alternately, ``repeat`` times each (the machine is shared:
+    medians, and the CPU each spends per instance, which load disturbs less)."""
+    ours, peer, ours_cpu, peer_cpu = [], [], [], []
+    for round_ in range(repeat):
+        wall, limit, cpu = _ours(work, instances, work_s, round_)
+        ideal = instances * work_s / limit
+        ours.append((wall - ideal) * 1000 / instances)
+        ours_cpu.append(cpu)
+        wall, cpu = _bare(instances, work_s, limit)
+        peer.append((wall - ideal) * 1000 / instances)
+        peer_cpu.append(cpu)
+        print(f"  round {round_ + 1}: guestagent {ours[-1]:.1f} ms/instance "
+              f"(CPU {ours_cpu[-1]:.2f} ms), bare pool {peer[-1]:.1f} ms/instance "
+              f"(CPU {peer_cpu[-1]:.2f} ms)", flush=True)
+    o, p = statistics.median(ours), statistics.median(peer)
+    print(f"{instances} host instances of {work_s}s at {limit} in parallel, median of "
+          f"{repeat}: scheduling overhead guestagent {o:.1f} ms/instance, bare process pool "
+          f"{p:.1f} ms/instance ({o / p if p > 0 else float('inf'):.1f}x); CPU per instance "
+          f"{statistics.median(ours_cpu):.2f} ms vs {statistics.median(peer_cpu):.2f} ms")
 
 
 def main() -> None:
@@ -199,12 +235,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--instances", type=int, default=1000)
     ap.add_argument("--work", type=float, default=0.05)
+    ap.add_argument("--repeat", type=int, default=5, help="rounds of the scheduling figure")
     ap.add_argument("--image-mb", type=int, default=100)
     ap.add_argument("--skip-docker", action="store_true")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-tasks-"))
     try:
-        scheduling_overhead(work, args.instances, args.work)
+        scheduling_overhead(work, args.instances, args.work, args.repeat)
         if args.skip_docker or shutil.which("dockerd") is None:
             print("docker figures skipped")
             return

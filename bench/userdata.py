@@ -21,6 +21,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +32,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from guestagent.userdata.apply import Applier
 from guestagent.userdata.cli import combine, render_template
 from guestagent.userdata.settings import UserdataSettings
+
+# The image tree the user-data tests apply into (this machine's tools, account files).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "userdata"))
+from imagetree import account_files, tool_tree
 
 TOOLS = ("sh", "awk", "mktemp", "mkdir", "dirname", "cat", "chmod", "chown", "cmp", "cp",
          "mv", "rm", "grep", "sed", "tr", "head", "useradd", "groupadd", "usermod", "visudo")
@@ -48,51 +53,12 @@ datasource:
 """
 
 
-def _place(path: str, base: Path) -> None:
-    """``base + path`` resolving as ``path`` does here: links recreated, the file copied."""
-    current = path
-    for _ in range(16):
-        if not os.path.islink(current):
-            break
-        where = base / os.path.realpath(os.path.dirname(current)).lstrip("/")
-        where.mkdir(parents=True, exist_ok=True)
-        if not os.path.lexists(where / os.path.basename(current)):
-            (where / os.path.basename(current)).symlink_to(os.readlink(current))
-        current = os.path.join(os.path.dirname(current), os.readlink(current))
-    dest = base / os.path.realpath(path).lstrip("/")
-    if not dest.exists():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(os.path.realpath(path), dest)
-
-
-def tool_tree(base: Path) -> Path:
-    """A shell, coreutils and the account tools with their libraries (scripts run chrooted)."""
-    base.mkdir(parents=True)
-    for top in ("bin", "sbin", "lib", "lib64"):
-        if os.path.islink(f"/{top}"):
-            (base / top).symlink_to(os.readlink(f"/{top}"))
-    (base / "dev").mkdir()
-    os.mknod(base / "dev/null", 0o666 | 0o020000, os.makedev(1, 3))
-    for tool in TOOLS:
-        found = shutil.which(tool, path="/usr/bin:/bin:/usr/sbin:/sbin")
-        if found is None:
-            continue
-        ldd = subprocess.run(["ldd", found], capture_output=True, text=True).stdout
-        for path in [found, *(w for w in ldd.split() if w.startswith("/"))]:
-            _place(path, base)
-    return base
-
-
 def make_root(base: Path, tools: Path | None) -> Path:
     root = base / "image"
     if tools is not None:
         subprocess.run(["cp", "-al", str(tools), str(root)], check=True)
     etc = root / "etc"
-    (etc / "default").mkdir(parents=True, exist_ok=True)
-    for name in ("passwd", "group", "shadow", "gshadow", "login.defs", "sudoers", "nsswitch.conf"):
-        shutil.copy2(f"/etc/{name}", etc / name)
-    shutil.copy2("/etc/default/useradd", etc / "default/useradd")
-    shutil.copytree("/etc/skel", etc / "skel", symlinks=True)
+    account_files(etc)
     (etc / "chrony").mkdir()
     (etc / "chrony/chrony.conf").write_text("pool 2.debian.pool.ntp.org iburst\n")
     (etc / "ssh").mkdir()
@@ -163,7 +129,7 @@ def main() -> None:
     settings = UserdataSettings()
     print(f"apply all four templates into a temp root, n={args.n} per form")
     with tempfile.TemporaryDirectory() as cache:
-        tools = tool_tree(Path(cache) / "tools")
+        tools = tool_tree(Path(cache) / "tools", TOOLS)
         for fmt in ("cloud-config", "shell"):
             data = user_data(fmt, key)
             first, again = [], []

@@ -354,13 +354,7 @@ def _collect(proc: subprocess.Popen[bytes], data: bytes | None,
     sel = selectors.DefaultSelector()
     pending = memoryview(data or b"")
     try:
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                chunks[stream.fileno()] = []
-                sel.register(stream, selectors.EVENT_READ)
-        if proc.stdin is not None:
-            os.set_blocking(proc.stdin.fileno(), False)
-            sel.register(proc.stdin, selectors.EVENT_WRITE)
+        _register(sel, proc, chunks)
         stop_at = deadline
         timed_out = False
         while sel.get_map():
@@ -383,6 +377,18 @@ def _collect(proc: subprocess.Popen[bytes], data: bytes | None,
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
     return b"".join(chunks.get(out_fd, [])), b"".join(chunks.get(err_fd, [])), timed_out
+
+
+def _register(sel: selectors.BaseSelector, proc: subprocess.Popen[bytes],
+              chunks: dict[int, list[bytes]]) -> None:
+    """Watch the child's output pipes (a chunk list each) and its stdin (non-blocking)."""
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            chunks[stream.fileno()] = []
+            sel.register(stream, selectors.EVENT_READ)
+    if proc.stdin is not None:
+        os.set_blocking(proc.stdin.fileno(), False)
+        sel.register(proc.stdin, selectors.EVENT_WRITE)
 
 
 def _step(sel: selectors.BaseSelector, key: selectors.SelectorKey,

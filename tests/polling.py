@@ -27,3 +27,13 @@ def wait_for(
             return value
         assert time.monotonic() < end, f"condition not met in {timeout}s"
         time.sleep(step)
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (no such pid, or a zombie / dead entry): a condition to wait
+    for after a stop."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True

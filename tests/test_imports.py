@@ -77,13 +77,7 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
             elif w in on:
                 low[v] = min(low[v], index[w])
         if low[v] == index[v]:
-            comp = []
-            while True:
-                w = stack.pop()
-                on.discard(w)
-                comp.append(w)
-                if w == v:
-                    break
+            comp = _pop_component(stack, on, v)
             if len(comp) > 1:
                 found.append(sorted(comp))
 
@@ -91,6 +85,17 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
         if v not in index:
             visit(v)
     return found
+
+
+def _pop_component(stack: list[str], on: set[str], root: str) -> list[str]:
+    """The modules above and including ``root`` on the stack: one component."""
+    comp = []
+    while True:
+        w = stack.pop()
+        on.discard(w)
+        comp.append(w)
+        if w == root:
+            return comp
 
 
 def test_no_import_cycles() -> None:

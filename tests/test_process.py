@@ -13,17 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from polling import wait_for
+from polling import gone, wait_for
 
 from guestagent import process
-
-
-def gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
 
 
 def read_pid(path: Path) -> int:

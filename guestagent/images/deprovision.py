@@ -90,34 +90,53 @@ def check_root(root: Path) -> None:
                       "give --root the directory the image's / is mounted on")
 
 
-def plan(root: Path, *, users: bool, state_dir: str, run_dir: str,  # noqa: C901 - to split (owner)
+def plan(root: Path, *, users: bool, state_dir: str, run_dir: str,
          credential_files: Iterable[str]) -> Plan:
     """Everything of one instance found under ``root`` (guest paths are absolute)."""
     check_root(root)
     p = Plan(root)
+    _plan_fixed(p)
+    _plan_agent(p, state_dir, run_dir, credential_files)
+    _plan_cloud_init(p)
+    for guest in _journals(root):
+        p.add("remove", guest, "this machine's journal (the agent's logs)")
+    _plan_machine_id(p)
+    if users:
+        _plan_users(p, state_dir)
+    return p
+
+
+def _plan_fixed(p: Plan) -> None:
+    """Host keys, leases, shell histories and logs (``FIXED``)."""
     for pattern, why in FIXED:
-        for guest in _glob(root, pattern):
+        for guest in _glob(p.root, pattern):
             if "history" in why and Path(guest).name not in HISTORY_NAMES:
                 continue
             p.add("remove", guest, why)
+
+
+def _plan_agent(p: Plan, state_dir: str, run_dir: str,
+                credential_files: Iterable[str]) -> None:
+    """The agent's own state, runtime files and credential files."""
     for base, why in ((state_dir, "the agent's state (semaphores, drain, user-data runs)"),
                       (run_dir, "the agent's runtime files")):
-        for guest in _children(root, base):
+        for guest in _children(p.root, base):
             p.add("remove", guest, why)
     for guest in credential_files:
         if os.path.lexists(p.host(guest)):
             p.add("remove", guest, "credential file")
-    for guest in _children(root, CLOUD_DIR):
+
+
+def _plan_cloud_init(p: Plan) -> None:
+    for guest in _children(p.root, CLOUD_DIR):
         if Path(guest).name not in CLOUD_KEEP:
             p.add("remove", guest, "cloud-init instance state")
-    for guest in _journals(root):
-        p.add("remove", guest, "this machine's journal (the agent's logs)")
+
+
+def _plan_machine_id(p: Plan) -> None:
     mid = p.host(MACHINE_ID)
     if mid.is_file() and not mid.is_symlink() and mid.stat().st_size:
         p.add("empty", MACHINE_ID, "machine id (emptied: systemd makes a new one at boot)")
-    if users:
-        _plan_users(p, state_dir)
-    return p
 
 
 def _plan_users(p: Plan, state_dir: str) -> None:

@@ -16,6 +16,8 @@ import os
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from guestagent import process
@@ -43,9 +45,7 @@ def busybox_tarball(cache: Path = CACHE) -> Path:
     if target.exists():
         return target
     busybox = _require("busybox", "busybox-static")
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        root = Path(tmp) / "root"
+    with _building(target) as root:
         for d in ("bin", "tmp", "etc", "root", "proc", "sys", "dev"):
             (root / d).mkdir(parents=True)
         (root / "tmp").chmod(0o1777)
@@ -57,8 +57,6 @@ def busybox_tarball(cache: Path = CACHE) -> Path:
                     (root / "bin" / applet).symlink_to("busybox")
         (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
         (root / "etc" / "group").write_text("root:x:0:\n")
-        _tar(root, Path(tmp) / "out.tar")
-        os.replace(Path(tmp) / "out.tar", target)
     return target
 
 
@@ -68,9 +66,7 @@ def python_tarball(cache: Path = CACHE, mirror: str | None = None) -> Path:
     if target.exists():
         return target
     debootstrap = _require("debootstrap", "debootstrap")
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        root = Path(tmp) / "root"
+    with _building(target) as root:
         res = process.run(
             [debootstrap, "--variant=minbase", "--include=python3-minimal", SUITE,
              str(root), mirror or DEFAULT_MIRROR],
@@ -82,9 +78,19 @@ def python_tarball(cache: Path = CACHE, mirror: str | None = None) -> Path:
         # Nothing of the build machine, and no package caches, in the image.
         for leftover in ("var/cache/apt/archives", "var/lib/apt/lists"):
             shutil.rmtree(root / leftover, ignore_errors=True)
+    return target
+
+
+@contextmanager
+def _building(target: Path) -> Iterator[Path]:
+    """A root directory (not yet made) to build an image in, under a temporary directory
+    beside ``target``; tarred into ``target`` (atomically) when the block succeeds."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        root = Path(tmp) / "root"
+        yield root
         _tar(root, Path(tmp) / "out.tar")
         os.replace(Path(tmp) / "out.tar", target)
-    return target
 
 
 def _tar(root: Path, out: Path) -> None:

@@ -157,35 +157,44 @@ def _verify_signer(
     signature = next(el.value for el in rest if el.tag == 0x04)
     h = hashes.Hash(digest_cls())
     h.update(content)
-    digest = h.finalize()
-    if attrs is not None:
-        found = None
-        for attr in attrs.children():
-            a = attr.children()
-            if _oid(a[0]) == OID_MESSAGE_DIGEST:
-                found = a[1].children()[0].value
-        if found != digest:
-            raise BadAnswer("pkcs7: the document does not match the signed digest")
-        signed_bytes = b"\x31" + attrs.encoded[1:]  # [0] IMPLICIT → SET OF for verification
-    else:
-        signed_bytes = content
+    signed_bytes = _signed_bytes(attrs, content, h.finalize())
     now = datetime.now(UTC)
     for cert in certs:
         valid_now = cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
-        if not valid_now or not _issued_by(cert, ca):
-            continue
-        key = cert.public_key()
-        try:
-            if isinstance(key, rsa.RSAPublicKey):
-                key.verify(signature, signed_bytes, padding.PKCS1v15(), digest_cls())
-            elif isinstance(key, ec.EllipticCurvePublicKey):
-                key.verify(signature, signed_bytes, ec.ECDSA(digest_cls()))
-            else:
-                continue
+        if valid_now and _issued_by(cert, ca) and _verifies(cert, signature, signed_bytes,
+                                                            digest_cls()):
             return
-        except InvalidSignature:
-            continue
     raise BadAnswer("pkcs7: signature does not verify against the configured CA")
+
+
+def _signed_bytes(attrs: _Der | None, content: bytes, digest: bytes) -> bytes:
+    """What the signature covers: the content itself, or (with signed attributes) the
+    attributes, whose message digest must be the content's."""
+    if attrs is None:
+        return content
+    found = None
+    for attr in attrs.children():
+        a = attr.children()
+        if _oid(a[0]) == OID_MESSAGE_DIGEST:
+            found = a[1].children()[0].value
+    if found != digest:
+        raise BadAnswer("pkcs7: the document does not match the signed digest")
+    return b"\x31" + attrs.encoded[1:]  # [0] IMPLICIT → SET OF for verification
+
+
+def _verifies(cert: x509.Certificate, signature: bytes, signed: bytes,
+              algorithm: hashes.HashAlgorithm) -> bool:
+    key = cert.public_key()
+    try:
+        if isinstance(key, rsa.RSAPublicKey):
+            key.verify(signature, signed, padding.PKCS1v15(), algorithm)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(signature, signed, ec.ECDSA(algorithm))
+        else:
+            return False
+    except InvalidSignature:
+        return False
+    return True
 
 
 def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:

@@ -1,6 +1,7 @@
-"""A lean S3 client for OSS's S3-compatible API: SigV4 over ``http.client``, pooled
-keep-alive connections, retries with backoff. No SDK: boto3 would cost the daemon more
-memory (~70 MB RSS on import) than every service of the agent together.
+"""A lean S3 client for OSS's S3-compatible API: SigV4 over small HTTP/1.1 connections
+(:mod:`guestagent.storage.http1`), pooled and kept alive, retries with backoff. No SDK:
+boto3 would cost the daemon more memory (~70 MB RSS on import) than every service of the
+agent together.
 
 Only the calls transfers need: HEAD/GET/PUT/DELETE object, ranged GET into a sink,
 multipart (create, part, list parts, complete, abort), ListObjectsV2, batch delete.
@@ -10,11 +11,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import http.client
 import logging
 import os
 import random
-import socket
 import ssl
 import threading
 import time
@@ -34,6 +33,8 @@ from guestagent.storage.errors import (
     StorageError,
     Unavailable,
 )
+from guestagent.storage.http1 import Connection, Disconnected, ProtocolError
+from guestagent.storage.http1 import Response as HttpResponse
 from guestagent.storage.keys import KeyProvider
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class Response:
 
 class FileSlice:
     """``length`` bytes of an open file from ``offset``, sent as a request body without
-    holding them in memory (``http.client`` reads it in ``blocksize`` chunks)."""
+    holding them in memory (sent in blocks of 1 MiB)."""
 
     def __init__(self, fd: int, offset: int, length: int) -> None:
         self.fd, self.offset, self.length = fd, offset, length
@@ -103,7 +104,9 @@ class _Request:
     query: Mapping[str, str]
     headers: Mapping[str, str]
     body: Body
-    sink: Callable[[http.client.HTTPResponse], None] | None
+    sink: Callable[[HttpResponse], None] | None
+    # Called with each attempt's headers: a ranged GET asks for what is still missing.
+    update: Callable[[dict[str, str]], None] | None = None
 
 
 class _Transient(Exception):
@@ -169,7 +172,7 @@ class S3Client:
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self._sleep = sleep
-        self._pool: dict[str, list[http.client.HTTPConnection]] = {}
+        self._pool: dict[str, list[Connection]] = {}
         self._lock = threading.Lock()
         self._ssl: ssl.SSLContext | None = None
         self.requests = 0  # attempts made (for tests and status)
@@ -180,26 +183,21 @@ class S3Client:
 
     # -- connections -------------------------------------------------------------------
 
-    def _connect(self, host: str) -> http.client.HTTPConnection:
+    def _connect(self, host: str) -> Connection:
         with self._lock:
             idle = self._pool.get(host)
             if idle:
                 return idle.pop()
         name, _, port = host.partition(":")
-        conn: http.client.HTTPConnection
+        tls = None
         if self.endpoint.scheme == "https":
             if self._ssl is None:
                 self._ssl = ssl.create_default_context()
-            conn = http.client.HTTPSConnection(
-                name, int(port) if port else None, timeout=self.timeout, context=self._ssl
-            )
-        else:
-            conn = http.client.HTTPConnection(name, int(port) if port else None,
-                                              timeout=self.timeout)
-        conn.blocksize = READ_CHUNK
-        return conn
+            tls = self._ssl
+        default = 443 if tls is not None else 80
+        return Connection(name, int(port) if port else default, timeout=self.timeout, tls=tls)
 
-    def _release(self, host: str, conn: http.client.HTTPConnection, reusable: bool) -> None:
+    def _release(self, host: str, conn: Connection, reusable: bool) -> None:
         if not reusable:
             conn.close()
             return
@@ -223,6 +221,8 @@ class S3Client:
         host = ep.host_for(bucket)
         path = ep.path_for(bucket, key)
         hdrs = {"host": host, **headers}
+        if req.update is not None:
+            req.update(hdrs)
         keys = self.keys.refresh() if refreshed else self.keys.current()
         sigv4.sign(method, path, query, hdrs, keys=keys, region=ep.region)
         target = path + ("?" + sigv4.canonical_query(query) if query else "")
@@ -232,13 +232,13 @@ class S3Client:
         try:
             if not reused:
                 conn.connect()
-                conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            payload = body.fresh() if isinstance(body, FileSlice) else body
             try:
-                conn.request(method, target, body=payload if len(payload) else None,
-                             headers=hdrs)
-                resp = conn.getresponse()
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
+                if isinstance(body, FileSlice):
+                    conn.send(method, target, hdrs, None, body.fresh())
+                else:
+                    conn.send(method, target, hdrs, body)
+                resp = conn.response(method)
+            except (Disconnected, ConnectionResetError, BrokenPipeError) as exc:
                 if reused:
                     conn.close()
                     raise _Stale(str(exc)) from exc
@@ -251,17 +251,16 @@ class S3Client:
                 data = resp.read()
         except _Stale:
             raise
-        except (OSError, http.client.HTTPException) as exc:
+        except OSError as exc:
             conn.close()
             raise _Transient(f"{type(exc).__name__}: {exc}") from exc
         except BaseException:
             conn.close()
             raise
-        self._release(host, conn, not resp.will_close)
-        headers_out = {k.lower(): v for k, v in resp.getheaders()}
+        self._release(host, conn, resp.reusable)
         if status in RETRY_STATUS:
             raise _Transient(f"HTTP {status} {_error_code(data)}".strip())
-        return Response(status, headers_out, data)
+        return Response(status, resp.headers, data)
 
     def call(
         self,
@@ -273,11 +272,13 @@ class S3Client:
         headers: Mapping[str, str] | None = None,
         body: Body = b"",
         ok: tuple[int, ...] = (200,),
-        sink: Callable[[http.client.HTTPResponse], None] | None = None,
+        sink: Callable[[HttpResponse], None] | None = None,
+        update: Callable[[dict[str, str]], None] | None = None,
         what: str = "",
     ) -> Response:
         """Send a request, retrying transient failures; raise a named error otherwise."""
-        req = _Request(method, bucket, key, dict(query or {}), dict(headers or {}), body, sink)
+        req = _Request(method, bucket, key, dict(query or {}), dict(headers or {}), body, sink,
+                       update)
         refreshed = False
         attempt = 0
         while True:
@@ -332,19 +333,24 @@ class S3Client:
         write: Callable[[int, memoryview], None],
         *,
         etag: str = "",
+        begin: Callable[[Mapping[str, str]], None] | None = None,
     ) -> Mapping[str, str]:
         """GET bytes ``start..end-1`` into ``write(offset, data)``, resuming after a failure
-        where it stopped. ``etag`` (If-Match) fails the call if the object changed."""
+        where it stopped. ``etag`` (If-Match) fails the call if the object changed;
+        ``begin`` sees each answer's headers before its body."""
         pos = start
         buf = bytearray(min(READ_CHUNK, max(1, end - start)))
         view = memoryview(buf)
 
-        def sink(resp: http.client.HTTPResponse) -> None:
+        def sink(resp: HttpResponse) -> None:
             nonlocal pos
+            _skip_to(resp, pos)
+            if begin is not None:
+                begin(resp.headers)
             while pos < end:
                 n = resp.readinto(view[: min(len(view), end - pos)])
                 if not n:
-                    raise http.client.IncompleteRead(b"", end - pos)
+                    raise ProtocolError(f"the answer ended {end - pos} bytes short")
                 try:
                     write(pos, view[:n])
                 except OSError as exc:
@@ -352,18 +358,19 @@ class S3Client:
                 pos += n
             resp.read()  # the (empty) rest, so the connection can be reused
 
+        def update(headers: dict[str, str]) -> None:
+            # Every attempt, also the client's own retries, asks from where the last stopped.
+            if end > start:
+                headers["range"] = f"bytes={pos}-{end - 1}"
+
         headers: dict[str, str] = {}
         if etag:
             headers["if-match"] = f'"{etag}"'
-        last: Mapping[str, str] = {}
         while True:
-            if end > start:
-                headers["range"] = f"bytes={pos}-{end - 1}"
             before = pos
             try:
-                last = self.call("GET", bucket, key, headers=headers, ok=(200, 206),
-                                 sink=sink).headers
-                return last
+                return self.call("GET", bucket, key, headers=headers, ok=(200, 206),
+                                 sink=sink, update=update).headers
             except Unavailable:
                 if pos == before:
                     raise
@@ -493,6 +500,26 @@ class S3Client:
 
     def abort_multipart(self, bucket: str, key: str, upload_id: str) -> None:
         self.call("DELETE", bucket, key, query={"uploadId": upload_id}, ok=(200, 204, 404))
+
+
+def _skip_to(resp: HttpResponse, pos: int) -> None:
+    """Make sure the body starts at byte ``pos`` of the object: a Content-Range must say
+    so (some servers send it with a 200); a 200 without one (a server that ignored the
+    Range) is the whole object, read past up to ``pos``."""
+    given = resp.headers.get("content-range", "")
+    if given:
+        if given.partition(" ")[2].partition("-")[0] != str(pos):
+            raise ProtocolError(f"asked for bytes from {pos}, got Content-Range {given!r}")
+        return
+    if resp.status == 206:
+        return
+    scratch = memoryview(bytearray(min(pos, READ_CHUNK)))
+    left = pos
+    while left:
+        n = resp.readinto(scratch[:min(left, len(scratch))])
+        if not n:
+            raise ProtocolError(f"the answer ended {left} bytes before byte {pos}")
+        left -= n
 
 
 def _error_code(body: bytes) -> str:

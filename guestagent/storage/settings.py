@@ -59,30 +59,38 @@ class StorageSettings:
     nas_lock: bool = False
     nas_automount: bool = False
 
-    def validate(self) -> None:  # noqa: C901 - to split (owner)
+    def validate(self) -> None:
+        self._check_mounts()
+        self._check_endpoint()
+        self._check_transfers()
+
+    def _check_mounts(self) -> None:
         for name in ("mount_check_interval", "mount_stat_timeout", "mount_ready_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
-        for spec in self.mounts:
-            from guestagent.storage.errors import BadInput
-            from guestagent.storage.mappings import parse_mount_spec
+        if self.mounts or self.outputs:
+            self._check_specs()
 
-            try:
+    def _check_specs(self) -> None:
+        """Each declared mount and output parsed (the parser is imported only then)."""
+        from guestagent.storage.errors import BadInput
+        from guestagent.storage.mappings import parse_mount_spec, parse_output_spec
+
+        try:
+            for spec in self.mounts:
                 parse_mount_spec(spec, "mounts")
-            except BadInput as exc:
-                raise ValueError(str(exc)) from None
-        for spec in self.outputs:
-            from guestagent.storage.errors import BadInput
-            from guestagent.storage.mappings import parse_output_spec
-
-            try:
+            for spec in self.outputs:
                 parse_output_spec(spec, "outputs")
-            except BadInput as exc:
-                raise ValueError(str(exc)) from None
+        except BadInput as exc:
+            raise ValueError(str(exc)) from None
+
+    def _check_endpoint(self) -> None:
         if self.endpoint:
             check_url(self.endpoint, "endpoint")
         if self.region and not all(p.isalnum() for p in self.region.split("-")):
             raise ValueError(f"region: not a region id: {self.region!r}")
+
+    def _check_transfers(self) -> None:
         if not MIN_PART <= self.part_size <= MAX_PART:
             raise ValueError(
                 f"part_size: must be {MIN_PART}..{MAX_PART} bytes, got {self.part_size}"

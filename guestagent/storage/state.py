@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -32,13 +33,17 @@ class Record:
         self.data = data
         self._saved = 0.0
 
-    def save(self, *, force: bool = True) -> None:
+    def save(self, *, force: bool = True, durable: bool = True) -> None:
+        """Write the record (atomically). ``durable=False`` skips the fsyncs: for progress
+        that a power cut may lose (see :func:`boot_id`), not for what only the record knows
+        (an upload id)."""
         now = time.monotonic()
         if not force and now - self._saved < SAVE_INTERVAL:
             return
         self._saved = now
         try:
-            atomic_write(self.path, json.dumps(self.data, sort_keys=True), mode=0o600)
+            atomic_write(self.path, json.dumps(self.data, sort_keys=True), mode=0o600,
+                         durable=durable)
         except OSError as exc:
             raise StorageError(
                 f"{self.path}: cannot save transfer state: {exc.strerror}; "
@@ -49,6 +54,18 @@ class Record:
         for path in (self.path, self.path.with_suffix(".lock")):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+
+@functools.cache
+def boot_id() -> str:
+    """This boot's id. Download progress is saved without fsync (one per save cost more
+    than the transfer's own writes on a busy disk): kill -9 keeps the page cache, so such
+    a record is exact within a boot; after a reboot (a power cut may have lost the bytes
+    that a surviving record claims) a download record is not trusted and starts over."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
 class StateDir:

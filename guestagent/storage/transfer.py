@@ -29,9 +29,9 @@ from xml.etree import ElementTree
 from guestagent.storage import integrity
 from guestagent.storage.errors import BadInput, NotFound, StorageError
 from guestagent.storage.ossurl import OssUrl
-from guestagent.storage.s3 import FileSlice, LocalWriteError, ObjectInfo, S3Client
+from guestagent.storage.s3 import CRC64_HEADER, FileSlice, LocalWriteError, ObjectInfo, S3Client
 from guestagent.storage.settings import MAX_PARTS, MiB, StorageSettings
-from guestagent.storage.state import Record, StateDir
+from guestagent.storage.state import Record, StateDir, boot_id
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,9 @@ class Transfers:
                 with lock:
                     done[n] = etag or md5.hex()
                     rec.data["parts"] = {str(k): v for k, v in done.items()}
-                    rec.save(force=False)
+                    # No fsync: on resume the server's ListParts is the truth, and the
+                    # upload id (saved durably above) is what must survive.
+                    rec.save(force=False, durable=False)
                 self.progress.advance(length)
 
             self._run_all(one, [n for n in range(1, count + 1) if n not in done])
@@ -340,22 +342,25 @@ class Transfers:
     def _get_whole(self, src: OssUrl, info: ObjectInfo, partial: Path) -> None:
         fd = _open_partial(partial)
         try:
-            digest = integrity.md5()
+            # Both sums are taken as the bytes arrive (one pass; hashlib and fastcrc let
+            # the other threads run meanwhile), MD5 only for an ETag that is one.
+            digest = integrity.md5() if integrity.is_plain(info.etag) else None
+            crc = integrity.StreamCrc(info.crc64)
 
             def write(offset: int, data: memoryview) -> None:
                 os.pwrite(fd, data, offset)
-                digest.update(data)
+                if digest is not None:
+                    digest.update(data)
+                crc.update(offset, data)
                 self.progress.advance(len(data))
 
             headers = self.client.get_range(
-                src.bucket, src.key, 0, info.size, write, etag=info.etag
+                src.bucket, src.key, 0, info.size, write, etag=info.etag, begin=crc.begin
             )
             problem = None
-            if integrity.is_plain(info.etag) and digest.hexdigest() != info.etag.lower():
+            if digest is not None and digest.hexdigest() != info.etag.lower():
                 problem = f"{src}: MD5 {digest.hexdigest()} does not match ETag {info.etag}"
-            problem = problem or integrity.check_crc64(
-                fd, headers.get("x-oss-hash-crc64ecma"), str(src)
-            )
+            problem = problem or crc.problem(fd, headers.get(CRC64_HEADER), str(src))
         finally:
             os.close(fd)
         if problem:
@@ -370,7 +375,8 @@ class Transfers:
         with self.state.unit("downloads", src.bucket, src.key, str(local.resolve())) as rec:
             d = rec.data
             resumed = (
-                (d.get("etag"), d.get("size"), d.get("part_size")) == (info.etag, size, part)
+                (d.get("etag"), d.get("size"), d.get("part_size"), d.get("boot"))
+                == (info.etag, size, part, boot_id())
                 and partial.exists()
                 and partial.stat().st_size == size
             )
@@ -378,10 +384,10 @@ class Transfers:
             if not resumed:
                 done = {}
                 rec.data = {"bucket": src.bucket, "key": src.key, "etag": info.etag,
-                            "size": size, "part_size": part, "done": {}}
+                            "size": size, "part_size": part, "done": {}, "boot": boot_id()}
                 fd = _open_partial(partial)
                 _grow(fd, size)
-                rec.save()
+                rec.save(durable=False)
             else:
                 fd = os.open(partial, os.O_RDWR)
                 log.info("%s: resuming download, %d of %d parts already here", src,
@@ -391,7 +397,10 @@ class Transfers:
                 follower = self._fetch_parts(src, info, fd, part, count=count, done=done,
                                              rec=rec, per_part=bool(aligned))
                 problem = self._verify(src, info, fd, done if aligned else None, follower)
-                problem = problem or integrity.check_crc64(fd, info.crc64, str(src))
+                if follower is not None:
+                    problem = problem or follower.crc_problem(fd, info.crc64, str(src))
+                else:
+                    problem = problem or integrity.check_crc64(fd, info.crc64, str(src))
             finally:
                 os.close(fd)
             rec.remove()
@@ -403,13 +412,18 @@ class Transfers:
     def _fetch_parts(
         self, src: OssUrl, info: ObjectInfo, fd: int, part: int, *,
         count: int, done: dict[int, str], rec: Record, per_part: bool,
-    ) -> _Follower | None:
+    ) -> integrity.Follower | None:
         """Fetch the missing parts. With ``per_part`` each range is hashed as it arrives
         (for a multipart ETag); otherwise, for a plain-MD5 ETag, a follower hashes the file
-        in order behind the downloads, so little is left to hash at the end."""
+        in order behind the downloads, so little is left to hash at the end (it also takes
+        OSS's CRC64 when the object has one)."""
         lock = threading.Lock()
-        follower = _Follower(fd, part, info.size, done) if (
-            not per_part and integrity.is_plain(info.etag)) else None
+        md5 = not per_part and integrity.is_plain(info.etag)
+        crc = bool(info.crc64) and integrity.crc64_function() is not None
+        follower = None
+        if md5 or crc:
+            follower = integrity.Follower(fd, part, info.size, done, want_md5=md5,
+                                          want_crc=crc)
 
         def one(n: int) -> None:
             offset, length = _span(n, part, info.size)
@@ -426,7 +440,7 @@ class Transfers:
             with lock:
                 done[n] = digest.hexdigest() if digest is not None else ""
                 rec.data["done"] = {str(k): v for k, v in done.items()}
-                rec.save(force=False)
+                rec.save(force=False, durable=False)  # trusted within this boot only
             if follower is not None:
                 follower.catch_up(wait=False)
 
@@ -435,49 +449,20 @@ class Transfers:
 
     def _verify(
         self, src: OssUrl, info: ObjectInfo, fd: int, part_md5: Mapping[int, str] | None,
-        follower: _Follower | None,
+        follower: integrity.Follower | None,
     ) -> str | None:
         etag = info.etag.lower()
         if part_md5 is not None and integrity.parts_of(etag) == len(part_md5):
             got = integrity.composite(bytes.fromhex(part_md5[n]) for n in sorted(part_md5))
             return None if got == etag else f"{src}: multipart ETag {etag}, computed {got}"
         if integrity.is_plain(etag):
-            got = follower.finish() if follower is not None else integrity.file_md5(fd).hex()
+            if follower is not None and follower.digest is not None:
+                got = follower.finish()
+            else:
+                got = integrity.file_md5(fd).hex()
             return None if got == etag else f"{src}: MD5 {got} does not match ETag {etag}"
         log.debug("%s: ETag %s cannot be checked; size checked only", src, etag)
         return None
-
-
-class _Follower:
-    """Hashes a file being downloaded in parts, in order, as far as the done parts reach.
-    One thread hashes at a time; the others go back to downloading."""
-
-    def __init__(self, fd: int, part: int, size: int, done: Mapping[int, str]) -> None:
-        self.fd, self.part, self.size, self.done = fd, part, size, done
-        self.digest = integrity.md5()
-        self.next = 1
-        self._lock = threading.Lock()
-
-    def catch_up(self, *, wait: bool) -> None:
-        if not self._lock.acquire(blocking=wait):
-            return
-        try:
-            while self.next in self.done:
-                offset, length = _span(self.next, self.part, self.size)
-                pos, end = offset, offset + length
-                while pos < end:
-                    chunk = os.pread(self.fd, min(integrity.CHUNK, end - pos), pos)
-                    if not chunk:
-                        raise StorageError("download shrank while being checked")
-                    self.digest.update(chunk)
-                    pos += len(chunk)
-                self.next += 1
-        finally:
-            self._lock.release()
-
-    def finish(self) -> str:
-        self.catch_up(wait=True)
-        return str(self.digest.hexdigest())
 
 
 def _is_regular(mode: int) -> bool:

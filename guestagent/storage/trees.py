@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -125,14 +125,52 @@ def safe_target(root: Path, rel: str, where: str) -> Path:
     return target
 
 
+class Targets:
+    """:func:`safe_target` for many keys at once: a symlink can only lead out of ``root``
+    through a directory on the way or the file's own name, so each directory is resolved
+    once (not every file: two ``realpath`` calls a file cost more than the download of a
+    4 KiB object) and listed once for symlinked names; only those take the full check."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.real_root = os.path.realpath(root)
+        self._links: dict[str, frozenset[str]] = {}
+
+    def target(self, rel: str, where: str) -> Path:
+        check_key(rel, where)
+        parent, _, name = rel.rpartition("/")
+        links = self._links.get(parent)
+        if links is None:
+            links = self._links[parent] = self._directory(parent, where)
+        if name in links:
+            return safe_target(self.root, rel, where)
+        return self.root.joinpath(*rel.split("/"))
+
+    def _directory(self, parent: str, where: str) -> frozenset[str]:
+        path = self.root.joinpath(*parent.split("/")) if parent else self.root
+        real = os.path.realpath(path)
+        if real != self.real_root and not real.startswith(self.real_root + os.sep):
+            raise BadInput(f"{where}: would be written outside {self.root} (at {real}); "
+                           "refused")
+        try:
+            with os.scandir(path) as entries:
+                return frozenset(e.name for e in entries if e.is_symlink())
+        except OSError:  # not there yet (made later, empty) or not a directory (mkdir says)
+            return frozenset()
+
+
 def plan_download(remote: dict[str, ObjectInfo], src: OssUrl, root: Path
                   ) -> list[tuple[ObjectInfo, Path]]:
+    targets = Targets(root)
     plan = []
     for rel, info in sorted(remote.items()):
-        plan.append((info, safe_target(root, rel, f"oss://{src.bucket}/{info.key}")))
-    dirs = {rel.rsplit("/", 1)[0] for rel in remote if "/" in rel}
+        plan.append((info, targets.target(rel, f"oss://{src.bucket}/{info.key}")))
+    dirs: set[str] = set()
     for rel in remote:
-        if rel in dirs or any(d.startswith(rel + "/") for d in dirs):
+        parts = rel.split("/")[:-1]
+        dirs.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+    for rel in remote:
+        if rel in dirs:
             raise BadInput(f"oss://{src.bucket}/{src.prefix}{rel}: is both an object and a "
                            "directory prefix; it cannot be downloaded as a tree")
     return plan
@@ -163,13 +201,34 @@ def same(local: Path, size: int, mtime: float, info: ObjectInfo,
 
 
 def _run(fns: list[Callable[[], object]], workers: int) -> None:
-    """Run every job; report how many failed with the first error (others still ran)."""
+    """Run every job; report how many failed with the first error (others still ran).
+    Plain threads taking the next job from a shared iterator: a pool's future per file
+    cost more than a small file's download (bench/storage.py)."""
     errors: list[BaseException] = []
-    with ThreadPoolExecutor(workers, thread_name_prefix="oss-file") as pool:
-        for future in [pool.submit(fn) for fn in fns]:
-            exc = future.exception()
-            if exc is not None:
+    jobs = iter(fns)
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def work() -> None:
+        while not stop.is_set():
+            with lock:
+                fn = next(jobs, None)
+            if fn is None:
+                return
+            try:
+                fn()
+            except BaseException as exc:  # reported below, as a future would
                 errors.append(exc)
+
+    threads = [threading.Thread(target=work, name=f"oss-file-{i}", daemon=True)
+               for i in range(max(1, min(workers, len(fns))))]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            thread.join()
+    finally:
+        stop.set()  # interrupted (^C): the threads take no new job
     if errors:
         first = errors[0]
         if len(errors) == 1 and isinstance(first, StorageError):

@@ -156,7 +156,7 @@ def _docker(value: str, where: str) -> dict[str, str]:
     rules.image(image, where)
     if not storage.endswith("/"):
         storage += "/"
-    rules.oss_url(storage, where, directory=True)
+    rules.oss_dir(storage, where)
     return {rules.DOCKER_IMAGE_VAR: image, rules.DOCKER_REGISTRY_VAR: storage}
 
 

@@ -11,8 +11,10 @@ import logging
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
+from guestagent.storage import mappings
 from guestagent.tasks import rules
 from guestagent.tasks.errors import JobError
 
@@ -212,7 +214,7 @@ def _parse_task(name: str, raw: object, max_timeout: int) -> Task:
     line = _str(command.get("CommandLine"), f"{where}.Parameters.Command.CommandLine").strip()
     _check_command(line, f"{where}.Parameters.Command.CommandLine")
     env = _parse_env(command.get("EnvVars"), f"{where}.Parameters.Command.EnvVars")
-    inputs, outputs, logs, mounts = _parse_mappings(task, where)
+    storage = _parse_storage(task, command, where)
     cluster = _str(task.get("ClusterId"), f"{where}.ClusterId")
     return Task(
         name=name,
@@ -222,19 +224,16 @@ def _parse_task(name: str, raw: object, max_timeout: int) -> Task:
         max_retry_count=_int(task.get("MaxRetryCount"), f"{where}.MaxRetryCount",
                              0, MAX_RETRIES, 0),
         timeout=_int(task.get("Timeout"), f"{where}.Timeout", 1, max_timeout, max_timeout),
-        package_path=_package(command.get("PackagePath"),
-                              f"{where}.Parameters.Command.PackagePath"),
+        package_path=storage.package,
         env_vars=env,
-        stdout_redirect_path=_redirect(params.get("StdoutRedirectPath"),
-                                       f"{where}.Parameters.StdoutRedirectPath"),
-        stderr_redirect_path=_redirect(params.get("StderrRedirectPath"),
-                                       f"{where}.Parameters.StderrRedirectPath"),
+        stdout_redirect_path=storage.stdout,
+        stderr_redirect_path=storage.stderr,
         input_mapping_config=dict(_obj(params.get("InputMappingConfig"),
                                        f"{where}.Parameters.InputMappingConfig")),
-        input_mapping=inputs,
-        output_mapping=outputs,
-        log_mapping=logs,
-        mounts=mounts,
+        input_mapping=storage.inputs,
+        output_mapping=storage.outputs,
+        log_mapping=storage.logs,
+        mounts=storage.mounts,
         cluster_id=cluster,
         auto_cluster=dict(_obj(task.get("AutoCluster"), f"{where}.AutoCluster")),
     )
@@ -259,95 +258,51 @@ def _parse_env(value: object, where: str) -> dict[str, str]:
         rules.image(image, f"{where}.{rules.DOCKER_IMAGE_VAR}")
         reg = out.get(rules.DOCKER_REGISTRY_VAR)
         if reg:
-            rules.oss_url(reg, f"{where}.{rules.DOCKER_REGISTRY_VAR}", directory=True)
+            rules.oss_dir(reg, f"{where}.{rules.DOCKER_REGISTRY_VAR}")
     return out
 
 
-def _package(value: object, where: str) -> str | None:
-    if value in (None, ""):
-        return None
-    if isinstance(value, str) and value.startswith("/"):
-        return rules.local_path(value, where)  # a package packed locally from job.cfg
-    return rules.oss_url(value, where, directory=False)
+@dataclass(frozen=True)
+class _Storage:
+    """A task's storage fields as the launcher keeps them (plain strings)."""
+
+    inputs: dict[str, str]  # oss dir -> local dir (with '/')
+    outputs: dict[str, str]  # local dir (with '/') -> oss dir
+    logs: dict[str, str]  # local file -> oss path
+    mounts: tuple[MountEntry, ...]
+    package: str | None
+    stdout: str | None
+    stderr: str | None
 
 
-def _redirect(value: object, where: str) -> str | None:
-    if value in (None, ""):
-        return None
-    return rules.oss_url(value, where, directory=True)
+def _parse_storage(task: Mapping[str, Any], command: Mapping[str, Any], where: str) -> _Storage:
+    """Mappings, mounts, redirects and package, checked by the storage capability's rules
+    (``storage.mappings``: one place for them); a refusal names the task's field."""
+    package = command.get("PackagePath")
+    local_package = isinstance(package, str) and package.startswith("/")
+    if local_package:
+        # A package packed locally (job.cfg ``pack``): a local path, not an OSS object.
+        command = {k: v for k, v in command.items() if k != "PackagePath"}
+        task = {**task, "Parameters": {**_obj(task.get("Parameters"), where),
+                                       "Command": command}}
+    with rules.storage_rules(where):
+        m = mappings.parse_task(task)
+        if local_package:
+            package = str(mappings.local_dir(package, "Parameters.Command.PackagePath"))
+    return _Storage(
+        inputs={str(i.source): _dir(i.local) for i in m.inputs},
+        outputs={_dir(o.local): str(o.dest) for o in m.outputs},
+        logs={str(lm.local): str(lm.dest) for lm in m.logs},
+        mounts=tuple(MountEntry(str(e.source), _dir(e.destination), e.write)
+                     for e in m.mounts),
+        package=package if local_package else (str(m.package) if m.package else None),
+        stdout=str(m.stdout) if m.stdout else None,
+        stderr=str(m.stderr) if m.stderr else None,
+    )
 
 
-def _parse_mappings(
-    task: Mapping[str, Any], where: str
-) -> tuple[dict[str, str], dict[str, str], dict[str, str], tuple[MountEntry, ...]]:
-    inputs: dict[str, str] = {}
-    for oss, local in _obj(task.get("InputMapping"), f"{where}.InputMapping").items():
-        w = f"{where}.InputMapping"
-        inputs[rules.oss_url(oss, w, directory=True)] = rules.local_dir(local, w)
-    outputs: dict[str, str] = {}
-    for local, oss in _obj(task.get("OutputMapping"), f"{where}.OutputMapping").items():
-        w = f"{where}.OutputMapping"
-        outputs[rules.local_dir(local, w)] = rules.oss_url(oss, w, directory=True)
-    logs: dict[str, str] = {}
-    for local, oss in _obj(task.get("LogMapping"), f"{where}.LogMapping").items():
-        w = f"{where}.LogMapping"
-        logs[rules.local_path(local, w)] = rules.oss_url(oss, w)
-    mounts = _parse_mounts(task.get("Mounts"), f"{where}.Mounts")
-    _check_local_dirs(inputs, outputs, mounts, where)
-    return inputs, outputs, logs, mounts
-
-
-def _parse_mounts(value: object, where: str) -> tuple[MountEntry, ...]:
-    mounts = _obj(value, where)
-    _known(mounts, {"Entries", "Locale", "Lock"}, where)
-    entries = mounts.get("Entries", [])
-    if isinstance(entries, Mapping):
-        entries = [entries]  # the guide shows a single entry as an object
-    if not isinstance(entries, list):
-        raise JobError(f"{where}.Entries: must be a list of {{Source, Destination}} objects")
-    out = []
-    for i, raw in enumerate(entries):
-        w = f"{where}.Entries[{i}]"
-        entry = _obj(raw, w)
-        _known(entry, {"Source", "Destination", "WriteSupport"}, w)
-        source = _str(entry.get("Source"), f"{w}.Source")
-        if source.startswith("oss://"):
-            rules.oss_url(source, f"{w}.Source", directory=True)
-        elif not source.startswith("nas://") or ":/" not in source[len("nas://"):]:
-            raise JobError(
-                f"{w}.Source: {source!r} must be oss://bucket/dir/ or nas://<mount-target>:/path"
-            )
-        write = entry.get("WriteSupport", False)
-        if not isinstance(write, bool):
-            raise JobError(f"{w}.WriteSupport: must be true or false")
-        out.append(MountEntry(source, rules.local_dir(entry.get("Destination"),
-                                                      f"{w}.Destination"), write))
-    return tuple(out)
-
-
-def _check_local_dirs(
-    inputs: Mapping[str, str], outputs: Mapping[str, str], mounts: tuple[MountEntry, ...],
-    where: str,
-) -> None:
-    seen: dict[str, str] = {}
-    for oss, local in inputs.items():
-        if local in seen:
-            raise JobError(
-                f"{where}.InputMapping: {seen[local]} and {oss} both map to {local}: "
-                "two OSS paths cannot share one local directory"
-            )
-        seen[local] = oss
-    for local in outputs:
-        if local in seen:
-            raise JobError(
-                f"{where}: {local} is in both InputMapping and OutputMapping: "
-                "use a different local directory for outputs"
-            )
-    for m in mounts:
-        if m.destination in seen or m.destination in outputs:
-            raise JobError(
-                f"{where}.Mounts: {m.destination} is already used by a mapping: choose another"
-            )
+def _dir(path: PurePosixPath) -> str:
+    return str(path).rstrip("/") + "/"
 
 
 def _parse_deps(value: object, tasks: Mapping[str, Task]) -> dict[str, tuple[str, ...]]:

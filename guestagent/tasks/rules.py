@@ -1,21 +1,24 @@
 """The rules one field of a job must pass: names, OSS paths, local paths, env vars, images.
 
 Each check raises :class:`JobError` with one line naming the field (``where``), what is
-wrong and what to do. OSS rules follow the OSS object-name limits (UTF-8, a segment of at
-most 255 bytes, the whole key at most 1023, no 0x00-0x1F/0x7F).
+wrong and what to do. OSS names, local paths and mappings are the storage capability's
+rules (``guestagent.storage.ossurl``, ``guestagent.storage.mappings``), applied through
+:func:`storage_rules`: this module keeps only what is the launcher's own.
 """
 
 from __future__ import annotations
 
-import posixpath
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+from guestagent.storage.errors import BadInput
+from guestagent.storage.ossurl import OssUrl
 from guestagent.tasks.errors import JobError
 
 # Task names end up in file names, log object names and env values: keep them plain.
 _TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_BUCKET = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
 # A Docker image reference: [host[:port]/]path[:tag][@sha256:hex], per the distribution
 # reference grammar (lower-case path components, tag of at most 128 word characters).
 _IMAGE = re.compile(
@@ -64,55 +67,26 @@ def env_value(value: object, where: str) -> str:
     return text
 
 
-def oss_url(url: object, where: str, *, directory: bool | None = None) -> str:
-    """Check an ``oss://bucket/key`` URL; ``directory`` True wants a trailing '/', False none."""
-    if not isinstance(url, str) or not url.startswith("oss://"):
-        raise JobError(f"{where}: {url!r} is not an OSS path: want oss://bucket/path")
-    bucket, _, key = url[len("oss://"):].partition("/")
-    if not _BUCKET.fullmatch(bucket) or "--" in bucket:
-        raise JobError(
-            f"{where}: bucket {bucket!r} in {url!r} is not a valid OSS bucket name "
-            "(3-63 lower-case letters, digits and '-', not starting or ending with '-')"
-        )
-    _oss_key(key, url, where)
-    if directory is True and key and not key.endswith("/"):
-        raise JobError(f"{where}: {url!r} must name a directory: end it with '/'")
-    if directory is False and (not key or key.endswith("/")):
-        raise JobError(f"{where}: {url!r} must name an object, not a directory")
+def oss_dir(url: object, where: str) -> str:
+    """An ``oss://bucket/dir/`` directory URL, by the storage capability's OSS rules."""
+    with storage_rules():
+        if not isinstance(url, str) or not url:
+            raise BadInput(f"{where}: want an OSS directory such as oss://bucket/dir/")
+        parsed = OssUrl.parse(url, where)
+        if not parsed.is_dir:
+            raise BadInput(f"{where}: {url!r} must be an OSS directory (end it with '/')")
     return url
 
 
-def _oss_key(key: str, url: str, where: str) -> None:
-    raw = key.encode("utf-8", "surrogatepass")
-    if len(raw) > 1023:
-        raise JobError(f"{where}: {url!r}: the object name is longer than 1023 bytes")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in key):
-        raise JobError(f"{where}: {url!r}: control characters are not allowed in OSS names")
-    for segment in key.split("/"):
-        if segment in (".", ".."):
-            raise JobError(f"{where}: {url!r}: '.' and '..' segments are not allowed")
-        if len(segment.encode()) > 255:
-            raise JobError(f"{where}: {url!r}: a name segment is longer than 255 bytes")
-    if "//" in key:
-        raise JobError(f"{where}: {url!r}: empty path segment ('//')")
-
-
-def local_dir(path: object, where: str) -> str:
-    """An absolute local directory, normalised to end with '/'."""
-    return local_path(path, where).rstrip("/") + "/"
-
-
-def local_path(path: object, where: str) -> str:
-    if not isinstance(path, str) or not path.startswith("/"):
-        raise JobError(f"{where}: {path!r} must be an absolute local path")
-    if any(ord(c) < 0x20 for c in path):
-        raise JobError(f"{where}: {path!r}: control characters are not allowed")
-    if ".." in path.split("/"):
-        raise JobError(f"{where}: {path!r}: '..' is not allowed")
-    norm = posixpath.normpath(path)
-    if norm == "/":
-        raise JobError(f"{where}: the root directory cannot be mapped")
-    return norm
+@contextmanager
+def storage_rules(where: str = "") -> Iterator[None]:
+    """Run the storage capability's checks (OSS names, local paths, mappings: they live in
+    ``guestagent.storage``, one place for both capabilities) and turn a refusal into a
+    job error, its field prefixed with ``where`` (``DAG.Tasks.count``)."""
+    try:
+        yield
+    except BadInput as exc:
+        raise JobError(f"{where}.{exc}" if where else str(exc)) from None
 
 
 def image(ref: object, where: str) -> str:

@@ -188,6 +188,32 @@ def mirror_config(mirror: str, tree: Tree) -> dict[str, Any] | None:
     return None
 
 
+def _report_ignored(prepared: Prepared, report: Report) -> None:
+    """Parts not for us (Windows, unknown types): a warning and an outcome each."""
+    for part in prepared.ignored:
+        msg = f"{part.name}: {part.skipped_because()}"
+        log.warning("%s", msg)
+        report.warnings.append(msg)
+        what = "Windows user-data" if part.kind == parts.WINDOWS else part.mime
+        report.outcomes.append(Outcome(part.name, "part", "ignored", what))
+
+
+def _user_config(prepared: Prepared, deferred: bool, report: Report) -> dict[str, Any]:
+    """The user's cloud-config to apply: none when cloud-init takes the user-data, else
+    all of it, with a warning for each key only cloud-init would apply."""
+    if deferred and (prepared.cloud_config_parts or prepared.scripts):
+        msg = "cloud-init is installed and enabled: user-data left to it"
+        log.info("%s", msg)
+        report.warnings.append(msg)
+        report.outcomes.append(Outcome("user-data", "part", "deferred", "cloud-init"))
+        return {}
+    for key in prepared.unsupported_keys:
+        msg = f"{key}: not supported by guestagent; ignored (cloud-init would apply it)"
+        log.warning("%s", msg)
+        report.warnings.append(msg)
+    return prepared.config
+
+
 class Applier:
     def __init__(
         self,
@@ -251,31 +277,26 @@ class Applier:
         """What this stage will do; raises UserdataError, changing nothing."""
         tree = ctx.tree
         prepared = prepare(data, self.settings)
-        for part in prepared.ignored:
-            msg = f"{part.name}: {part.skipped_because()}"
-            log.warning("%s", msg)
-            report.warnings.append(msg)
-            what = "Windows user-data" if part.kind == parts.WINDOWS else part.mime
-            report.outcomes.append(Outcome(part.name, "part", "ignored", what))
+        _report_ignored(prepared, report)
         deferred = self.settings.defer_to_cloud_init and cloudconfig.cloud_init_active(tree)
-        user_cfg: dict[str, Any] = prepared.config
-        if deferred and (prepared.cloud_config_parts or prepared.scripts):
-            msg = "cloud-init is installed and enabled: user-data left to it"
-            log.info("%s", msg)
-            report.warnings.append(msg)
-            report.outcomes.append(Outcome("user-data", "part", "deferred", "cloud-init"))
-            user_cfg = {}
-        else:
-            for key in prepared.unsupported_keys:
-                msg = f"{key}: not supported by guestagent; ignored (cloud-init would apply it)"
-                log.warning("%s", msg)
-                report.warnings.append(msg)
+        user_cfg = _user_config(prepared, deferred, report)
         cfg, used = with_defaults(user_cfg, set(prepared.config), defaults, self.settings, tree)
         if used:
             log.info("defaults from metadata: %s", ", ".join(used))
         scripts = [] if deferred else prepared.scripts
-        # Every handler validates (whatever the stage: a document is accepted or refused
-        # as a whole); every script is syntax-checked.
+        plans = self._handler_plans(cfg, ctx, report)
+        for script in scripts:
+            check_script(script)
+        if not stages.runs(self.stage, stages.FINAL):
+            scripts = []
+        if scripts or any(h.stage == stages.FINAL for h, _ in plans):
+            self._check_can_run(tree)
+        return plans, scripts
+
+    def _handler_plans(self, cfg: dict[str, Any], ctx: Context, report: Report
+                       ) -> list[tuple[Handler, Any]]:
+        """Every handler validates (whatever the stage: a document is accepted or refused
+        as a whole); those of this stage that have work are kept."""
         plans: list[tuple[Handler, Any]] = []
         for handler in self.handlers:
             plan = handler.plan(cfg, ctx)
@@ -286,13 +307,7 @@ class Applier:
                 report.outcomes.append(skipped)
                 continue
             plans.append((handler, plan))
-        for script in scripts:
-            check_script(script)
-        if not stages.runs(self.stage, stages.FINAL):
-            scripts = []
-        if scripts or any(h.stage == stages.FINAL for h, _ in plans):
-            self._check_can_run(tree)
-        return plans, scripts
+        return plans
 
     def _execute(
         self,

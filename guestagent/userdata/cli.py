@@ -9,11 +9,15 @@ import sys
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from guestagent.cli import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, fail
 from guestagent.userdata import cloudconfig, parts, shell, templates
 from guestagent.userdata.errors import UserdataError, one_line
+
+if TYPE_CHECKING:
+    from guestagent.config import Settings
+    from guestagent.userdata.apply import Applier, Defaults, Report
 
 # Refused user-data is bad input: exit 2, like any usage error; nothing was changed.
 EXIT_REFUSED = EXIT_USAGE
@@ -215,28 +219,45 @@ def _validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _apply(args: argparse.Namespace) -> int:  # noqa: C901 - to split (owner)
-    from guestagent.userdata.apply import Applier, Defaults
-    from guestagent.userdata.service import fetch_waiting, state_dir_for
+def _apply(args: argparse.Namespace) -> int:
+    from guestagent.userdata.stages import Busy
 
     settings = _settings(args)
-    us = settings.userdata
     root = Path(args.root)
     if not root.is_dir():
         return _fail(f"--root {args.root}: not a directory")
     data: bytes | None = None
-    instance_id: str = args.instance_id or ""
-    defaults = Defaults()
     if args.file:
         try:
             data = Path(args.file).read_bytes()
         except OSError as exc:
             return _fail(f"{args.file}: cannot read: {exc.strerror}")
-    # Offline image preparation (a file and an instance id given) never touches the
-    # network: no metadata defaults unless the metadata service is needed anyway.
+    fetched, instance_id, defaults = _from_metadata(args, settings)
+    try:
+        report = _applier(args, settings, root).apply(
+            data if args.file else fetched, instance_id, defaults)
+    except Busy as exc:
+        return _fail(str(exc))
+    except UserdataError as exc:
+        return _fail(f"user-data refused, nothing changed: {exc}")
+    return _print_report(args, report)
+
+
+def _from_metadata(args: argparse.Namespace, settings: Settings
+                   ) -> tuple[bytes | None, str, Defaults]:
+    """(user-data, instance id, defaults) from the metadata service, the command line's
+    ``--instance-id`` and ``--no-defaults`` winning. Offline image preparation (a file
+    and an instance id given) never touches the network."""
+    from guestagent.userdata.apply import Defaults
+    from guestagent.userdata.service import fetch_waiting
+
+    fetched: bytes | None = None
+    instance_id: str = args.instance_id or ""
+    defaults = Defaults()
     if not args.file or not args.instance_id:
         from guestagent.metadata.client import MetadataClient
 
+        us = settings.userdata
         client = MetadataClient(settings.metadata)
         try:
             # The first-boot units start while the network comes up: bounded retries.
@@ -245,13 +266,19 @@ def _apply(args: argparse.Namespace) -> int:  # noqa: C901 - to split (owner)
             )
         finally:
             client.close()
-        if not args.file:
-            data = fetched
     if args.instance_id:
         instance_id = args.instance_id
     if args.no_defaults:
         defaults = Defaults()
-    applier = Applier(
+    return fetched, instance_id, defaults
+
+
+def _applier(args: argparse.Namespace, settings: Settings, root: Path) -> Applier:
+    from guestagent.userdata.apply import Applier
+    from guestagent.userdata.service import state_dir_for
+
+    us = settings.userdata
+    return Applier(
         us,
         root=root,
         state_dir=state_dir_for(root.resolve(), settings.daemon.state_dir),
@@ -262,14 +289,9 @@ def _apply(args: argparse.Namespace) -> int:  # noqa: C901 - to split (owner)
         # at once that another apply holds the lock.
         lock_wait=3 * us.script_timeout + 60 if args.stage else 0.0,
     )
-    from guestagent.userdata.stages import Busy
 
-    try:
-        report = applier.apply(data, instance_id, defaults)
-    except Busy as exc:
-        return _fail(str(exc))
-    except UserdataError as exc:
-        return _fail(f"user-data refused, nothing changed: {exc}")
+
+def _print_report(args: argparse.Namespace, report: Report) -> int:
     for w in report.warnings:
         print(f"guestagent: warning: {one_line(w)}", file=sys.stderr)
     if args.dry_run:

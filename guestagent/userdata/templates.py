@@ -216,35 +216,45 @@ def _holds(cond: str, params: Mapping[str, Any], where: str) -> bool:
 
 def _expand(node: Any, params: Mapping[str, Any], where: str) -> Any:
     if isinstance(node, dict):
-        if "_when" in node and not _holds(str(node["_when"]), params, where):
-            return None
-        out: dict[str, Any] = {}
-        for key, value in node.items():
-            if key in ("_when", "_if"):
-                continue
-            v = _expand(value, params, where)
-            if v is not None and not _empty(v):
-                k = _expand(key, params, where)
-                out[str(k)] = v
-        for frag in node.get("_if", []):
-            part = _expand(frag, params, where)
-            if part:
-                out = _merge(out, part)
-        return out or None
+        return _expand_mapping(node, params, where)
     if isinstance(node, list):
         items = [_expand(v, params, where) for v in node]
         return [v for v in items if v is not None and v != ""]
     if isinstance(node, str):
-        whole = _PLACEHOLDER.fullmatch(node)
-        if whole:
-            return _filter(params[_known(whole.group(1), params, where)], whole.group(2), where)
-        return _PLACEHOLDER.sub(
-            lambda m: _as_text(
-                _filter(params[_known(m.group(1), params, where)], m.group(2), where)
-            ),
-            node,
-        )
+        return _expand_text(node, params, where)
     return node
+
+
+def _expand_mapping(node: dict[str, Any], params: Mapping[str, Any], where: str) -> Any:
+    """A mapping without its empty values; ``_when`` drops it, ``_if`` fragments merge in."""
+    if "_when" in node and not _holds(str(node["_when"]), params, where):
+        return None
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in ("_when", "_if"):
+            continue
+        v = _expand(value, params, where)
+        if v is not None and not _empty(v):
+            k = _expand(key, params, where)
+            out[str(k)] = v
+    for frag in node.get("_if", []):
+        part = _expand(frag, params, where)
+        if part:
+            out = _merge(out, part)
+    return out or None
+
+
+def _expand_text(node: str, params: Mapping[str, Any], where: str) -> Any:
+    """A lone placeholder keeps its value's type; placeholders inside text become text."""
+    whole = _PLACEHOLDER.fullmatch(node)
+    if whole:
+        return _filter(params[_known(whole.group(1), params, where)], whole.group(2), where)
+    return _PLACEHOLDER.sub(
+        lambda m: _as_text(
+            _filter(params[_known(m.group(1), params, where)], m.group(2), where)
+        ),
+        node,
+    )
 
 
 def _empty(value: Any) -> bool:

@@ -11,7 +11,7 @@ from typing import Any
 
 from daemon_probes import events
 from fixtures.agent import write_hook
-from polling import wait_for
+from polling import gone, wait_for
 
 from guestagent.drain import load_report
 
@@ -114,7 +114,7 @@ def test_sigterm_in_the_middle_of_a_drain(agent_factory: Any, emulator: Any,
     assert report["hooks"][0]["timed_out"] or report["hooks"][0]["returncode"] == -9
     assert report["hooks"][1]["error"] == "skipped: deadline passed"
     # The hook was killed, not orphaned: it is gone and never wrote its last line.
-    wait_for(lambda: _gone(int(pid_file.read_text())))
+    wait_for(lambda: gone(int(pid_file.read_text())))
     assert out.read_text().splitlines() == ["started"]
 
 
@@ -177,14 +177,6 @@ def test_final_action_runs_last(agent_factory: Any, emulator: Any, tmp_path: Pat
     assert [s["step"] for s in report["steps"]][-1] == "final" and report["deadline_held"]
 
 
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
-
-
 def test_a_hook_that_leaves_a_background_job_does_not_delay_the_drain(
     agent_factory: Any, emulator: Any, tmp_path: Path
 ) -> None:
@@ -204,9 +196,9 @@ def test_a_hook_that_leaves_a_background_job_does_not_delay_the_drain(
         assert out.read_text() == "next\n"
         # Ended with the drain, not left running for ten minutes.
         bg = int(pid_file.read_text())
-        wait_for(lambda: _gone(bg))
+        wait_for(lambda: gone(bg))
     finally:
-        if pid_file.exists() and not _gone(int(pid_file.read_text())):
+        if pid_file.exists() and not gone(int(pid_file.read_text())):
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
 
 

@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+import pytest
 from storage_helpers import boto, random_file
 
 from guestagent.storage.ossurl import OssUrl
@@ -63,3 +64,48 @@ def test_foreign_multipart_object_downloads(transfers: Transfers, bkt: str,
     dest = tmp_path / "foreign.out"
     transfers.download_file(OssUrl.parse("oss://bkt/foreign.bin"), dest)
     assert md5(dest) == md5(src)
+
+
+class _StopAfter:
+    """A progress sink that interrupts a download once ``limit`` bytes arrived."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.seen = limit, 0
+
+    def expect(self, nbytes: int, files: int) -> None:
+        pass
+
+    def advance(self, nbytes: int) -> None:
+        self.seen += nbytes
+        if self.seen >= self.limit:
+            raise KeyboardInterrupt
+
+    def finished(self, name: str, nbytes: int) -> None:
+        pass
+
+
+@pytest.mark.parametrize("rebooted", [False, True])
+def test_an_interrupted_download_resumes_within_a_boot_only(
+    client: Any, options: Any, bkt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture, rebooted: bool,
+) -> None:
+    """Progress records are saved without fsync: trusted after kill -9 (same boot), not
+    after a reboot, when a power cut may have lost bytes that the record claims."""
+    import logging
+
+    from guestagent.storage import transfer
+
+    src = random_file(tmp_path / "big.bin", 17 * MiB)
+    dest = tmp_path / "copy.bin"
+    with Transfers(client, options) as t:
+        t.upload_file(src, OssUrl.parse("oss://bkt/big.bin"))
+    with Transfers(client, options, _StopAfter(12 * MiB)) as t, pytest.raises(KeyboardInterrupt):
+        t.download_file(OssUrl.parse("oss://bkt/big.bin"), dest)
+    assert not dest.exists() and dest.with_name("copy.bin.part").exists()
+    if rebooted:
+        monkeypatch.setattr(transfer, "boot_id", lambda: "another-boot")
+    with caplog.at_level(logging.INFO), Transfers(client, options) as t:
+        t.download_file(OssUrl.parse("oss://bkt/big.bin"), dest)
+    assert ("resuming download" in caplog.text) is not rebooted
+    assert md5(dest) == md5(src)
+    assert not dest.with_name("copy.bin.part").exists()

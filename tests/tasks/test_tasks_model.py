@@ -148,16 +148,17 @@ BAD_JSON = {
     "timeout 0": (_task(Timeout=0), "Timeout: must be between 1 and 21600"),
     "timeout too long": (_task(Timeout=86401), "Timeout: must be between 1 and 21600"),
     "negative retries": (_task(MaxRetryCount=-1), "MaxRetryCount"),
-    "input not oss": (_task(InputMapping={"/tmp/x/": "/home/in/"}), "not an OSS path"),
+    "input not oss": (_task(InputMapping={"/tmp/x/": "/home/in/"}), "not an OSS URL"),
     "bad bucket": (_task(InputMapping={"oss://My_Bucket/x/": "/home/in/"}), "bucket"),
     "dotdot key": (_task(InputMapping={"oss://bucket/a/../b/": "/home/in/"}), "'..'"),
     "relative local": (_task(InputMapping={"oss://bucket/a/": "home/in/"}), "absolute"),
     "input file not dir": (_task(InputMapping={"oss://bucket/a": "/home/in/"}), "directory"),
     "in and out share dir": (
-        _task(OutputMapping={"/home/input/": "oss://bucket/out/"}), "both InputMapping and Output"),
+        _task(OutputMapping={"/home/input/": "oss://bucket/out/"}),
+        "InputMapping and OutputMapping may not share a local directory"),
     "two oss one dir": (
         _task(InputMapping={"oss://bucket/a/": "/home/in/", "oss://bucket/b/": "/home/in"}),
-        "cannot share one local directory"),
+        "two sources may not map to one local directory"),
     "control char key": (_task(LogMapping={"/var/a.log": "oss://bucket/a\x01.log"}), "control"),
     "env name": (_cmd(EnvVars={"1BAD": "x"}), "not an environment variable name"),
     "env name with dash": (_cmd(EnvVars={"A-B": "x"}), "not an environment variable name"),
@@ -170,7 +171,18 @@ BAD_JSON = {
         _cmd(EnvVars={"BATCH_COMPUTE_DOCKER_IMAGE": "busybox:1:2"}), "not a Docker image name"),
     "image newline": (
         _cmd(EnvVars={"BATCH_COMPUTE_DOCKER_IMAGE": "busybox\nFROM x"}), "not a Docker image"),
-    "package dir": (_cmd(PackagePath="oss://bucket/pkg/"), "must name an object"),
+    "package dir": (_cmd(PackagePath="oss://bucket/pkg/"), "must name a .tar.gz"),
+    # The storage capability's mapping rules apply to jobs as they are (one place).
+    "mapping under a system dir": (
+        _task(InputMapping={"oss://bucket/a/": "/proc/in/"}), "system directory /proc"),
+    "output inside input": (
+        _task(OutputMapping={"/home/input/out/": "oss://bucket/out/"}), "is inside /home/input"),
+    "writable oss mount": (
+        _task(Mounts={"Entries": [{"Source": "oss://bucket/m/", "Destination": "/mnt/m/",
+                                   "WriteSupport": True}]}), "writable OSS mounts"),
+    "unsupported locale": (
+        _task(Parameters={"Command": {"CommandLine": "x"},
+                          "InputMappingConfig": {"Locale": "GBK"}}), "'GBK' is not supported"),
     "empty command": (_cmd(CommandLine="  "), "CommandLine: empty"),
     "unbalanced quote": (_cmd(CommandLine="sh -c 'echo"), "cannot split"),
     "unknown task key": (_task(InstanceCont=3), "unknown key 'InstanceCont'"),
@@ -235,7 +247,7 @@ def test_bad_job_cfg_is_one_clear_line(case: str, tmp_path: Path) -> None:
     (jobcfg.Flags(docker="localhost:5000/myubuntu"), "want image@oss://"),
     (jobcfg.Flags(read_mounts=["/home/input"]), "-r"),
     (jobcfg.Flags(write_mounts=["oss://bucket/out/:relative"]), "want oss://bucket/dir/:/local"),
-    (jobcfg.Flags(write_mounts=["oss://bucket/out/:/a/../b"]), "not allowed"),
+    (jobcfg.Flags(write_mounts=["oss://bucket/out/:/a/../b"]), "'..' segment"),
     (jobcfg.Flags(env=["novalue"]), "want key:value"),
 ])
 def test_bad_bcs_flags_are_refused(flags: jobcfg.Flags, expected: str, tmp_path: Path) -> None:

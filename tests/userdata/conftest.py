@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
-import subprocess
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from imagetree import account_files, tool_tree
 
 from guestagent.userdata.settings import UserdataSettings
 
@@ -38,52 +37,11 @@ TOOLS = (
 )
 
 
-def _libs(binary: str) -> list[str]:
-    out = subprocess.run(["ldd", binary], capture_output=True, text=True, timeout=60).stdout
-    return [w for line in out.splitlines() for w in line.split() if w.startswith("/")]
-
-
-def _place(path: str, base: Path) -> None:
-    """Make ``base + path`` resolve as ``path`` does on this machine: every link on the
-    way recreated, the file itself copied."""
-    current = path
-    for _ in range(16):
-        if not os.path.islink(current):
-            break
-        where = base / os.path.realpath(os.path.dirname(current)).lstrip("/")
-        where.mkdir(parents=True, exist_ok=True)
-        link = where / os.path.basename(current)
-        if not os.path.lexists(link):
-            link.symlink_to(os.readlink(current))
-        current = os.path.join(os.path.dirname(current), os.readlink(current))
-    real = os.path.realpath(path)
-    dest = base / real.lstrip("/")
-    if not dest.exists():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(real, dest)
-
-
 @pytest.fixture(scope="session")
 def chroot_tools(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """This machine's shell, coreutils and account tools with their libraries, copied
     once: enough for a script to run chrooted into a test image."""
-    base = tmp_path_factory.mktemp("chroot-tools")
-    (base / "dev").mkdir()
-    (base / "tmp").mkdir(mode=0o1777)
-    os.chmod(base / "tmp", 0o1777)
-    for name, minor in (("null", 3), ("zero", 5), ("urandom", 9)):
-        os.mknod(base / "dev" / name, 0o666 | stat.S_IFCHR, os.makedev(1, minor))
-        os.chmod(base / "dev" / name, 0o666)
-    for top in ("bin", "sbin", "lib", "lib64"):
-        if os.path.islink(f"/{top}"):
-            (base / top).symlink_to(os.readlink(f"/{top}"))
-    for tool in TOOLS:
-        found = shutil.which(tool, path="/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
-        if found is None:
-            continue
-        for path in (found, *_libs(found)):
-            _place(path, base)
-    return base
+    return tool_tree(tmp_path_factory.mktemp("chroot-tools"), TOOLS)
 
 
 def _link_tree(src: Path, dst: Path) -> None:
@@ -110,11 +68,7 @@ def image_root(tmp_path: Path, chroot_tools: Path) -> Path:
     root = tmp_path / "image"
     _link_tree(chroot_tools, root)
     etc = root / "etc"
-    (etc / "default").mkdir(parents=True)
-    for name in ("passwd", "group", "shadow", "gshadow", "login.defs", "sudoers", "nsswitch.conf"):
-        shutil.copy2(f"/etc/{name}", etc / name)
-    shutil.copy2("/etc/default/useradd", etc / "default" / "useradd")
-    shutil.copytree("/etc/skel", etc / "skel", symlinks=True)
+    account_files(etc)
     (etc / "sudoers.d").mkdir(mode=0o755)
     (etc / "chrony").mkdir()
     (etc / "chrony" / "chrony.conf").write_text(CHRONY)

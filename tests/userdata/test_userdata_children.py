@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from polling import wait_for
+from polling import gone, wait_for
 
 from guestagent import process
 from guestagent.userdata import cloudconfig
@@ -34,14 +34,6 @@ def test_a_schema_check_that_wants_gigabytes_is_stopped(tmp_path: Path) -> None:
     assert errors == [f"cloud-init schema needed more than {cloudconfig.SCHEMA_MEMORY >> 20} MiB"]
 
 
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
-
-
 def test_a_helper_dies_with_the_agent(tmp_path: Path) -> None:
     pidfile = tmp_path / "child.pid"
     code = (
@@ -53,10 +45,10 @@ def test_a_helper_dies_with_the_agent(tmp_path: Path) -> None:
     agent = subprocess.Popen([sys.executable, "-c", code], env=env)
     try:
         pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 60))
-        assert not _gone(pid)
+        assert not gone(pid)
         agent.send_signal(signal.SIGKILL)
         agent.wait(60)
-        wait_for(lambda: _gone(pid), 30)
+        wait_for(lambda: gone(pid), 30)
     finally:
         if agent.poll() is None:
             agent.kill()

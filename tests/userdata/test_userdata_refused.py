@@ -87,6 +87,12 @@ def _corpus(bad_key: str) -> dict[str, tuple[bytes, str]]:
 CASES = list(_corpus("").keys())
 
 
+def _apply_offline(root: Path, user_data: Path, instance_id: str) -> int:
+    """``guestagent userdata apply`` as image preparation runs it: no metadata service."""
+    return main(["userdata", "apply", "--root", str(root), "--file", str(user_data),
+                 "--instance-id", instance_id, "--no-defaults"])
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_bad_user_data_is_refused_and_nothing_changes(
     case: str, image_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], rsa_key: str
@@ -98,19 +104,7 @@ def test_bad_user_data_is_refused_and_nothing_changes(
     ud.write_bytes(data)
     (image_root / "etc/resolv.conf").write_text("nameserver 192.0.2.1\n")
     before = snapshot(image_root, times=True)
-    rc = main(
-        [
-            "userdata",
-            "apply",
-            "--root",
-            str(image_root),
-            "--file",
-            str(ud),
-            "--instance-id",
-            "i-bad",
-            "--no-defaults",
-        ]
-    )
+    rc = _apply_offline(image_root, ud, "i-bad")
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1 and why in err[0], err
@@ -128,19 +122,7 @@ def test_windows_user_data_is_ignored_with_a_message(
     ud = tmp_path / "user-data"
     ud.write_bytes(base64.b64encode(b"[powershell]\nWrite-Host hi\n"))
     before = snapshot(image_root)
-    rc = main(
-        [
-            "userdata",
-            "apply",
-            "--root",
-            str(image_root),
-            "--file",
-            str(ud),
-            "--instance-id",
-            "i-win",
-            "--no-defaults",
-        ]
-    )
+    rc = _apply_offline(image_root, ud, "i-win")
     captured = capsys.readouterr()
     assert rc == 0
     assert "Windows user-data ([bat]/[powershell]) is ignored on Linux" in captured.err

@@ -98,6 +98,32 @@ def scenario_leaves(scenario: Scenario) -> dict[str, str]:
     return {"meta-data/" + k: v for k, v in md.items()}
 
 
+def _overridden(leaves: dict[str, str], overrides: Mapping[str, str | None]) -> dict[str, str]:
+    """The scenario's leaves with the overrides: a value set, None removes the path (and
+    everything under it)."""
+    for path, value in overrides.items():
+        if value is None:
+            gone = [p for p in leaves if p == path or p.startswith(path + "/")]
+            for p in gone:
+                del leaves[p]
+        else:
+            leaves[path] = value
+    return leaves
+
+
+def _dynamic(role: str | None) -> dict[str, str]:
+    """Paths answered at request time, and what answers them."""
+    dynamic = {
+        SPOT_PATH: SPOT,
+        "user-data": USER_DATA,
+        "maintenance/active-system-events": MAINTENANCE,
+        "dynamic/instance-identity/pkcs7": PKCS7,
+    }
+    if role is not None:
+        dynamic[f"{CREDENTIALS_DIR}/{role}"] = CREDENTIALS
+    return dynamic
+
+
 class Tree:
     def __init__(
         self,
@@ -107,25 +133,10 @@ class Tree:
         overrides: Mapping[str, str | None],
         vendor_data: str | None,
     ) -> None:
-        leaves = scenario_leaves(scenario)
-        for path, value in overrides.items():
-            if value is None:
-                gone = [p for p in leaves if p == path or p.startswith(path + "/")]
-                for p in gone:
-                    del leaves[p]
-            else:
-                leaves[path] = value
+        leaves = _overridden(scenario_leaves(scenario), overrides)
         self.identity = {name: leaves.get(path, "") for name, path in IDENTITY_KEYS}
         nodes: dict[str, Node] = {p: Node(LEAF, v.encode()) for p, v in leaves.items()}
-        dynamic = {
-            SPOT_PATH: SPOT,
-            "user-data": USER_DATA,
-            "maintenance/active-system-events": MAINTENANCE,
-            "dynamic/instance-identity/pkcs7": PKCS7,
-        }
-        if role is not None:
-            dynamic[f"{CREDENTIALS_DIR}/{role}"] = CREDENTIALS
-        for path, marker in dynamic.items():
+        for path, marker in _dynamic(role).items():
             if overrides.get(path, "") is None:
                 continue  # removed on purpose
             nodes.setdefault(path, Node(DYNAMIC, name=marker))

@@ -6,7 +6,7 @@ both given, the domain wins there as it does under cloud-init, and a warning say
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,33 +26,45 @@ class DnsPlan:
     sortlist: tuple[str, ...] = ()
 
 
-def plan_from(cfg: Mapping[str, Any]) -> DnsPlan | None:  # noqa: C901 - to split (owner)
+def plan_from(cfg: Mapping[str, Any]) -> DnsPlan | None:
     if not checks.boolean(cfg.get("manage_resolv_conf", False), "manage_resolv_conf"):
         return None
+    rc = _section(cfg)
+    servers = _listed(rc, "nameservers", checks.ip)
+    if not servers:
+        raise UserdataError("resolv_conf.nameservers: at least one address is needed")
+    if len(servers) > 3:
+        raise UserdataError("resolv_conf.nameservers: at most 3 (the resolver ignores the rest)")
+    search = _listed(rc, "searchdomains", checks.hostname)
+    if len(search) > 6:
+        raise UserdataError("resolv_conf.searchdomains: at most 6 domains")
+    domain = checks.hostname(rc["domain"], "resolv_conf.domain") if rc.get("domain") else ""
+    options = _options(rc.get("options", {}) or {})
+    sortlist = _listed(rc, "sortlist", _sort_item)
+    if len(sortlist) > 10:
+        raise UserdataError("resolv_conf.sortlist: at most 10 address/netmask pairs")
+    return DnsPlan(tuple(servers), tuple(search), domain, options, tuple(sortlist))
+
+
+def _section(cfg: Mapping[str, Any]) -> Mapping[str, Any]:
     rc = cfg.get("resolv_conf")
     if not isinstance(rc, Mapping):
         raise UserdataError("resolv_conf: must be a mapping when manage_resolv_conf is true")
     unknown = set(rc) - {"nameservers", "searchdomains", "domain", "options", "sortlist"}
     if unknown:
         raise UserdataError(f"resolv_conf: unsupported key(s) {', '.join(sorted(unknown))}")
-    servers = [
-        checks.ip(v, f"resolv_conf.nameservers[{i}]")
-        for i, v in enumerate(checks.str_list(rc.get("nameservers", []), "resolv_conf.nameservers"))
-    ]
-    if not servers:
-        raise UserdataError("resolv_conf.nameservers: at least one address is needed")
-    if len(servers) > 3:
-        raise UserdataError("resolv_conf.nameservers: at most 3 (the resolver ignores the rest)")
-    search = [
-        checks.hostname(v, f"resolv_conf.searchdomains[{i}]")
-        for i, v in enumerate(
-            checks.str_list(rc.get("searchdomains", []), "resolv_conf.searchdomains")
-        )
-    ]
-    if len(search) > 6:
-        raise UserdataError("resolv_conf.searchdomains: at most 6 domains")
-    domain = checks.hostname(rc["domain"], "resolv_conf.domain") if rc.get("domain") else ""
-    opts = rc.get("options", {}) or {}
+    return rc
+
+
+def _listed(rc: Mapping[str, Any], key: str, check: Callable[[str, str], str]) -> list[str]:
+    """``resolv_conf.<key>``: a list (or comma-separated string), each item checked."""
+    where = f"resolv_conf.{key}"
+    items = checks.str_list(rc.get(key, []), where)
+    return [check(v, f"{where}[{i}]") for i, v in enumerate(items)]
+
+
+def _options(opts: object) -> tuple[str, ...]:
+    """True flags first, then ``key:value`` pairs sorted by key; false flags dropped."""
     if not isinstance(opts, Mapping):
         raise UserdataError(
             "resolv_conf.options: must be a mapping such as {rotate: true, timeout: 2}"
@@ -69,14 +81,7 @@ def plan_from(cfg: Mapping[str, Any]) -> DnsPlan | None:  # noqa: C901 - to spli
             pairs.append(f"{key}:{value}")
         else:
             raise UserdataError(f"{where}: must be true/false or a small number, got {value!r}")
-    sortlist = [
-        _sort_item(v, f"resolv_conf.sortlist[{i}]")
-        for i, v in enumerate(checks.str_list(rc.get("sortlist", []), "resolv_conf.sortlist"))
-    ]
-    if len(sortlist) > 10:
-        raise UserdataError("resolv_conf.sortlist: at most 10 address/netmask pairs")
-    options = (*flags, *sorted(pairs))
-    return DnsPlan(tuple(servers), tuple(search), domain, options, tuple(sortlist))
+    return (*flags, *sorted(pairs))
 
 
 def _sort_item(value: str, where: str) -> str:
