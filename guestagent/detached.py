@@ -5,7 +5,8 @@ migration transfer.
   (``systemd-run --unit guestagent-<name> --collect``), outside the agent's cgroup, so
   neither the unit's ``KillMode=mixed`` at a stop nor a watchdog restart touches it. The
   next agent re-adopts it by unit name (:func:`adopt`). Its environment goes through a
-  0600 ``EnvironmentFile`` (never argv); its output is appended to ``log_path``.
+  0600 ``EnvironmentFile`` (never argv), removed as soon as the process runs (it may hold
+  a secret); its output is appended to ``log_path`` (errors to ``stderr_path`` if given).
 - no systemd (a container, a minimal image): the work is a child in its own session that
   nothing kills with the agent (no death signal, no tag for
   :func:`guestagent.process.end_orphans`), recorded in ``<run_dir>/detached/<name>.json``
@@ -73,16 +74,18 @@ class Detached:
 
 def start(name: str, argv: Sequence[str], *, run_dir: Path,
           env: Mapping[str, str] | None = None, cwd: str | None = None,
-          log_path: str | os.PathLike[str] | None = None) -> Detached:
+          log_path: str | os.PathLike[str] | None = None,
+          stderr_path: str | os.PathLike[str] | None = None) -> Detached:
     """Start ``argv`` so that it outlives the agent; ``name`` identifies it for adoption."""
     if not NAME.match(name):
         raise ValueError(f"detached work name {name!r}: use letters, digits, '.', '_', '-'")
     if adopt(name, run_dir=run_dir) is not None:
         raise ValueError(f"detached work {name!r} is already running: adopt or stop it")
     if process.systemd_running():
-        return _start_unit(name, argv, run_dir, env=env, cwd=cwd, log_path=log_path)
+        return _start_unit(name, argv, run_dir, env=env, cwd=cwd, log_path=log_path,
+                           stderr_path=stderr_path)
     child = process.spawn(argv, name=name, env=env, cwd=cwd, log_path=log_path,
-                          survive_agent=True)
+                          stderr_path=stderr_path, survive_agent=True)
     started = _start_time(child.pid)
     atomic_write(_record(run_dir, name),
                  json.dumps({"pid": child.pid, "started": started}) + "\n", mode=0o600)
@@ -112,7 +115,8 @@ def adopt(name: str, *, run_dir: Path) -> Detached | None:
 
 def _start_unit(name: str, argv: Sequence[str], run_dir: Path, *,
                 env: Mapping[str, str] | None, cwd: str | None,
-                log_path: str | os.PathLike[str] | None) -> Detached:
+                log_path: str | os.PathLike[str] | None,
+                stderr_path: str | os.PathLike[str] | None = None) -> Detached:
     unit = f"{UNIT_PREFIX}{name}"
     cmd = ["systemd-run", f"--unit={unit}", "--collect", "--quiet", "--service-type=exec",
            f"--description=guestagent detached work {name}"]
@@ -123,9 +127,16 @@ def _start_unit(name: str, argv: Sequence[str], run_dir: Path, *,
     if cwd:
         cmd.append(f"--working-directory={cwd}")
     if log_path is not None:
-        cmd += [f"--property=StandardOutput=append:{log_path}",
-                f"--property=StandardError=append:{log_path}"]
-    process.run([*cmd, "--", *argv], timeout=60, check=True)
+        cmd.append(f"--property=StandardOutput=append:{log_path}")
+    if stderr_path is not None or log_path is not None:
+        cmd.append(f"--property=StandardError=append:{stderr_path or log_path}")
+    try:
+        process.run([*cmd, "--", *argv], timeout=60, check=True)
+    finally:
+        # With --service-type=exec systemd-run returns once the process runs: systemd has
+        # read the file (a transient unit with no Restart= never reads it again).
+        with contextlib.suppress(FileNotFoundError):
+            _env_file(run_dir, name).unlink()
     found = adopt(name, run_dir=run_dir)
     log.info("started %s as %s.service outside the agent's cgroup", name, unit)
     return found or Detached(name, "systemd", None)

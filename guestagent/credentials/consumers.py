@@ -49,6 +49,13 @@ class Consumer:
     path_suffices: bool = False
     # Peers with no uid (not on loopback: a container on a bridge) allowed by address.
     addresses: frozenset[str] = frozenset()
+    # A task's endpoint: the path alone authenticates a request that carries no token (the
+    # Alibaba clients behind the task relay), but a token it carries must be this one's —
+    # so one instance's token never reads another's endpoint.
+    path_unless_token: bool = False
+    # Re-registered after an agent restart (see :meth:`Registry.restore`): only the
+    # digest of the capability path is known, never the path itself.
+    capability_digest: bytes | None = field(default=None, repr=False)
 
     def permits(self, peer: Peer) -> bool:
         if peer.uid is None:
@@ -91,6 +98,7 @@ class Registry:
         self._by_capability: dict[str, Consumer] = {}
         self._by_token: dict[bytes, Consumer] = {}
         self._named: dict[str, Consumer] = {}
+        self._by_capability_digest: dict[bytes, Consumer] = {}
         # Bumped by every add and remove (after the swap): what the server decided for a
         # request under an older generation is decided again.
         self.generation = 0
@@ -101,19 +109,24 @@ class Registry:
         return len(self._named) + 1
 
     def add(self, consumer: Consumer) -> None:
-        if not consumer.capability and consumer.token_digest is None:
+        if (not consumer.capability and consumer.capability_digest is None
+                and consumer.token_digest is None):
             raise ValueError(f"consumer {consumer.name!r}: needs a token or a capability path")
         with self._lock:
             if consumer.name in self._named:
                 raise ValueError(f"consumer {consumer.name!r} already exists")
             by_cap = dict(self._by_capability)
             by_tok = dict(self._by_token)
+            by_digest = dict(self._by_capability_digest)
             if consumer.capability:
                 by_cap[consumer.capability] = consumer
+            elif consumer.capability_digest is not None:
+                by_digest[consumer.capability_digest] = consumer
             elif consumer.token_digest is not None:
                 by_tok[consumer.token_digest] = consumer
             # Swap whole dicts so the server's reads never need the lock.
             self._by_capability, self._by_token = by_cap, by_tok
+            self._by_capability_digest = by_digest
             self._named = {**self._named, consumer.name: consumer}
             self.generation += 1
 
@@ -126,6 +139,7 @@ class Registry:
         gids: Iterable[int] = (),
         addresses: Iterable[str] = (),
         with_path: bool = True,
+        path_unless_token: bool = False,
     ) -> Minted:
         """A new scoped consumer with a random token (and path); returns its secrets once."""
         token = secrets.token_urlsafe(32)
@@ -139,9 +153,39 @@ class Registry:
             token_digest=digest(token),
             capability=path or None,
             hint=f"scoped endpoint {name!r}",
+            path_unless_token=path_unless_token and bool(path),
         )
         self.add(consumer)
         return Minted(consumer, token, f"/{path}" if path else "")
+
+    def restore(
+        self,
+        name: str,
+        source: Source,
+        *,
+        token_digest: bytes,
+        path_digest: bytes,
+        uids: Iterable[int] = (),
+        gids: Iterable[int] = (),
+        addresses: Iterable[str] = (),
+        path_unless_token: bool = False,
+    ) -> Consumer:
+        """Register again, after an agent restart, a consumer minted before it, from the
+        digests of its token and path (:func:`digest`; kept by whoever minted it — never
+        the secrets): the token and URL its holder still has work again."""
+        consumer = Consumer(
+            name=name,
+            source=source,
+            uids=frozenset(uids),
+            gids=frozenset(gids),
+            addresses=frozenset(addresses),
+            token_digest=token_digest,
+            capability_digest=path_digest,
+            hint=f"scoped endpoint {name!r}",
+            path_unless_token=path_unless_token,
+        )
+        self.add(consumer)
+        return consumer
 
     def remove(self, name: str) -> None:
         with self._lock:
@@ -152,6 +196,9 @@ class Registry:
                 k: v for k, v in self._by_capability.items() if v is not consumer
             }
             self._by_token = {k: v for k, v in self._by_token.items() if v is not consumer}
+            self._by_capability_digest = {
+                k: v for k, v in self._by_capability_digest.items() if v is not consumer
+            }
             self._named = {k: v for k, v in self._named.items() if k != name}
             self.generation += 1
 
@@ -171,6 +218,8 @@ class Registry:
             end = path.find(b"/", 1)
             first = path[1:end] if end > 0 else path[1:]
             consumer = self._by_capability.get(first.decode("latin-1"))
+            if consumer is None and self._by_capability_digest:
+                consumer = self._by_capability_digest.get(digest(first))
             if consumer is not None:
                 return consumer, path[end:] if end > 0 else b"/", True
         if authorization is not None and self._by_token:
@@ -192,6 +241,11 @@ class CredentialAccess(Protocol):
 
     def mint(self, name: str, source: Source | None = None, *, uids: Iterable[int] = (),
              gids: Iterable[int] = (), addresses: Iterable[str] = (),
-             with_path: bool = True) -> Minted: ...
+             with_path: bool = True, path_unless_token: bool = False) -> Minted: ...
+
+    def restore(self, name: str, source: Source | None = None, *, token_digest: bytes,
+                path_digest: bytes, uids: Iterable[int] = (), gids: Iterable[int] = (),
+                addresses: Iterable[str] = (), path_unless_token: bool = False) -> Consumer:
+        ...
 
     def remove(self, name: str) -> None: ...

@@ -323,7 +323,7 @@ class CredentialServer:
 
     def _authenticated(self, consumer: Consumer, by_path: bool, peer: Peer,
                        auth: bytes | None) -> bool:
-        if by_path and consumer.path_suffices:
+        if by_path and (consumer.path_suffices or (consumer.path_unless_token and auth is None)):
             return True
         if consumer is self.registry.default and not by_path and peer.address == "unix":
             return True  # SO_PEERCRED names the process exactly: no request forgery here

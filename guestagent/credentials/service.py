@@ -81,10 +81,20 @@ class CredentialService(Service):
 
     def mint(self, name: str, source: Source | None = None, *, uids: Iterable[int] = (),
              gids: Iterable[int] = (), addresses: Iterable[str] = (),
-             with_path: bool = True) -> Minted:
+             with_path: bool = True, path_unless_token: bool = False) -> Minted:
         """A task-scoped endpoint (its own token and path); see :meth:`Registry.mint`."""
         return self.registry.mint(name, source or self.rotator, uids=uids, gids=gids,
-                                  addresses=addresses, with_path=with_path)
+                                  addresses=addresses, with_path=with_path,
+                                  path_unless_token=path_unless_token)
+
+    def restore(self, name: str, source: Source | None = None, *, token_digest: bytes,
+                path_digest: bytes, uids: Iterable[int] = (), gids: Iterable[int] = (),
+                addresses: Iterable[str] = (), path_unless_token: bool = False) -> Consumer:
+        """A task-scoped endpoint minted before an agent restart, by digests; see
+        :meth:`Registry.restore`."""
+        return self.registry.restore(name, source or self.rotator, token_digest=token_digest,
+                                     path_digest=path_digest, uids=uids, gids=gids,
+                                     addresses=addresses, path_unless_token=path_unless_token)
 
     def remove(self, name: str) -> None:
         self.registry.remove(name)

@@ -21,13 +21,15 @@ import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
+from guestagent.storage import nas
 from guestagent.storage.errors import BadInput, StorageError
 from guestagent.storage.keys import KeyProvider
-from guestagent.storage.mappings import local_dir, parse_package_path
+from guestagent.storage.mappings import MountEntry, NasSource, local_dir, parse_package_path
 from guestagent.storage.mounts import Mount, MountTable, Options, RcloneRemote
+from guestagent.storage.nas import NasPlan
 from guestagent.storage.ossurl import OssUrl
 from guestagent.storage.outputs import FlushReport, OutputSession
 from guestagent.storage.package import DEFAULT_LIMITS, Limits, Unpacked, unpack
@@ -41,6 +43,40 @@ class Transfers(Protocol):
     def download_file(self, src: OssUrl, local: Path) -> object: ...
 
     def upload_file(self, local: Path, dest: OssUrl) -> object: ...
+
+
+@dataclass(frozen=True)
+class NasOptions:
+    """How NAS entries are mounted: ``[storage] nas_*``."""
+
+    version: str = "3"
+    lock: bool = False
+    port: int = 2049
+    mount_port: int | None = None
+    preflight_timeout: float = 5.0
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> NasOptions:
+        st = settings.storage
+        return cls(version=st.nas_version, lock=st.nas_lock, port=st.nas_port,
+                   mount_port=st.nas_mount_port or None)
+
+
+@dataclass
+class NasHandle:
+    """A NAS mount made for a caller (a task instance); ``release()`` undoes it."""
+
+    plan: NasPlan
+    dest: Path
+    _made: Path | None = None  # the first directory created for it, removed at release
+
+    def describe(self) -> dict[str, str]:
+        return {"source": str(self.plan.source), "options": ",".join(self.plan.options),
+                "destination": str(self.dest)}
+
+    def release(self) -> None:
+        nas.unmount(self.dest)
+        _remove_made(self.dest, self._made)
 
 
 @dataclass
@@ -74,8 +110,10 @@ class Storage:
         options: Options | None = None,
         package_limits: Limits = DEFAULT_LIMITS,
         remote_factory: Callable[[], RcloneRemote] | None = None,
+        nas_options: NasOptions | None = None,
     ) -> None:
         self.transfers = transfers
+        self.nas_options = nas_options or NasOptions()
         self.mounts = mounts if mounts is not None else MountTable()
         self.remote = remote
         self._remote_factory = remote_factory
@@ -92,7 +130,8 @@ class Storage:
         whose rclone reads keys from the credential server's loopback listener."""
         env = dict(os.environ if environ is None else environ)
         return cls(_LazyTransfers(settings, keys, env), options=mount_options(settings),
-                   remote_factory=lambda: rclone_remote(settings, env))
+                   remote_factory=lambda: rclone_remote(settings, env),
+                   nas_options=NasOptions.from_settings(settings))
 
     def _transfers(self) -> Transfers:
         if self.transfers is None:
@@ -185,6 +224,36 @@ class Storage:
         self.mounts.add(Mount(source, path, remote, self.options, origin=origin))
         return MountHandle(source, path, self.mounts)
 
+    def nas_plan(self, source_url: str, dest: Path, write: bool = False, *,
+                 lock: bool | None = None) -> NasPlan:
+        """What mounting ``source_url`` at ``dest`` means (options, command), before
+        anything is done; :class:`BadInput` for a bad source or destination."""
+        source = NasSource.parse(str(source_url), "Mounts.Source")
+        path = Path(local_dir(str(dest), "Mounts.Destination"))
+        o = self.nas_options
+        entry = MountEntry(source, PurePosixPath(path), write)
+        return nas.plan(entry, version=o.version, lock=o.lock if lock is None else lock,
+                        port=o.port, mount_port=o.mount_port)
+
+    def mount_nas(self, source_url: str, dest: Path, write: bool = False, *,
+                  lock: bool | None = None) -> NasHandle:
+        """Preflight (name, TCP, export listed), then mount ``source_url`` at ``dest`` until
+        ``release()``. A failure is one line naming the step; nothing is left behind."""
+        plan = self.nas_plan(source_url, dest, write, lock=lock)
+        o = self.nas_options
+        steps = nas.preflight(plan.source, port=o.port, mount_port=o.mount_port,
+                              timeout=o.preflight_timeout)
+        nas.check_preflight(steps, plan.source)
+        where = Path(str(plan.where))
+        made = _make_dir(where)
+        try:
+            nas.mount(plan)
+        except StorageError as exc:
+            _remove_made(where, made)
+            raise StorageError(f"NAS mount of {plan.source} at {where}: step 'mount' failed: "
+                               f"{exc}") from None
+        return NasHandle(plan, where, made)
+
     def rclone_remote(self) -> RcloneRemote:
         if self.remote is None and self._remote_factory is not None:
             self.remote = self._remote_factory()
@@ -259,6 +328,31 @@ def rclone_remote(settings: Any, environ: Mapping[str, str]) -> RcloneRemote:
                         rclone=settings.storage.rclone)
 
 
+def _make_dir(path: Path) -> Path | None:
+    """Create ``path`` (and missing parents); the topmost directory created, if any."""
+    top = None
+    for parent in [*reversed(path.parents), path]:
+        if not parent.exists():
+            top = top or parent
+    path.mkdir(parents=True, exist_ok=True)
+    return top
+
+
+def _remove_made(path: Path, top: Path | None) -> None:
+    """Remove the (empty) directories :func:`_make_dir` created, from ``path`` up to ``top``."""
+    if top is None:
+        return
+    current = path
+    while True:
+        try:
+            current.rmdir()
+        except OSError:
+            return
+        if current in (top, current.parent):
+            return
+        current = current.parent
+
+
 def _oss_dir(url: str | OssUrl, where: str) -> OssUrl:
     parsed = url if isinstance(url, OssUrl) else OssUrl.parse(url, where)
     if not parsed.is_dir:
@@ -266,4 +360,4 @@ def _oss_dir(url: str | OssUrl, where: str) -> OssUrl:
     return parsed
 
 
-__all__ = ["MountHandle", "Storage", "Transfers"]
+__all__ = ["MountHandle", "NasHandle", "NasOptions", "Storage", "Transfers"]

@@ -73,10 +73,17 @@ class NasPlan:
         return "\n".join(lines) + "\n"
 
 
-def options(version: str = "3", *, lock: bool = False, write: bool = True) -> tuple[str, ...]:
+def options(version: str = "3", *, lock: bool = False, write: bool = True,
+            port: int = NFS_PORT, mount_port: int | None = None) -> tuple[str, ...]:
+    """The mount options; ``port``/``mount_port`` only when not the standard ones (a
+    server on other ports, as the local cloud's ganesha)."""
     if version not in VERSIONS:
         raise StorageError(f"nas version: want 3 or 4.0, got {version!r}")
     opts = [o for o in VERSIONS[version] if not (o == "nolock" and lock)]
+    if port != NFS_PORT:
+        opts.append(f"port={port}")
+    if mount_port is not None and version == "3":
+        opts.append(f"mountport={mount_port}")
     opts += COMMON
     if not write:
         opts.append("ro")
@@ -85,10 +92,11 @@ def options(version: str = "3", *, lock: bool = False, write: bool = True) -> tu
 
 
 def plan(entry: MountEntry, *, version: str = "3", lock: bool = False,
-         automount: bool = False) -> NasPlan:
+         automount: bool = False, port: int = NFS_PORT,
+         mount_port: int | None = None) -> NasPlan:
     if not isinstance(entry.source, NasSource):
         raise StorageError(f"{entry.source}: not a NAS source")
-    opts = options(version, lock=lock, write=entry.write)
+    opts = options(version, lock=lock, write=entry.write, port=port, mount_port=mount_port)
     base = NasPlan(entry.source, entry.destination, opts, automount)
     units = {base.unit_name: _mount_unit(base)}
     if automount:
@@ -252,5 +260,43 @@ def install(p: NasPlan, *, unit_dir: Path = UNIT_DIR, start: bool = True) -> lis
     return written
 
 
-__all__ = ["NasPlan", "Step", "check_preflight", "install", "kernel_has_nfs", "options",
-           "plan", "preflight", "unit_name"]
+def mount(p: NasPlan) -> None:
+    """Mount now, for a while (a task instance's life): no unit, undone by :func:`unmount`.
+    Raises a one-line :class:`StorageError` saying why it cannot."""
+    if not kernel_has_nfs():
+        with contextlib.suppress(process.ProcessError):
+            process.run(["modprobe", "nfs"], timeout=30)
+    if not kernel_has_nfs():
+        raise StorageError("this kernel has no NFS client (no nfs in /proc/filesystems and "
+                           "modprobe nfs failed): run on a kernel with NFS support")
+    if shutil.which("mount.nfs") is None:
+        raise StorageError("mount.nfs not found: install nfs-common (Debian) or "
+                           "nfs-utils (RHEL)")
+    result = process.run(p.mount_argv(), timeout=120)
+    if not result.ok:
+        detail = (result.stderr or result.stdout).decode(errors="replace").strip().splitlines()
+        raise StorageError(f"mount failed: {detail[-1] if detail else result.returncode}")
+
+
+def mounted(where: Path | PurePosixPath) -> bool:
+    """Whether something is mounted exactly at ``where``."""
+    target = str(where).rstrip("/") or "/"
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return False
+    # Field 5 is the mount point, with spaces etc. octal-escaped.
+    return any(_fstab_escape(target) == line.split()[4] for line in lines if line.strip())
+
+
+def unmount(where: Path | PurePosixPath) -> None:
+    """Undo :func:`mount` (lazily: a process still in it does not keep it)."""
+    if mounted(where):
+        result = process.run(["umount", "-l", str(where)], timeout=60)
+        if not result.ok:
+            raise StorageError(f"umount {where} failed: "
+                               f"{result.stderr.decode(errors='replace').strip()}")
+
+
+__all__ = ["NasPlan", "Step", "check_preflight", "install", "kernel_has_nfs", "mount",
+           "mounted", "options", "plan", "preflight", "unit_name", "unmount"]

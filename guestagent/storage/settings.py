@@ -58,6 +58,10 @@ class StorageSettings:
     nas_version: Literal["3", "4.0"] = "3"
     nas_lock: bool = False
     nas_automount: bool = False
+    # The NFS server's ports: 2049, and 0 = MOUNT found through the portmapper (the local
+    # cloud's ganesha listens elsewhere).
+    nas_port: int = 2049
+    nas_mount_port: int = 0
 
     def validate(self) -> None:
         self._check_mounts()

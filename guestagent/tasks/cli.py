@@ -130,7 +130,8 @@ def show_data(store: Any, job_id: str) -> dict[str, Any]:
     for name, row in tasks.items():
         instances = [{"index": i.index, "state": i.state, "retries": i.retries,
                       "exit_code": i.exit_code, "started": i.started, "ended": i.ended,
-                      "runner": i.runner, "message": i.message}
+                      "runner": i.runner, "message": i.message,
+                      "mounts": store.mounts(job_id, name, i.index)}
                      for i in store.instances(job_id, name)]
         out["tasks"].append({"name": name, "state": row["state"], "started": row["started"],
                              "ended": row["ended"], "message": row["message"],
@@ -159,6 +160,8 @@ def _show(args: argparse.Namespace) -> int:
             print(f"    {i['index']}: {i['state']:<9} exit={code} retries={i['retries']}"
                   f" {_when(i['started'])} .. {_when(i['ended'])}"
                   + (f"  {i['message']}" if i["message"] else ""))
+            for m in i["mounts"]:
+                print(f"       mount {m['source']} -> {m['destination']} ({m['options']})")
     print("  events:")
     for e in data["events"]:
         print(f"    {_when(e['time'])} {e['event']}")

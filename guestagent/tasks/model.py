@@ -45,6 +45,11 @@ class MountEntry:
     source: str
     destination: str
     write: bool = False
+    lock: bool = False  # Mounts.Lock: NFS locks (NFSv3 drops nolock)
+
+    @property
+    def is_nas(self) -> bool:
+        return self.source.startswith("nas://")
 
 
 @dataclass(frozen=True)
@@ -293,8 +298,8 @@ def _parse_storage(task: Mapping[str, Any], command: Mapping[str, Any], where: s
         inputs={str(i.source): _dir(i.local) for i in m.inputs},
         outputs={_dir(o.local): str(o.dest) for o in m.outputs},
         logs={str(lm.local): str(lm.dest) for lm in m.logs},
-        mounts=tuple(MountEntry(str(e.source), _dir(e.destination), e.write)
-                     for e in m.mounts),
+        mounts=tuple(MountEntry(str(e.source), _dir(e.destination), e.write,
+                                m.mount_config.lock) for e in m.mounts),
         package=package if local_package else (str(m.package) if m.package else None),
         stdout=str(m.stdout) if m.stdout else None,
         stderr=str(m.stderr) if m.stderr else None,

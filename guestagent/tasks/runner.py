@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
+import select
 import signal
 import time
 from collections.abc import Mapping
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from guestagent import process
+from guestagent import detached, process
 from guestagent.tasks.errors import TaskError
 
 log = logging.getLogger(__name__)
@@ -83,23 +85,34 @@ def exit_status(returncode: int | None) -> int | None:
 
 # -- host ---------------------------------------------------------------------------------
 
-class _HostChild:
-    def __init__(self, child: process.Child, ref: str) -> None:
-        self.child = child
-        self.ref = ref
-
-    def wait(self, timeout: float | None) -> int | None:
-        return exit_status(self.child.wait(timeout))
-
-    def stop(self, grace: float) -> int | None:
-        return exit_status(self.child.stop(grace))
-
-
 class _AdoptedHost:
-    """A process group left by a previous agent: not our child, so polled, not waited."""
+    """A host instance's process group, named by pid + start time: detached work (a
+    transient unit, or a child of a previous agent), so watched through a pidfd (its
+    end wakes us at once) rather than waited for."""
 
     def __init__(self, pid: int, start: str, exit_file: Path, ref: str) -> None:
         self.pid, self.start, self.exit_file, self.ref = pid, start, exit_file, ref
+        self._pidfd: int | None = None
+        with contextlib.suppress(OSError, AttributeError):
+            fd = os.pidfd_open(pid)
+            if self._alive():  # opened on that very process, not on a reuse of its pid
+                self._pidfd = fd
+            else:
+                os.close(fd)
+
+    def __del__(self) -> None:
+        if self._pidfd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._pidfd)
+            self._pidfd = None
+
+    def _sleep(self, seconds: float) -> None:
+        if self._pidfd is None:
+            time.sleep(min(seconds, 0.1))
+            return
+        poller = select.poll()
+        poller.register(self._pidfd, select.POLLIN)
+        poller.poll(max(0, int(seconds * 1000)))
 
     def _alive(self) -> bool:
         return _start_time(self.pid) == self.start
@@ -113,9 +126,11 @@ class _AdoptedHost:
     def wait(self, timeout: float | None) -> int | None:
         end = None if timeout is None else time.monotonic() + timeout
         while self._alive():
-            if end is not None and time.monotonic() >= end:
+            left = 1.0 if end is None else end - time.monotonic()
+            if left <= 0:
                 return None
-            time.sleep(0.1)
+            self._sleep(min(left, 1.0))
+        process.reap_adopted()  # our own child when started here without systemd
         code = self._code()
         return 137 if code is None else code  # killed with its shell: no status written
 
@@ -128,6 +143,14 @@ class _AdoptedHost:
                 os.killpg(self.pid, signal.SIGKILL)
             self.wait(grace)
         return self.wait(0)
+
+
+def unit_name(name: str) -> str:
+    """A detached-work name for one attempt of ``job.task.index``: unique (a retry never
+    meets the unit of the attempt before it, still being collected), short enough."""
+    job, _, rest = name.partition(".")
+    task, _, index = rest.rpartition(".")
+    return f"task-{job[-12:]}-{task[:48]}-{index}-{secrets.token_hex(3)}"
 
 
 def _start_time(pid: int) -> str | None:
@@ -151,11 +174,23 @@ def _cmdline(pid: int) -> bytes:
 
 
 class HostRunner:
-    """The command in its own process group on the host, with the Docker contract's env."""
+    """The command in its own process group on the host, with the Docker contract's env.
+
+    It runs as detached work (:mod:`guestagent.detached`): under systemd a transient unit
+    of its own, outside the agent's cgroup, so an agent stop (``KillMode=mixed``) or
+    restart leaves it running; without systemd a child nothing of the agent kills as a
+    leftover. Either way the next agent re-adopts it from its ``ref`` (pid, start time,
+    exit file) or, if the agent died before saving that, from the attempt's own traces."""
 
     kind = "host"
 
-    def start(self, launch: Launch) -> _HostChild:
+    def __init__(self, run_dir: Path | None = None) -> None:
+        # Where a transient unit's environment file (the task's token) lives for the
+        # instant of its start: the agent's run dir, a tmpfs. Without systemd, detached's
+        # record goes to the attempt's private dir (the task store's ref is what counts).
+        self.run_dir = run_dir
+
+    def start(self, launch: Launch) -> _AdoptedHost:
         launch.state_dir.mkdir(parents=True, exist_ok=True)
         exit_file = launch.state_dir / "exit"
         with contextlib.suppress(FileNotFoundError):
@@ -163,13 +198,18 @@ class HostRunner:
         argv = ["/bin/sh", "-c", _SHIM, "guestagent-task", str(exit_file),
                 str(launch.state_dir / "pid"), *launch.argv]
         try:
-            child = process.spawn(argv, name=launch.name, env=dict(launch.env),
-                                  cwd=str(launch.workdir), log_path=launch.stdout,
-                                  stderr_path=launch.stderr)
-        except process.ProcessError as exc:
+            run_dir = self.run_dir if process.systemd_running() else None
+            work = detached.start(unit_name(launch.name), argv,
+                                  run_dir=run_dir or launch.state_dir,
+                                  env=dict(launch.env), cwd=str(launch.workdir),
+                                  log_path=launch.stdout, stderr_path=launch.stderr)
+        except (process.ProcessError, ValueError) as exc:
             raise TaskError(f"{launch.name}: {exc}") from None
-        start = _start_time(child.pid) or ""
-        return _HostChild(child, f"{child.pid}:{start}:{exit_file}")
+        pid = work.pid
+        if pid is None:
+            raise TaskError(f"{launch.name}: started, but its process is not known")
+        start = _start_time(pid) or ""
+        return _AdoptedHost(pid, start, exit_file, f"{pid}:{start}:{exit_file}")
 
     def adopt(self, ref: str, launch: Launch) -> _AdoptedHost | None:
         if not ref:

@@ -16,9 +16,11 @@ import shutil
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from guestagent.tasks import staging
 from guestagent.tasks.errors import TaskError
@@ -37,19 +39,29 @@ from guestagent.tasks.store import (
     Store,
 )
 
+if TYPE_CHECKING:
+    from guestagent.tasks.credentials import Grant
+
 log = logging.getLogger(__name__)
 
 DOCKER_ENV = {"USER": "root", "PWD": staging.DOCKER_WORKDIR,
               "PATH": "/sbin:/usr/sbin:/bin:/usr/bin", "HOME": "/root"}
 HOST_ENV_PASS = ("PATH", "HOME", "LANG", "LC_ALL", "USER", "LOGNAME", "TZ")
 
-# A task-scoped credential: env for the instance, and the revocation to call at its end.
 # How often a waiting DAG loop looks at the store for a stop asked by another process.
 STOP_POLL = 0.5
 # How long a finished job waits for the delivery of its notification events.
 EVENTS_FLUSH = 15.0
 
-Minter = Callable[[str, bool], tuple[dict[str, str], Callable[[], None]]]
+
+class Minter(Protocol):
+    """Task-scoped credentials (``tasks/credentials.py: TaskCredentials``)."""
+
+    def mint(self, name: str, docker: bool) -> Grant | None: ...
+
+    def restore(self, name: str, record: dict[str, Any]) -> bool: ...
+
+    def revoke(self, name: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -144,6 +156,8 @@ class Scheduler:
         # Set when the service goes away but the agent will be back (restart): instances
         # keep running, states stay as they are, a new scheduler re-adopts them.
         self._detached = threading.Event()
+        self._starting = 0  # attempts between their start and their recorded ref
+        self._starting_done = threading.Condition()
 
     # -- public -------------------------------------------------------------------------
 
@@ -187,10 +201,25 @@ class Scheduler:
         run.wake.set()
         return True
 
-    def detach(self) -> None:
-        """Leave every job as it is (for a restart); their threads end soon."""
+    def detach(self, timeout: float = 10.0) -> None:
+        """Leave every job as it is (for a restart); their threads end soon. Waits (up to
+        ``timeout``) for instances being started to have their process recorded, so the
+        next agent finds them by their ref, never half-started."""
         self._detached.set()
         self._wake_all()
+        with self._starting_done:
+            self._starting_done.wait_for(lambda: self._starting == 0, timeout)
+
+    @contextmanager
+    def _starting_one(self) -> Iterator[None]:
+        with self._starting_done:
+            self._starting += 1
+        try:
+            yield
+        finally:
+            with self._starting_done:
+                self._starting -= 1
+                self._starting_done.notify_all()
 
     def _wake_all(self) -> None:
         with self._lock:
@@ -518,11 +547,16 @@ class Scheduler:
         layout = staging.Layout(self._job_dir(run) / inst.task / str(inst.index))
         storage = self.storage(staging.needs_storage(task))
         name = f"{run.job_id}.{inst.task}.{inst.index}"
-        env, revoke = self._env(run, task, inst.index, layout=layout, docker=docker, name=name)
+        env = self._env(run, task, inst.index, layout=layout, docker=docker)
+        launch = self._launch(run, task, inst.index, layout=layout, env=env, docker=docker,
+                              name=name)
         try:
-            launch = self._launch(run, task, inst.index, layout=layout, env=env, docker=docker,
-                                  name=name)
-            handle: Handle | None
+            mounts = staging.NasMounts(layout, task, storage, docker)
+        except Exception as exc:  # a NAS source the storage layer refuses: one line
+            return _Outcome(inst.task, inst.index, FAILED, None, f"Mounts: {exc}")
+        credentialed = False
+        detached = False
+        try:
             started = time.time()
             handle = runner.adopt(adopt.ref, launch) if adopt is not None else None
             if adopt is not None and handle is None and adopt.ref:
@@ -531,26 +565,83 @@ class Scheduler:
             if handle is not None:
                 assert adopt is not None
                 started = adopt.started or started
+                credentialed = self._restore_grant(run, inst, name)
                 if not adopt.ref:  # found by its traces: save what names it now
                     self.store.started(run.job_id, inst.task, inst.index, runner.kind,
                                        handle.ref)
             else:
+                mounts.release()  # a stale one of an earlier attempt: never under rmtree
                 staging.prepare(layout, task, storage, docker)
-                handle = runner.start(launch)
-                with self.store.batch():
-                    self.store.started(run.job_id, inst.task, inst.index, runner.kind,
-                                       handle.ref)
-                    self.events.instance(run.job_id, run.job.notification.events, inst.task,
-                                         inst.index,
-                                         redirects=self._redirects(run, inst.task, inst.index))
+                try:
+                    self._mount(run, inst, mounts)
+                except TaskError as exc:
+                    return _Outcome(inst.task, inst.index, FAILED, None, str(exc))
+                with self._starting_one():
+                    credentialed, launch = self._grant(run, inst, name, docker, launch)
+                    handle = runner.start(launch)
+                    with self.store.batch():
+                        self.store.started(run.job_id, inst.task, inst.index, runner.kind,
+                                           handle.ref)
+                        self.events.instance(run.job_id, run.job.notification.events,
+                                             inst.task, inst.index,
+                                             redirects=self._redirects(run, inst.task,
+                                                                       inst.index))
             state, code, message = self._watch(run, task, handle, started)
+        except _Detached:
+            detached = True  # the instance goes on: its credentials and mounts stay
+            raise
         finally:
-            revoke()
+            if not detached:
+                mounts.release()
+                if credentialed:
+                    self._revoke(run, inst, name)
         problems = staging.upload_results(layout, task, run.job_id, inst.index,
                                           storage=storage, docker=docker)
         if problems and state == FINISHED:
             state, message = FAILED, problems[0]
         return _Outcome(inst.task, inst.index, state, code, message)
+
+    def _mount(self, run: _JobRun, inst: Instance, mounts: staging.NasMounts) -> None:
+        """The instance's NAS mounts: planned (kept for ``tasks show``), then made."""
+        if not mounts.plans:
+            return
+        self.store.save_mounts(run.job_id, inst.task, inst.index, mounts.plans)
+        mounts.mount()
+
+    def _grant(self, run: _JobRun, inst: Instance, name: str, docker: bool,
+               launch: Launch) -> tuple[bool, Launch]:
+        """Mint the instance's credentials; their digests are stored before it starts."""
+        if self.minter is None:
+            return False, launch
+        grant = self.minter.mint(name, docker)
+        if grant is None:
+            return False, launch
+        try:
+            self.store.save_grant(run.job_id, inst.task, inst.index, grant.record)
+        except BaseException:
+            self.minter.revoke(name)
+            raise
+        return True, replace(launch, env={**launch.env, **grant.env})
+
+    def _restore_grant(self, run: _JobRun, inst: Instance, name: str) -> bool:
+        """A re-adopted instance's credential endpoint answers again (same URL, token)."""
+        if self.minter is None:
+            return False
+        record = self.store.grant(run.job_id, inst.task, inst.index)
+        if record is None:
+            return False
+        try:
+            return self.minter.restore(name, record)
+        except Exception as exc:  # the instance runs on without credentials
+            log.warning("%s: its credentials could not be restored: %s", name, exc)
+            return False
+
+    def _revoke(self, run: _JobRun, inst: Instance, name: str) -> None:
+        assert self.minter is not None
+        try:
+            self.minter.revoke(name)
+        finally:
+            self.store.drop_grant(run.job_id, inst.task, inst.index)
 
     def _watch(self, run: _JobRun, task: Task, handle: Handle,
                started: float) -> tuple[str, int | None, str]:
@@ -572,7 +663,7 @@ class Scheduler:
                 return STOPPED, code, run.reason or "stopped"
 
     def _env(self, run: _JobRun, task: Task, index: int, *, layout: staging.Layout,
-             docker: bool, name: str) -> tuple[dict[str, str], Callable[[], None]]:
+             docker: bool) -> dict[str, str]:
         if docker:
             env = dict(DOCKER_ENV)
         else:
@@ -590,15 +681,7 @@ class Scheduler:
             "BATCH_COMPUTE_WORKER_ID": ident.worker_id,
         })
         env.update(task.env_vars)
-
-        def nothing() -> None:
-            return None
-
-        revoke: Callable[[], None] = nothing
-        if self.minter is not None:
-            creds, revoke = self.minter(name, docker)
-            env.update(creds)
-        return env, revoke
+        return env
 
     def _launch(self, run: _JobRun, task: Task, index: int, *, layout: staging.Layout,
                 env: dict[str, str], docker: bool, name: str) -> Launch:

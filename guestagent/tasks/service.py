@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,7 +59,7 @@ def identity(settings: Settings, region: str = "", worker: str = "") -> Identity
 
 
 def runners(settings: Settings) -> dict[str, Runner]:
-    out: dict[str, Runner] = {"host": HostRunner()}
+    out: dict[str, Runner] = {"host": HostRunner(settings.daemon.run_dir)}
     try:
         from guestagent.tasks.docker import DockerRunner  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
@@ -132,6 +133,7 @@ def hand_to_daemon(settings: Settings, job_id: str, resume: bool) -> bool:
 
 class TasksService(Service):
     name = "tasks"
+    requires: tuple[str, ...] = ()
 
     def __init__(self, settings: Settings, ctx: Context | None = None) -> None:
         self.settings = settings
@@ -190,17 +192,20 @@ class TasksService(Service):
             return None
         docker_host = self.settings.tasks.docker_host
 
-        def docker_relay() -> Relay | None:
+        def host_relay(port: int) -> Relay | None:
+            return Relay(socket_path, "127.0.0.1", port=port).start()
+
+        def docker_relay(port: int) -> Relay | None:
             from guestagent.tasks.docker import bridge_interface
 
-            return Relay(socket_path, TASK_ADDRESS, bridge_interface(docker_host)).start()
+            return Relay(socket_path, TASK_ADDRESS, bridge_interface(docker_host),
+                         port=port).start()
 
-        try:
-            host_relay = Relay(socket_path, "127.0.0.1").start()
-        except OSError as exc:
-            log.warning("tasks: no credential relay on loopback: %s", exc)
-            host_relay = None
-        return TaskCredentials(access, host_relay, docker_relay)
+        # Relays listen where they did before a restart: re-adopted instances ask there.
+        creds = TaskCredentials(access, host_relay, docker_relay,
+                                ports_file=tasks_dir(self.settings) / "relays.json")
+        creds.relay("host")
+        return creds
 
     def _start(self, job_id: str) -> None:
         assert self.sched is not None
@@ -255,4 +260,9 @@ class TasksService(Service):
 def factory(ctx: Context) -> Service | None:
     if not ctx.settings.tasks.enabled:
         return None
-    return TasksService(ctx.settings, ctx)
+    service = TasksService(ctx.settings, ctx)
+    if ctx.settings.credentials.enabled and find_spec("guestagent.credentials.service"):
+        # Started once the credential service is ready: instances re-adopted at start get
+        # their credentials back, new ones get theirs.
+        service.requires = ("credentials",)
+    return service

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from guestagent.tasks.errors import TaskError
-from guestagent.tasks.model import Task
+from guestagent.tasks.model import MountEntry, Task
 from guestagent.tasks.runner import Bind
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,12 @@ class Storage(Protocol):
 
     def mount(self, source_url: str, dest: Path, write: bool = False, /) -> MountHandle: ...
 
+    def nas_plan(self, source_url: str, dest: Path, write: bool = False, *,
+                 lock: bool | None = None) -> Any: ...
+
+    def mount_nas(self, source_url: str, dest: Path, write: bool = False, *,
+                  lock: bool | None = None) -> Any: ...
+
 
 def default_storage(settings: Any = None) -> Storage:
     """The storage facade from the agent's settings: transfers signed with keys from the
@@ -58,13 +64,30 @@ def default_storage(settings: Any = None) -> Storage:
         from guestagent import config
 
         settings = config.load()
+    from guestagent.storage.api import NasOptions
+
+    nas_options = NasOptions.from_settings(settings)
     try:
         client = client_for(settings)
     except Exception as exc:  # StorageError: no endpoint configured, bad URL
-        raise TaskError(f"OSS is not reachable from this agent: {exc}") from None
-    facade: Storage = Facade(Transfers(client, Options.from_settings(settings)),
-                             **_mount_options(settings, client))
+        # NAS entries need no OSS: what reads or writes OSS fails with this line.
+        facade: Storage = Facade(_NoOss(f"OSS is not reachable from this agent: {exc}"),
+                                 nas_options=nas_options)
+        return facade
+    facade = Facade(Transfers(client, Options.from_settings(settings)),
+                    **_mount_options(settings, client), nas_options=nas_options)
     return facade
+
+
+class _NoOss:
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+    def download_file(self, src: object, local: Path) -> object:
+        raise TaskError(self.why)
+
+    def upload_file(self, local: Path, dest: object) -> object:
+        raise TaskError(self.why)
 
 
 def _mount_options(settings: Any, client: Any) -> dict[str, Any]:
@@ -87,7 +110,62 @@ def _mount_options(settings: Any, client: Any) -> dict[str, Any]:
 def needs_storage(task: Task) -> bool:
     package = task.package_path or ""
     return bool(package.startswith("oss://") or task.stdout_redirect_path
-                or task.stderr_redirect_path or task.output_mapping or task.log_mapping)
+                or task.stderr_redirect_path or task.output_mapping or task.log_mapping
+                or any(m.is_nas for m in task.mounts))
+
+
+def nas_mounts(layout: Layout, task: Task, docker: bool) -> list[tuple[MountEntry, Path]]:
+    """(entry, host dir) of each NAS ``Mounts`` entry: mounted at its destination on the
+    host, or (Docker) under the instance's dir and bind-mounted at the destination."""
+    entries = [m for m in task.mounts if m.is_nas]
+    return [(m, layout.root / f"nas-{n}" if docker else Path(m.destination))
+            for n, m in enumerate(entries)]
+
+
+class NasMounts:
+    """An instance's NAS mounts: planned (``plans``, for ``tasks show``), then made for
+    its life and released at its end. A failure is one line naming the step, with what
+    was already mounted undone."""
+
+    def __init__(self, layout: Layout, task: Task, storage: Storage | None,
+                 docker: bool) -> None:
+        self.wanted = nas_mounts(layout, task, docker)
+        self.storage = storage
+        self.handles: list[Any] = []
+        self.plans: list[dict[str, str]] = []
+        if self.wanted and storage is None:
+            raise TaskError(f"{task.name}: NAS mounts need the storage capability")
+        for entry, host in self.wanted:
+            assert storage is not None
+            plan = storage.nas_plan(entry.source, host, entry.write, lock=entry.lock)
+            self.plans.append({"source": entry.source, "options": ",".join(plan.options),
+                               "destination": entry.destination, "host": str(host)})
+
+    def mount(self) -> None:
+        try:
+            for entry, host in self.wanted:
+                assert self.storage is not None
+                self.handles.append(self.storage.mount_nas(entry.source, host, entry.write,
+                                                           lock=entry.lock))
+        except Exception as exc:  # the storage layer's errors are one line each
+            self.release()
+            raise TaskError(str(exc)) from None
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Undo this instance's mounts (also those a previous agent made for it)."""
+        while self.handles:
+            with contextlib.suppress(Exception):
+                self.handles.pop().release()
+        from guestagent.storage import nas
+
+        for _, host in self.wanted:
+            try:
+                nas.unmount(host)
+            except Exception as exc:  # one line; the instance's outcome stands
+                log.warning("NAS mount at %s not released: %s", host, exc)
 
 
 def log_names(job_id: str, task: str, index: int) -> tuple[str, str]:
@@ -174,6 +252,8 @@ def unpack_local(package: Path, workdir: Path) -> None:
 
 def binds(layout: Layout, task: Task, job_dir: Path) -> tuple[Bind, ...]:
     out = [Bind(str(layout.workdir), DOCKER_WORKDIR)]
+    out += [Bind(str(host), entry.destination, not entry.write)
+            for entry, host in nas_mounts(layout, task, True)]
     out += [Bind(str(host), target, True) for _, host, target in task_inputs(job_dir, task, True)]
     out += [Bind(str(host), target) for host, target, _ in instance_outputs(layout, task, True)]
     for local in task.log_mapping:

@@ -55,6 +55,12 @@ CREATE TABLE IF NOT EXISTS events (
   seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, time REAL NOT NULL,
   event TEXT NOT NULL, body TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS events_job ON events (job_id, seq);
+CREATE TABLE IF NOT EXISTS mounts (
+  job_id TEXT NOT NULL, task TEXT NOT NULL, idx INTEGER NOT NULL, plans TEXT NOT NULL,
+  PRIMARY KEY (job_id, task, idx));
+CREATE TABLE IF NOT EXISTS grants (
+  job_id TEXT NOT NULL, task TEXT NOT NULL, idx INTEGER NOT NULL, record TEXT NOT NULL,
+  PRIMARY KEY (job_id, task, idx));
 """
 
 
@@ -270,6 +276,36 @@ class Store:
             db.execute("UPDATE jobs SET state = ?, ended = NULL, message = '', stop_reason = '' "
                        "WHERE id = ?", (RUNNING, job_id))
             return cur.rowcount
+
+    # -- NAS mounts planned for an instance (source, options, destination) ---------------
+
+    def save_mounts(self, job_id: str, task: str, index: int,
+                    plans: list[dict[str, str]]) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO mounts (job_id, task, idx, plans) "
+                       "VALUES (?, ?, ?, ?)", (job_id, task, index, json.dumps(plans)))
+
+    def mounts(self, job_id: str, task: str, index: int) -> list[dict[str, str]]:
+        rows = self._rows("SELECT plans FROM mounts WHERE job_id = ? AND task = ? AND idx = ?",
+                          job_id, task, index)
+        return list(json.loads(rows[0]["plans"])) if rows else []
+
+    # -- task credentials (digests only: see tasks/credentials.py) -----------------------
+
+    def save_grant(self, job_id: str, task: str, index: int, record: Mapping[str, Any]) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO grants (job_id, task, idx, record) "
+                       "VALUES (?, ?, ?, ?)", (job_id, task, index, json.dumps(dict(record))))
+
+    def grant(self, job_id: str, task: str, index: int) -> dict[str, Any] | None:
+        rows = self._rows("SELECT record FROM grants WHERE job_id = ? AND task = ? AND idx = ?",
+                          job_id, task, index)
+        return dict(json.loads(rows[0]["record"])) if rows else None
+
+    def drop_grant(self, job_id: str, task: str, index: int) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM grants WHERE job_id = ? AND task = ? AND idx = ?",
+                       (job_id, task, index))
 
     # -- events -------------------------------------------------------------------------
 

@@ -179,6 +179,37 @@ def test_scoped_consumer_minted_per_task(credential_service, test_users, shared_
     assert as_user(pw.pw_uid, pw.pw_gid, "tcp", tcp, path, minted.token)[0] in (401, 403, 404)
 
 
+def test_task_consumer_restored_from_digests(credential_service, test_users, shared_dir):
+    """After an agent restart a task's consumer is registered again from the digests of its
+    token and path: the same URL and token work; the path alone answers (no token sent),
+    a wrong token does not; removing it closes it."""
+    import pwd
+
+    from guestagent.credentials.consumers import digest
+
+    svc = credential_service(socket_path=shared_dir / "c.sock")
+    registry = svc.service.registry
+    pw = pwd.getpwnam("ga-test-allowed")
+    minted = registry.mint("task:x", svc.service.rotator, uids=[pw.pw_uid],
+                           path_unless_token=True)
+    registry.remove("task:x")  # what a restart loses
+    restored = registry.restore("task:x", svc.service.rotator, uids=[pw.pw_uid],
+                                token_digest=digest(minted.token),
+                                path_digest=digest(minted.path.strip("/")),
+                                path_unless_token=True)
+    assert minted.token not in repr(restored) and minted.path not in repr(restored)
+    tcp = "{}:{}".format(*svc.tcp)
+    path = f"{minted.path}/v1/credentials/aws"
+    assert as_user(pw.pw_uid, pw.pw_gid, "tcp", tcp, path, minted.token)[0] == 200
+    assert as_user(pw.pw_uid, pw.pw_gid, "tcp", tcp, path)[0] == 200
+    assert as_user(pw.pw_uid, pw.pw_gid, "tcp", tcp, path, "nope" * 8)[0] == 401
+    other = registry.mint("task:y", svc.service.rotator, uids=[pw.pw_uid],
+                          path_unless_token=True)
+    assert as_user(pw.pw_uid, pw.pw_gid, "tcp", tcp, path, other.token)[0] == 401
+    registry.remove("task:x")
+    assert as_user(pw.pw_uid, pw.pw_gid, "tcp", tcp, path, minted.token)[0] in (401, 403, 404)
+
+
 def test_no_secret_in_logs_argv_or_files(credential_service, emulator, tmp_path, caplog):
     profile = tmp_path / "home" / ".alibabacloud" / "credentials"
     env_file = tmp_path / "etc" / "credentials.env"
