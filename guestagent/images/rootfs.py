@@ -32,7 +32,8 @@ RECIPE_VERSION = 1
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 # systemd as init; python3 + venv for the agent's own environment; what user-data's
 # handlers drive (sudo/visudo, chrony); dbus so systemctl and logind behave as on a VM;
-# fuse3 (fusermount3, which rclone mount needs) for the OSS mounts of the storage service.
+# fuse3 (fusermount3, which rclone mount needs) for the OSS mounts of the storage service;
+# rsync and the ssh client that `guestagent migrate` sends the disks with.
 BASE_PACKAGES = (
     "systemd",
     "systemd-sysv",
@@ -42,6 +43,8 @@ BASE_PACKAGES = (
     "sudo",
     "chrony",
     "fuse3",
+    "rsync",
+    "openssh-client",
 )
 COMPLETE = ".guestagent-rootfs"
 

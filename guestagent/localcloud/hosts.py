@@ -1,7 +1,7 @@
 """Test hosts: a network namespace with its own address, reached over a veth pair, running
 the real ``sshd`` (and so ``rsync --server``) — another machine, as far as SSH can tell.
 
-Names start with ``mig`` and carry random hex so parallel runs never collide; addresses are
+Names start with ``migrate`` and carry random hex so parallel runs never collide; addresses are
 /30 networks inside the subnet the owner gives (e.g. 10.213.7.0/24), chosen under a lock
 so two hosts never share one. The file system is this machine's: a host's "disks" are
 directories the owner names.
@@ -30,7 +30,7 @@ from guestagent.files import atomic_write
 
 log = logging.getLogger(__name__)
 
-PREFIX = "mig"
+PREFIX = "migrate"  # namespaces and veth ends: migrate<6 hex>[hn], 14 characters at most
 LOCK = Path("/run/lock/guestagent-testhosts.lock")
 SSHD = "/usr/sbin/sshd"
 
@@ -152,7 +152,7 @@ class TestHost:
     def authorize(self, public_key: str) -> None:
         """Let exactly this key in (a new session's key replaces the last one)."""
         atomic_write(self.workdir / "authorized_keys",
-                     f"restrict {public_key.strip()}\n", mode=0o600)
+                     f"restrict {public_key.strip()}\n", mode=0o600, durable=False)
 
     def cut_connections(self) -> int:
         """Kill every SSH session of this host (the listener stays): a network cut as the

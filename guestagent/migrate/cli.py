@@ -14,7 +14,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from guestagent.cli import EXIT_ABSENT, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, load_settings
+from guestagent.cli import (
+    EXIT_ABSENT,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    load_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,22 +143,45 @@ def _status(args: argparse.Namespace) -> int:
     from guestagent.migrate.state import State
 
     directory = Path(args.user_config).resolve().parent
+    job = _daemon_job(args, Path(args.user_config).resolve())
     try:
         state = State.load(directory)
     except ValueError as exc:
         print(f"guestagent: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if not state.path.exists():
+        if job is not None:
+            print(f"migration {job.get('state')} for the agent daemon (`migrate start` at "
+                  f"{job.get('submitted_at')}); nothing done yet")
+            return EXIT_OK
         print(f"guestagent: no migration has started here ({state.path} not found)",
               file=sys.stderr)
         return EXIT_ABSENT
     if args.json:
-        json.dump(state.as_dict(), sys.stdout, indent=2, sort_keys=True)
+        json.dump(state.as_dict() | ({"daemon": job} if job else {}), sys.stdout, indent=2,
+                  sort_keys=True)
         sys.stdout.write("\n")
     else:
         sys.stdout.write(render(state.as_dict()))
+        if job is not None:
+            print(f"daemon: {job.get('state')}" + (f" as {job['unit']}" if job.get("unit")
+                                                   else "")
+                  + (f", started {job['launches']} time(s) this boot" if job.get("launches")
+                     else ""))
     return EXIT_OK if state.result == "finished" else EXIT_ABSENT if not state.result else (
         EXIT_PARTIAL if state.result == "not finished" else EXIT_OK)
+
+
+def _daemon_job(args: argparse.Namespace, config: Path) -> dict[str, Any] | None:
+    """The daemon's job for this config (``migrate start``), if there is one."""
+    from guestagent.config import ConfigError
+    from guestagent.migrate.jobs import jobs_dir, read_job
+
+    try:
+        job = read_job(jobs_dir(load_settings(args).daemon.state_dir))
+    except (OSError, ValueError, ConfigError):
+        return None
+    return job if job and job.get("config") == str(config) else None
 
 
 def render(s: dict[str, Any]) -> str:
@@ -184,4 +214,27 @@ def _start(args: argparse.Namespace) -> int:
     config = _load(args)
     if config is None:
         return EXIT_USAGE
-    return submit(args, config, jobs_dir(load_settings(args).daemon.state_dir))
+    settings = load_settings(args)
+    code = submit(args, config, jobs_dir(settings.daemon.state_dir))
+    if code != EXIT_OK:
+        return code
+    why = _no_runner(settings.daemon.run_dir)
+    if why:
+        print(f"guestagent: {why}: the migration starts when the agent daemon runs with its "
+              "migrate service (`systemctl start guestagent`)", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    return EXIT_OK
+
+
+def _no_runner(run_dir: Path) -> str | None:
+    """Why no daemon will pick the job up now, or None when its migrate service runs."""
+    from guestagent.daemon import control
+
+    try:
+        reply = control.ask(run_dir / control.SOCKET_NAME, "status")
+    except control.ControlError as exc:
+        return str(exc)
+    service = reply.get("migrate")
+    if isinstance(service, dict) and service.get("state") == "disabled":
+        return "the daemon's migrate service is disabled (daemon.disabled_services)"
+    return None

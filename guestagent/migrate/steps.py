@@ -65,6 +65,7 @@ class Migration:
         self.api = EcsClient(settings.endpoint_for(config.region_id), config.access_id,
                              config.secret_key, config.region_id, settings.api_timeout)
         self.session: Session | None = None
+        self._scans: dict[str, transfer.SparseScan] = {}
         self._last_save = 0.0
         self._shown = -1
 
@@ -99,6 +100,11 @@ class Migration:
         st.result, st.last_error = "running", []
         st.save()
         plan = self.steps()
+        disks = [("transfer:system", "/")] + [(f"transfer:data{d.index}", d.src_path)
+                                              for d in self.config.data_disks]
+        for name, src_path in disks:
+            if name not in st.done:
+                self._sparse_scan(src_path)  # walks while the instance is being created
         try:
             for n, (name, action) in enumerate(plan, 1):
                 if name in st.done and name != "prechecks":
@@ -204,11 +210,13 @@ class Migration:
         got = self.api.call("CreateMigrationSession", InstanceId=self.state.instance_id)
         keys = self.dir / KEY_DIR
         keys.mkdir(mode=0o700, exist_ok=True)
-        key_file = atomic_write(keys / "id_instance", str(got["PrivateKey"]), mode=0o600)
+        # Not fsynced: a session lives for one run; the next run asks for a new one.
+        key_file = atomic_write(keys / "id_instance", str(got["PrivateKey"]), mode=0o600,
+                                durable=False)
         host, port = str(got["Address"]), int(got["Port"])
         name = host if port == 22 else f"[{host}]:{port}"
         known = atomic_write(keys / "known_hosts", f"{name} {got['HostPublicKey']}\n",
-                             mode=0o600)
+                             mode=0o600, durable=False)
         disks = got.get("DataDisks", {}).get("DataDisk", [])
         self.session = Session(host, port, str(got.get("UserName", "root")), key_file, known,
                                str(got["SystemDiskPath"]),
@@ -233,8 +241,7 @@ class Migration:
             self.dir / "client_keys" / f"excludes-{name.replace(':', '-')}.txt", rules)
         source = self.root if src_path == "/" else in_root(self.root, src_path)
         session = self.open_session()
-        sparse = transfer.has_sparse(source, [*transfer.DEFAULT_EXCLUDES, *data_paths]
-                                     if src_path == "/" else [])
+        sparse = self._sparse_scan(src_path).result()
         argv = transfer.rsync_argv(source, session.target(dest), excludes,
                                    self.config.bandwidth_limit, sparse=sparse)
         retries = self.settings.transfer_retries
@@ -259,6 +266,15 @@ class Migration:
             argv = transfer.rsync_argv(source, self.open_session().target(dest), excludes,
                                        self.config.bandwidth_limit, sparse=sparse)
 
+    def _sparse_scan(self, src_path: str) -> transfer.SparseScan:
+        """Whether the disk at ``src_path`` has holes (rsync -S only then), looked for once."""
+        if src_path not in self._scans:
+            source = self.root if src_path == "/" else in_root(self.root, src_path)
+            skip = ([*transfer.DEFAULT_EXCLUDES, *(d.src_path for d in self.config.data_disks)]
+                    if src_path == "/" else [])
+            self._scans[src_path] = transfer.SparseScan(source, skip)
+        return self._scans[src_path]
+
     def _raise_if_final(self, name: str, outcome: transfer.Outcome, attempt: int,
                         retries: int) -> None:
         if outcome.denied:
@@ -275,7 +291,9 @@ class Migration:
 
     def _on_start(self, pid: int) -> None:
         self.state.rsync_pid = pid
-        self.state.save()
+        # Not fsynced: the pid only matters to a rerun on the same boot (the page cache has
+        # it); after a power loss no rsync is left to stop.
+        self.state.save(durable=False)
 
     def _on_progress(self, name: str, p: transfer.Progress) -> None:
         self.state.progress = {"step": name, "bytes": p.bytes, "percent": p.percent,
@@ -311,7 +329,9 @@ class Migration:
                 entry[key] = entry.get(key, 0) + outcome.stats[label]
         entry["last_exit"] = outcome.returncode
         self.state.rsync_pid = 0
-        self.state.save()
+        # Not fsynced: the step's end is recorded durably next (mark_done, or the run's
+        # verdict); these counts only inform `migrate status`.
+        self.state.save(durable=False)
 
     def step_prepare_target(self) -> None:
         data_paths = [d.src_path for d in self.config.data_disks]

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -101,6 +102,28 @@ def has_sparse(source: Path, skip: list[str]) -> bool:
     return False
 
 
+class SparseScan:
+    """:func:`has_sparse` in a thread: the walk of a whole root takes seconds, so a run
+    starts it first and it goes on while the intermediate instance is being created."""
+
+    def __init__(self, source: Path, skip: list[str]) -> None:
+        self._found: bool | None = None
+        self._thread = threading.Thread(target=self._scan, args=(source, skip),
+                                        name="sparse-scan", daemon=True)
+        self._thread.start()
+
+    def _scan(self, source: Path, skip: list[str]) -> None:
+        try:
+            self._found = has_sparse(source, skip)
+        except Exception:  # an unreadable tree: keep holes, as rsync -S would
+            log.exception("looking for sparse files under %s failed", source)
+            self._found = True
+
+    def result(self) -> bool:
+        self._thread.join()
+        return True if self._found is None else self._found
+
+
 def rsync_argv(source: Path, target: Target, excludes: Path, bwlimit: int,
                *, sparse: bool = True) -> list[str]:
     argv = ["rsync", "-aHAXS" if sparse else "-aHAX", "--numeric-ids", "--delete",
@@ -116,7 +139,9 @@ def rsync_argv(source: Path, target: Target, excludes: Path, bwlimit: int,
 def write_excludes(path: Path, patterns: list[str]) -> Path:
     from guestagent.files import atomic_write
 
-    return atomic_write(path, "".join(p + "\n" for p in patterns), mode=0o600)
+    # Not fsynced: derived from the config and rewritten by every transfer step.
+    return atomic_write(path, "".join(p + "\n" for p in patterns), mode=0o600,
+                        durable=False)
 
 
 def read_user_excludes(path: Path | None) -> list[str]:

@@ -393,16 +393,24 @@ class Scheduler:
         for inst in running:
             if run.tasks[inst.task] == RUNNING and inst.task not in run.inputs:
                 self._open_task(run, inst.task)
-            self.slots.acquire()
+            # Never a blocking acquire here: the job's lock is held, and an instance thread
+            # gives its slot back under that lock. An instance already running is adopted
+            # even beyond the limit (a smaller max_parallel after the restart): it holds
+            # no slot then, and new ones wait until the count is below the limit again.
+            held = self.slots.acquire(timeout=0)
+            if not held:
+                log.info("%s: %s.%s adopted beyond the parallel limit", run.job_id, inst.task,
+                         inst.index)
             run.running += 1
-            self._spawn_thread(run, inst, adopt=inst)
+            self._spawn_thread(run, inst, adopt=inst, held=held)
 
     def _start_claimed(self, run: _JobRun) -> None:
         while run.claimed:
             self._spawn_thread(run, run.claimed.pop(0), adopt=None)
 
-    def _spawn_thread(self, run: _JobRun, inst: Instance, adopt: Instance | None) -> None:
-        thread = threading.Thread(target=self._instance_thread, args=(run, inst, adopt),
+    def _spawn_thread(self, run: _JobRun, inst: Instance, adopt: Instance | None,
+                      held: bool = True) -> None:
+        thread = threading.Thread(target=self._instance_thread, args=(run, inst, adopt, held),
                                   name=f"task-{inst.task}-{inst.index}", daemon=True)
         thread.start()
 
@@ -497,29 +505,33 @@ class Scheduler:
             out["stderr"] = task.stderr_redirect_path + err_name
         return out
 
-    def _instance_thread(self, run: _JobRun, inst: Instance, adopt: Instance | None) -> None:
+    def _instance_thread(self, run: _JobRun, inst: Instance, adopt: Instance | None,
+                         held: bool) -> None:
         """Run the attempt, record it, and go on with the next claimed instance if any."""
         current: Instance | None = inst
         while current is not None:
             try:
                 outcome = self._attempt(run, current, adopt)
             except _Detached:
-                self.slots.release()
+                if held:
+                    self.slots.release()
                 return
             except Exception as exc:
                 log.exception("instance %s.%s of %s", current.task, current.index, run.job_id)
                 outcome = _Outcome(current.task, current.index, FAILED, None,
                                    f"launcher error: {exc}")
-            current, adopt = self._next_after(run, outcome), None
+            current, adopt = self._next_after(run, outcome, held), None
+            held = True  # a claimed instance comes with its slot
         self._wake_all()  # the slot may serve another job's waiting instances
 
-    def _next_after(self, run: _JobRun, outcome: _Outcome) -> Instance | None:
+    def _next_after(self, run: _JobRun, outcome: _Outcome, held: bool) -> Instance | None:
         """Record ``outcome``; the instance this thread runs next (the others claimed now
         get threads of their own)."""
         with run.lock:
             # Released under the job's lock: the step below claims it again for this
             # thread before another instance thread of the job could.
-            self.slots.release()
+            if held:
+                self.slots.release()
             run.running -= 1
             try:
                 run.failed = self._record(run, outcome) or run.failed

@@ -77,6 +77,16 @@ CORPUS = [
 ]
 
 
+JSON_ERRORS = [
+    ('{\n  "access_id": "x",\n  "secret_key": "y"\n  "region_id": "cn-hangzhou"\n}',
+     "line 4 column 3"),
+    ('{\n  "access_id": "x",\n}\n', "line 3 column 1"),
+    ('{"access_id": "x", "access_id": "y"}', "field 'access_id' appears twice"),
+    ("[]", "must be a JSON object"),
+    ("", "line 1 column 1"),
+]
+
+
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tree(tmp_path_factory.mktemp("server") / "root", big="sparse")
@@ -117,14 +127,7 @@ def test_all_violations_reported_at_once(tree: Path, tmp_path: Path) -> None:
     assert fields == ["image_name", "platform", "system_disk_size"]
 
 
-@pytest.mark.parametrize(("text", "where"), [
-    ('{\n  "access_id": "x",\n  "secret_key": "y"\n  "region_id": "cn-hangzhou"\n}',
-     "line 4 column 3"),
-    ('{\n  "access_id": "x",\n}\n', "line 3 column 1"),
-    ('{"access_id": "x", "access_id": "y"}', "field 'access_id' appears twice"),
-    ("[]", "must be a JSON object"),
-    ("", "line 1 column 1"),
-])
+@pytest.mark.parametrize(("text", "where"), JSON_ERRORS)
 def test_json_errors_name_line_and_column(tmp_path: Path, text: str, where: str) -> None:
     path = tmp_path / "user_config.json"
     path.write_text(text)
@@ -192,19 +195,37 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
                           capture_output=True, text=True, timeout=120, env=env, check=False)
 
 
-@pytest.mark.parametrize(("what", "change", "fragment"), CORPUS[::4],
-                         ids=[c[0] for c in CORPUS[::4]])
-def test_run_refuses_bad_config_before_contacting_anything(
-        tree: Path, tmp_path: Path, listener: tuple[str, list[object]], what: str,
-        change: dict[str, object], fragment: str) -> None:
+def _refused(cli: str, path: Path, tree: Path, url: str) -> str:
+    out = _cli(cli, "--config", str(path), "--root", str(tree),
+               env={**os.environ, "GUESTAGENT_MIGRATE_ENDPOINT": url,
+                    "GUESTAGENT_DAEMON_STATE_DIR": str(path.parent / "state")})
+    assert out.returncode == 2, out.stdout + out.stderr
+    return out.stderr
+
+
+def test_run_and_start_refuse_every_bad_config_before_contacting_anything(
+        tree: Path, tmp_path: Path, listener: tuple[str, list[object]]) -> None:
+    """The whole corpus and the JSON errors through the command a user types: one line per
+    problem, exit 2, no connection, nothing written beside the config, no job queued."""
     url, hits = listener
-    path = _write(tmp_path, change)
-    out = _cli("run", "--config", str(path), "--root", str(tree),
-               env={**os.environ, "GUESTAGENT_MIGRATE_ENDPOINT": url})
-    assert out.returncode == 2, out.stderr
-    assert fragment in out.stderr
+    cases = []
+    for what, change, fragment in CORPUS:
+        (tmp_path / what).mkdir()
+        cases.append((what, _write(tmp_path / what, change), fragment))
+    for n, (text, where) in enumerate(JSON_ERRORS):
+        path = tmp_path / f"json{n}" / "user_config.json"
+        path.parent.mkdir()
+        path.write_text(text)
+        path.chmod(0o600)
+        cases.append((f"json {n}", path, where))
+    for what, path, fragment in cases:
+        for cli in ("run", "start") if what in ("missing access_id", "json 0") else ("run",):
+            err = _refused(cli, path, tree, url)
+            assert fragment in err, (what, cli, err)
+            assert all(ln.startswith("guestagent: ") for ln in err.splitlines()), err
+            assert GOOD["secret_key"] not in err
+            assert sorted(p.name for p in path.parent.iterdir()) == ["user_config.json"], what
     assert hits == []
-    assert sorted(p.name for p in path.parent.iterdir()) == ["user_config.json"]
 
 
 def test_check_passes_on_a_good_server_and_contacts_nothing(
@@ -256,3 +277,23 @@ def test_check_names_keyword_and_advice(tmp_path: Path, breakage: str, keyword: 
     assert advice in out.stdout
     fatal = breakage != "grub"
     assert out.returncode == (1 if fatal else 0), out.stdout + out.stderr
+
+
+def test_check_free_space_beside_the_config(tmp_path: Path) -> None:
+    """client_data and Logs/ live beside user_config.json: too little room there is a
+    failed pre-check with what to do."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    tree = build_tree(tmp_path / "root", big="none")
+    cfg_dir = tmp_path / "cfg"
+    cfg_dir.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "migfree", str(cfg_dir)],
+                   check=True)
+    try:
+        path = user_config(cfg_dir)
+        out = _cli("check", "--config", str(path), "--root", str(tree))
+    finally:
+        subprocess.run(["umount", str(cfg_dir)], check=True)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "free space: only" in out.stdout and "MB needed" in out.stdout
+    assert "free some space beside user_config.json" in out.stdout

@@ -34,9 +34,15 @@ def test_start_hands_the_run_to_the_daemon_which_survives_a_restart(
     out = subprocess.run([sys.executable, "-m", "guestagent", "migrate", "start", "--config",
                           str(config), "--root", str(small_server)], capture_output=True, text=True,
                          timeout=120, env=env, check=False)
-    assert out.returncode == 0, out.stderr
+    # No daemon runs yet: the job waits for it, and the user is told so (exit 3).
+    assert out.returncode == 3, out.stderr
+    assert "no guestagent daemon is running" in out.stderr and "queued" in out.stdout
     jobs = state_dir / "migrate"
     assert read_job(jobs)["state"] == "queued"  # type: ignore[index]
+    queued = subprocess.run([sys.executable, "-m", "guestagent", "migrate", "status", "--config",
+                             str(config)], capture_output=True, text=True, timeout=120, env=env,
+                            check=False)
+    assert queued.returncode == 0 and "migration queued for the agent daemon" in queued.stdout
     for key, value in migrate_env(ecs).items():
         monkeypatch.setenv(key, value)
 
@@ -56,9 +62,60 @@ def test_start_hands_the_run_to_the_daemon_which_survives_a_restart(
                                 text=True, timeout=60, env=env, check=False)
         state = json.loads(status.stdout)
         assert state["result"] == "finished", state
+        assert state["daemon"]["state"] == "finished" and state["daemon"]["launches"] == 1
         assert ecs.api.calls.count("CreateInstance") == 1
         assert read_job(jobs)["state"] == "finished"  # type: ignore[index]
         assert pid != 0 and service2.status()["state"] == "finished"
     finally:
         stop2.set()
         thread2.join(30)
+
+
+def test_a_run_that_keeps_dying_in_one_boot_is_given_up(tmp_path: Path) -> None:
+    """Gone without a verdict in client_data, in the same boot, after the last allowed
+    launch: the job ends "not finished" with the reason, and nothing is started again."""
+    from guestagent.migrate.jobs import MAX_SAME_BOOT_LAUNCHES, boot_id, write_job
+    from guestagent.migrate.state import State
+
+    config = make_config(tmp_path)
+    state = State(config.parent / "client_data")
+    state.result, state.current = "running", "transfer:system"
+    state.save()
+    jobs = tmp_path / "state/migrate"
+    write_job(jobs, {"config": str(config), "root": str(tmp_path), "state": "running",
+                     "boot_id": boot_id(), "launches": MAX_SAME_BOOT_LAUNCHES})
+    service = MigrateService(MigrateSettings(), jobs)
+    service.tick()
+    job = read_job(jobs) or {}
+    assert job["state"] == "not finished" and "without a result" in job["error"]
+    assert not (jobs / "run.log").exists() and service.problem() is not None
+
+
+def test_a_run_ended_with_a_verdict_is_not_started_again(tmp_path: Path) -> None:
+    from guestagent.migrate.jobs import write_job
+    from guestagent.migrate.state import State
+
+    config = make_config(tmp_path)
+    state = State(config.parent / "client_data")
+    state.result = "not finished"
+    state.save()
+    jobs = tmp_path / "state/migrate"
+    write_job(jobs, {"config": str(config), "root": str(tmp_path), "state": "running",
+                     "boot_id": "an earlier boot", "launches": 1})
+    MigrateService(MigrateSettings(), jobs).tick()
+    assert (read_job(jobs) or {})["state"] == "not finished"
+    assert not (jobs / "run.log").exists()
+
+
+def test_a_unit_gets_only_the_settings_and_locale_of_the_agent(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from guestagent.migrate.jobs import run_environment
+
+    monkeypatch.setenv("GUESTAGENT_MIGRATE_ENDPOINT", "http://127.0.0.1:1")
+    monkeypatch.setenv("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "not-for-the-unit")
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    unit = run_environment(under_systemd=True)
+    assert unit["GUESTAGENT_MIGRATE_ENDPOINT"] == "http://127.0.0.1:1" and "PATH" in unit
+    assert "ALIBABA_CLOUD_ACCESS_KEY_SECRET" not in unit and "NOTIFY_SOCKET" not in unit
+    child = run_environment(under_systemd=False)  # a child's environment, no file
+    assert "ALIBABA_CLOUD_ACCESS_KEY_SECRET" in child and "NOTIFY_SOCKET" not in child

@@ -3,11 +3,14 @@ rsync's own progress and statistics read back."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
+import pytest
 from mig_tree import build_tree
 
-from guestagent.migrate import transfer
+from guestagent.migrate import prechecks, transfer
 
 
 def test_sparse_flag_only_when_the_tree_has_holes(tmp_path: Path) -> None:
@@ -40,3 +43,29 @@ def test_progress_and_stats_are_read_from_rsync_output() -> None:
     assert outcome.denied == ["/srv/a b"] and not outcome.ok and not outcome.retryable
     assert outcome.stats == {"Literal data": 1234, "Matched data": 5678}
     assert transfer.parse_outcome(12, "").retryable
+
+
+def test_used_space_of_a_mount_point_is_its_file_system_less_the_excludes(
+        tmp_path: Path) -> None:
+    """A root that is a mount point is measured by statvfs (no walk), less what the
+    default-excluded directories on it hold; a plain directory is walked."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    root = tmp_path / "root"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "migused", str(root)], check=True)
+    try:
+        (root / "srv").mkdir()
+        (root / "srv/data").write_bytes(os.urandom(3 * 2**20))
+        (root / "mnt/junk").mkdir(parents=True)
+        (root / "mnt/junk/excluded").write_bytes(os.urandom(2 * 2**20))
+        used = prechecks.used_space(root)
+        assert 3 * 2**20 <= used < 3 * 2**20 + 256 * 1024
+        plain = tmp_path / "plain"
+        (plain / "srv").mkdir(parents=True)
+        (plain / "srv/data").write_bytes(os.urandom(2**20))
+        (plain / "mnt").mkdir()
+        (plain / "mnt/excluded").write_bytes(os.urandom(2**20))
+        assert 2**20 <= prechecks.used_space(plain) < 2**20 + 64 * 1024
+    finally:
+        subprocess.run(["umount", str(root)], check=True)

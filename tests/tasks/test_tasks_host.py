@@ -120,3 +120,28 @@ def test_stop_ends_running_instances_as_stopped(tmp_path: Path) -> None:
     assert sched.store.instance(job_id, "long", 0).state == "Stopped"
     assert sched.store.tasks(job_id)["next"]["state"] == "Stopped"
     assert sched.store.job(job_id)["message"] == "stopped by the user"
+
+
+def test_restart_with_a_smaller_limit_adopts_every_running_instance(tmp_path: Path) -> None:
+    # Two instances run at the limit of 2; the agent goes away (detach, as a restart does)
+    # and comes back with a limit of 1: both are adopted (one beyond the limit), each
+    # counted once, and the job finishes; a third instance starts only after them.
+    runs, gate = tmp_path / "runs", tmp_path / "gate"
+    cmd = (f"sh -c 'echo $BATCH_COMPUTE_DAG_INSTANCE_ID >> {runs}; "
+           f"while [ ! -e {gate} ]; do sleep 0.05; done'")
+    first = make_scheduler(tmp_path / "state", max_parallel=2)
+    job_id = submit_doc(first, job_doc({"t": task(cmd, InstanceCount=3)}))
+    thread = threading.Thread(target=first.run, args=(job_id,), daemon=True)
+    thread.start()
+    wait_for(lambda: runs.exists() and len(runs.read_text().split()) == 2, timeout=60)
+    first.detach()
+    thread.join(30)
+    again = make_scheduler(tmp_path / "state", max_parallel=1)
+    result: list[str] = []
+    thread = threading.Thread(target=lambda: result.append(again.run(job_id)), daemon=True)
+    thread.start()
+    gate.touch()
+    thread.join(120)
+    assert result == ["Finished"]
+    assert sorted(runs.read_text().split()) == ["0", "1", "2"]
+    assert [i.retries for i in again.store.instances(job_id, "t")] == [0, 0, 0]
