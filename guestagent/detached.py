@@ -79,16 +79,21 @@ def start(name: str, argv: Sequence[str], *, run_dir: Path,
     """Start ``argv`` so that it outlives the agent; ``name`` identifies it for adoption."""
     if not NAME.match(name):
         raise ValueError(f"detached work name {name!r}: use letters, digits, '.', '_', '-'")
-    if adopt(name, run_dir=run_dir) is not None:
-        raise ValueError(f"detached work {name!r} is already running: adopt or stop it")
     if process.systemd_running():
+        # No `systemctl show` first: systemd-run itself refuses a unit name in use, and
+        # only then do we ask what runs under it (a task starts hundreds of these).
         return _start_unit(name, argv, run_dir, env=env, cwd=cwd, log_path=log_path,
                            stderr_path=stderr_path)
+    if adopt(name, run_dir=run_dir) is not None:  # without systemd: one file read
+        raise ValueError(f"detached work {name!r} is already running: adopt or stop it")
     child = process.spawn(argv, name=name, env=env, cwd=cwd, log_path=log_path,
                           stderr_path=stderr_path, survive_agent=True)
     started = _start_time(child.pid)
+    # Not fsynced: a kill -9 of the agent keeps the page cache, so the next agent reads
+    # the record; a power cut loses it, but then the process it names is gone as well.
     atomic_write(_record(run_dir, name),
-                 json.dumps({"pid": child.pid, "started": started}) + "\n", mode=0o600)
+                 json.dumps({"pid": child.pid, "started": started}) + "\n", mode=0o600,
+                 durable=False)
     log.info("started %s (pid %s) outside the agent's life", name, child.pid)
     return Detached(name, "none", child.pid, started)
 
@@ -122,7 +127,9 @@ def _start_unit(name: str, argv: Sequence[str], run_dir: Path, *,
            f"--description=guestagent detached work {name}"]
     if env:
         path = _env_file(run_dir, name)
-        atomic_write(path, "".join(f'{k}="{_quote(v)}"\n' for k, v in env.items()), mode=0o600)
+        # Not fsynced: read by systemd at once and removed right after (run dir, a tmpfs).
+        atomic_write(path, "".join(f'{k}="{_quote(v)}"\n' for k, v in env.items()),
+                     mode=0o600, durable=False)
         cmd.append(f"--property=EnvironmentFile={path}")
     if cwd:
         cmd.append(f"--working-directory={cwd}")
@@ -132,6 +139,11 @@ def _start_unit(name: str, argv: Sequence[str], run_dir: Path, *,
         cmd.append(f"--property=StandardError=append:{stderr_path or log_path}")
     try:
         process.run([*cmd, "--", *argv], timeout=60, check=True)
+    except process.ProcessError:
+        if adopt(name, run_dir=run_dir) is not None:  # what made systemd-run refuse
+            raise ValueError(f"detached work {name!r} is already running: adopt or stop it"
+                             ) from None
+        raise
     finally:
         # With --service-type=exec systemd-run returns once the process runs: systemd has
         # read the file (a transient unit with no Restart= never reads it again).

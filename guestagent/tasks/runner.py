@@ -130,9 +130,18 @@ class _AdoptedHost:
             if left <= 0:
                 return None
             self._sleep(min(left, 1.0))
-        process.reap_adopted()  # our own child when started here without systemd
+        self._reap()
         code = self._code()
         return 137 if code is None else code  # killed with its shell: no status written
+
+    def _reap(self) -> None:
+        """Collect it if it is our own child (started here without systemd): through its
+        pidfd, that very process, not a scan of all our children at every instance end."""
+        if self._pidfd is None:
+            process.reap_adopted()
+            return
+        with contextlib.suppress(ChildProcessError, OSError):  # not ours: init reaps it
+            os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOHANG)
 
     def stop(self, grace: float) -> int | None:
         with contextlib.suppress(ProcessLookupError, PermissionError):

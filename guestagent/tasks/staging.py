@@ -159,6 +159,8 @@ class NasMounts:
         while self.handles:
             with contextlib.suppress(Exception):
                 self.handles.pop().release()
+        if not self.wanted:  # no NAS mount in this task: nothing to look for
+            return
         from guestagent.storage import nas
 
         for _, host in self.wanted:
