@@ -42,8 +42,11 @@ def _pip_env() -> dict[str, str]:
 
 
 def runtime_requirements(checkout: Path) -> list[str]:
+    """The runtime dependencies and the ``mounts`` extra (a current rclone) images get."""
     data = tomllib.loads((checkout / "pyproject.toml").read_text())
-    return [str(r) for r in data["project"]["dependencies"]]
+    project = data["project"]
+    extra = project.get("optional-dependencies", {}).get("mounts", [])
+    return [str(r) for r in [*project["dependencies"], *extra]]
 
 
 def dependency_wheels(checkout: Path, cache: Path) -> Path:

