@@ -21,6 +21,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 4096
+# The daemon's control socket in its run directory: the daemon serves it, and a
+# capability's CLI asks it here without importing the daemon.
+CONTROL_SOCKET = "control.sock"
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from guestagent import jsonsocket
 
-SOCKET_NAME = "control.sock"
+SOCKET_NAME = jsonsocket.CONTROL_SOCKET
 
 Handler = jsonsocket.Handler
 

@@ -228,12 +228,17 @@ def _start(args: argparse.Namespace) -> int:
 
 def _no_runner(run_dir: Path) -> str | None:
     """Why no daemon will pick the job up now, or None when its migrate service runs."""
-    from guestagent.daemon import control
+    from guestagent import jsonsocket
 
+    path = run_dir / jsonsocket.CONTROL_SOCKET
     try:
-        reply = control.ask(run_dir / control.SOCKET_NAME, "status")
-    except control.ControlError as exc:
+        reply = jsonsocket.ask(path, {"command": "status"}, timeout=5.0)
+    except jsonsocket.NotListening:
+        return f"no guestagent daemon is running (nothing listens on {path})"
+    except jsonsocket.SocketError as exc:
         return str(exc)
+    if "error" in reply:
+        return f"the daemon refused 'status': {reply['error']}"
     service = reply.get("migrate")
     if isinstance(service, dict) and service.get("state") == "disabled":
         return "the daemon's migrate service is disabled (daemon.disabled_services)"

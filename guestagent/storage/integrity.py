@@ -26,7 +26,7 @@ from guestagent.storage.errors import StorageError
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1024 * 1024
+CHUNK = 256 * 1024  # read back in cache-sized blocks (see s3.READ_CHUNK)
 _PLAIN_ETAG = re.compile(r"^[0-9a-f]{32}$")
 _MULTI_ETAG = re.compile(r"^[0-9a-f]{32}-(\d+)$")
 

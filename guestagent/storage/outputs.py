@@ -191,7 +191,7 @@ class OutputSession:
             report = FlushReport()
             with self._lock:
                 self._upload(rel, report)
-            self.streamed += len(report.uploaded)
+                self.streamed += len(report.uploaded)
 
     def stop_watching(self) -> None:
         if self._observer is not None:

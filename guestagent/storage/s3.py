@@ -47,7 +47,10 @@ KEY_CODES = frozenset({
 })
 CRC64_HEADER = "x-oss-hash-crc64ecma"
 META_PREFIX = "x-amz-meta-"
-READ_CHUNK = 1024 * 1024
+# Received bytes go to the file (and the sums) in blocks of this size. 256 KiB stays in
+# the CPU's cache between the socket copy, the pwrite and the MD5; 1 MiB blocks cost twice
+# the system time on a 1 GiB download (bench/storage.py: 0.7 s against 1.5-2.4 s).
+READ_CHUNK = 256 * 1024
 
 
 @dataclass(frozen=True)

@@ -103,20 +103,31 @@ class StorageService(Service):
         self.interval = float(settings.storage.mount_check_interval)
         self.last_drain: dict[str, Any] | None = None
         self._wake = threading.Event()
+        # The loop's mounting and the drain's unmounting never overlap, and nothing is
+        # (re)mounted once a drain began: the loop would remake what the drain just ended.
+        self._mounting = threading.Lock()
+        self._drained = False
 
     # -- the loop --------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
         self._open_outputs()
         self._adopt_recorded()
-        self._ensure()
+        self._tend()
         self.mark_ready()
         while not self.wait(stop, self.interval):
-            self._ensure()
-            self.storage.mounts.check_all()
+            self._tend(check=True)
         # Leave the mounts: a restarted agent adopts them (see the module docstring).
         for session in list(self.storage.sessions):
             self.storage.close_output(session)
+
+    def _tend(self, check: bool = False) -> None:
+        with self._mounting:
+            if self._drained:
+                return
+            self._ensure()
+            if check:
+                self.storage.mounts.check_all()
 
     def _open_outputs(self) -> None:
         st = self.settings.storage
@@ -202,7 +213,9 @@ class StorageService(Service):
             log.error("storage drain: uploads not finished: %s", left)
         for session in list(self.storage.sessions):
             self.storage.close_output(session)
-        self.storage.mounts.stop_all(grace=max(0.5, min(5.0, deadline - time.monotonic())))
+        with self._mounting:
+            self._drained = True
+            self.storage.mounts.stop_all(grace=max(0.5, min(5.0, deadline - time.monotonic())))
 
     # -- reporting -------------------------------------------------------------------------
 
