@@ -125,6 +125,8 @@ def _parse(path: Path) -> dict[str, Any]:
         ) from None
     except ValueError as exc:
         raise ConfigInvalid([f"{name}: {exc}: keep one"]) from None
+    except RecursionError:
+        raise ConfigInvalid([f"{name}: invalid JSON: nested too deeply"]) from None
     if not isinstance(data, dict):
         raise ConfigInvalid([f"{name}: must be a JSON object {{...}} as in the template"])
     return data

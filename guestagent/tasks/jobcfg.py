@@ -231,6 +231,8 @@ def load_job(path: Path, flags: Flags | None = None,
             raise JobError(f"{path}: cannot read the job file: {exc}") from None
         except ValueError as exc:
             raise JobError(f"{path}: not valid JSON: {exc}") from None
+        except RecursionError:
+            raise JobError(f"{path}: not valid JSON: nested too deeply") from None
     else:
         doc = load(path, flags)
     job = Job.parse(doc, max_timeout=max_timeout or DEFAULT_MAX_TIMEOUT)

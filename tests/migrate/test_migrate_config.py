@@ -84,6 +84,8 @@ JSON_ERRORS = [
     ('{"access_id": "x", "access_id": "y"}', "field 'access_id' appears twice"),
     ("[]", "must be a JSON object"),
     ("", "line 1 column 1"),
+    # json recurses per level: a RecursionError unless caught
+    pytest.param("[" * 100_000, "invalid JSON: nested too deeply", id="deep-nesting"),
 ]
 
 

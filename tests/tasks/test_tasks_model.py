@@ -263,3 +263,11 @@ def test_pack_that_does_not_exist_is_refused(tmp_path: Path) -> None:
     cfg.write_text(GUIDE_CFG)
     with pytest.raises(JobError, match="does not exist"):
         jobcfg.load_job(cfg)
+
+
+def test_job_json_nested_too_deeply_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "job.json"
+    path.write_text("[" * 100_000)  # json recurses per level: a RecursionError unless caught
+    with pytest.raises(JobError) as info:
+        jobcfg.load_job(path)
+    assert str(info.value) == f"{path}: not valid JSON: nested too deeply"
