@@ -71,6 +71,11 @@ def parse(text: str, base: Path, flags: Flags, source: str = "job.cfg") -> dict[
     names = cfg.sections()
     if not names:
         raise JobError(f"{source}: no task section: add one, e.g. [task1] with cmd=...")
+    for name in names:  # a job key in a task's section would be silently ignored
+        for key in _JOB_KEYS:
+            if key in cfg[name] and (key not in default or cfg[name][key] != default[key]):
+                raise JobError(f"{source}: [{name}] {key}= is a job setting: move it to "
+                               "[DEFAULT]")
     tasks = {name: _task(cfg[name], name, base, flags, source) for name in names}
     deps = _deps(default.get("deps", ""), tasks, source)
     doc: dict[str, Any] = {

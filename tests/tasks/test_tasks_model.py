@@ -225,6 +225,12 @@ BAD_CFG = {
         GUIDE_CFG.replace("[split]", "[split]\ndocker=my;ubuntu@oss://bucket/d/"),
         "not a Docker image name"),
     "not ini": ("this is not a job file", "not a valid job.cfg"),
+    "deps in a task section": (  # configparser would let it pass, unread
+        GUIDE_CFG.replace("nodes=3", "nodes=3\ndeps=count->zz"),
+        "[count] deps= is a job setting: move it to [DEFAULT]"),
+    "job name in a task section": (
+        GUIDE_CFG.replace("[merge]", "[merge]\njob_name=other"),
+        "[merge] job_name= is a job setting"),
     "env overrides reserved": (
         GUIDE_CFG.replace("nodes=3", "nodes=3\nenv=BATCH_COMPUTE_DAG_JOB_ID:x"),
         "cannot be overridden"),
