@@ -97,6 +97,10 @@ BAD = [
     ({"LogMapping": {"/sys/a.log": "oss://bk1/o/"}}, "system directory /sys"),
     ({"InputMapping": {"oss://bk1/a/": "/boot"}}, "system directory /boot"),
     ({"InputMapping": {"oss://bk1/a/": "/home/../etc/"}}, "'.' or '..' segment"),
+    # refused here, not by mkdir once the run has begun
+    ({"InputMapping": {"oss://bk1/a/": "/data/" + "a" * 256 + "/"}}, "at most 255 bytes a name"),
+    ({"OutputMapping": {"/data/" + "a/" * 2100: "oss://bk1/o/"}}, "4095 in all"),
+    ({"LogMapping": {"/data/\udcff.log": "oss://bk1/o/"}}, "is not valid UTF-8"),
     ({"Parameters": {"Command": {"PackagePath": "oss://bk1/worker.zip"}}}, ".tar.gz, .tgz or .tar"),
     ({"Parameters": {"StdoutRedirectPath": "oss://bk1/logs"}}, "must be an OSS directory"),
     ({"Mounts": {"Entries": [{"Source": "nas://fs.cn-beijing.nas.aliyuncs.com:!/",
