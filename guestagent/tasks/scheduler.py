@@ -625,14 +625,19 @@ class Scheduler:
             raise
         finally:
             if not detached:
-                mounts.release()
-                if credentialed:
-                    self._revoke(run, inst, name)
+                self._let_go(run, inst, name, mounts, credentialed)
         problems = staging.upload_results(layout, task, run.job_id, inst.index,
                                           storage=storage, docker=docker)
         if problems and state == FINISHED:
             state, message = FAILED, problems[0]
         return _Outcome(inst.task, inst.index, state, code, message)
+
+    def _let_go(self, run: _JobRun, inst: Instance, name: str, mounts: staging.NasMounts,
+                credentialed: bool) -> None:
+        """An ended (or failed) attempt's mounts released and its credentials revoked."""
+        mounts.release()
+        if credentialed:
+            self._revoke(run, inst, name)
 
     def _mount(self, run: _JobRun, inst: Instance, mounts: staging.NasMounts) -> None:
         """The instance's NAS mounts: planned (kept for ``tasks show``), then made."""

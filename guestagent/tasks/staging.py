@@ -329,6 +329,22 @@ def upload_results(
         return problems
     if storage is None:
         return ["uploads need the storage capability, which is not installed"]
+    for kind, path, url in _uploads(layout, task, job_id, index, docker):
+        try:
+            if kind == "dir":
+                storage.upload_dir(path, url)
+            elif path.exists():
+                storage.upload_file(path, url)
+        except Exception as exc:  # the storage layer's errors are one line each
+            log.warning("upload of %s to %s failed: %s", path, url, exc)
+            problems.append(f"upload {path.name} -> {url}: {exc}")
+    return problems
+
+
+def _uploads(
+    layout: Layout, task: Task, job_id: str, index: int, docker: bool
+) -> list[tuple[str, Path, str]]:
+    """What an instance uploads, in order: ("file" or "dir", local path, OSS url)."""
     out_name, err_name = log_names(job_id, task.name, index)
     jobs: list[tuple[str, Path, str]] = []
     if task.stdout_redirect_path:
@@ -339,16 +355,7 @@ def upload_results(
         jobs.append(("dir", host, url))
     for local, url in task.log_mapping.items():
         jobs.append(("file", log_mapping_source(layout, local, docker), url))
-    for kind, path, url in jobs:
-        try:
-            if kind == "dir":
-                storage.upload_dir(path, url)
-            elif path.exists():
-                storage.upload_file(path, url)
-        except Exception as exc:  # the storage layer's errors are one line each
-            log.warning("upload of %s to %s failed: %s", path, url, exc)
-            problems.append(f"upload {path.name} -> {url}: {exc}")
-    return problems
+    return jobs
 
 
 class Inputs:
