@@ -100,25 +100,35 @@ def warn_if_readable(path: Path) -> str | None:
 
 def _parse(path: Path) -> dict[str, Any]:
     name = path.name
+    data = _json(_text(path), name)
+    if not isinstance(data, dict):
+        raise ConfigInvalid([f"{name}: must be a JSON object {{...}} as in the template"])
+    return data
+
+
+def _text(path: Path) -> str:
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        return path.read_bytes().decode("utf-8-sig")
     except FileNotFoundError:
         raise ConfigInvalid([f"{path}: not found (copy the template and fill it in)"]) from None
     except OSError as exc:
         raise ConfigInvalid([f"{path}: cannot read: {exc.strerror}"]) from None
     except UnicodeDecodeError as exc:
-        raise ConfigInvalid([f"{name}: not UTF-8 text (byte {exc.start})"]) from None
+        raise ConfigInvalid([f"{path.name}: not UTF-8 text (byte {exc.start})"]) from None
 
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        seen: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in seen:
-                raise _Duplicate(f"field {key!r} appears twice")
-            seen[key] = value
-        return seen
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _Duplicate(f"field {key!r} appears twice")
+        seen[key] = value
+    return seen
+
+
+def _json(text: str, name: str) -> Any:
     try:
-        data = json.loads(text, object_pairs_hook=no_duplicates)
+        return json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as exc:
         raise ConfigInvalid(
             [f"{name}: line {exc.lineno} column {exc.colno}: invalid JSON: {exc.msg}"]
@@ -129,9 +139,6 @@ def _parse(path: Path) -> dict[str, Any]:
         raise ConfigInvalid([f"{name}: invalid JSON: a number has too many digits"]) from None
     except RecursionError:
         raise ConfigInvalid([f"{name}: invalid JSON: nested too deeply"]) from None
-    if not isinstance(data, dict):
-        raise ConfigInvalid([f"{name}: must be a JSON object {{...}} as in the template"])
-    return data
 
 
 class _Duplicate(ValueError):
