@@ -63,7 +63,7 @@ class NasSource:
         if not _is_host(host):
             raise BadInput(f"{where}: {host!r} is not a host name; "
                            "want <id>.<region>.nas.aliyuncs.com")
-        if host.endswith(".nas.aliyuncs.com") and not _ALIYUN_NAS.match(host):
+        if host.endswith(".nas.aliyuncs.com") and not _ALIYUN_NAS.fullmatch(host):
             raise BadInput(f"{where}: {host!r} is not a NAS mount target; "
                            "want <id>.<region>.nas.aliyuncs.com")
         return cls(host, path)
@@ -399,7 +399,7 @@ def _is_host(host: str) -> bool:
         ipaddress.ip_address(host.strip("[]"))
         return True
     except ValueError:
-        return bool(_HOSTNAME.match(host))
+        return bool(_HOSTNAME.fullmatch(host))
 
 
 # -- stdout/stderr object names ------------------------------------------------------------

@@ -87,6 +87,10 @@ BAD = [
     ({"InputMapping": {"oss://bk1/a": "/data/x/"}}, "must be an OSS directory"),
     ({"InputMapping": {"oss://bk1/a/../../": "/data/x/"}}, "'..' segment"),
     ({"InputMapping": {"oss://bk1/a\x01b/": "/data/x/"}}, "control character"),
+    # ``^...$`` with re.match let a final newline through into the signed request
+    ({"InputMapping": {"oss://bk1\n/a/": "/data/x/"}}, "bad bucket name 'bk1\\n'"),
+    ({"Mounts": {"Entries": [{"Source": "nas://fs.cn-beijing.nas.aliyuncs.com\n:/",
+                              "Destination": "/mnt/n/"}]}}, "aliyuncs.com\\n' is not a host"),
     ({"InputMapping": {"oss://bk1/" + "a" * 256 + "/": "/data/x/"}}, "over 255 bytes"),
     ({"InputMapping": {"oss://bk1/" + "a/" * 520: "/data/x/"}}, "OSS allows at most 1023"),
     ({"InputMapping": {"oss://bk1/a/": "data/x/"}}, "must be absolute"),
