@@ -629,9 +629,10 @@ class Scheduler:
 
     def _readopted(self, run: _JobRun, inst: Instance, handle: Handle, kind: str,
                    mounts: staging.NasMounts) -> bool:
-        """An instance found again after a restart: while it runs it counts in its mounts
-        again and its credential endpoint answers; whether it has credentials."""
-        if handle.wait(0) is None:
+        """An instance found again after a restart: it counts in its mounts again (an
+        ended one is counted out right after) and its credential endpoint answers;
+        whether it has credentials."""
+        if mounts.claims:
             mounts.adopt()
         credentialed = self._restore_grant(run, inst, f"{run.job_id}.{inst.task}.{inst.index}")
         if not inst.ref:  # found by its traces: save what names it now
