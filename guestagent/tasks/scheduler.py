@@ -596,12 +596,7 @@ class Scheduler:
             if handle is not None:
                 assert adopt is not None
                 started = adopt.started or started
-                if handle.wait(0) is None:  # still running: it counts in its mounts again
-                    mounts.adopt()
-                credentialed = self._restore_grant(run, inst, name)
-                if not adopt.ref:  # found by its traces: save what names it now
-                    self.store.started(run.job_id, inst.task, inst.index, runner.kind,
-                                       handle.ref)
+                credentialed = self._readopted(run, adopt, handle, runner.kind, mounts)
             else:
                 mounts.release()  # a stale one of an earlier attempt: never under rmtree
                 staging.prepare(layout, task, storage, docker)
@@ -631,6 +626,18 @@ class Scheduler:
         if problems and state == FINISHED:
             state, message = FAILED, problems[0]
         return _Outcome(inst.task, inst.index, state, code, message)
+
+    def _readopted(self, run: _JobRun, inst: Instance, handle: Handle, kind: str,
+                   mounts: staging.NasMounts) -> bool:
+        """An instance found again after a restart: it counts in its mounts again (an
+        ended one is counted out right after) and its credential endpoint answers;
+        whether it has credentials."""
+        if mounts.claims:
+            mounts.adopt()
+        credentialed = self._restore_grant(run, inst, f"{run.job_id}.{inst.task}.{inst.index}")
+        if not inst.ref:  # found by its traces: save what names it now
+            self.store.started(run.job_id, inst.task, inst.index, kind, handle.ref)
+        return credentialed
 
     def _let_go(self, run: _JobRun, inst: Instance, name: str, mounts: staging.NasMounts,
                 credentialed: bool) -> None:
