@@ -113,6 +113,10 @@ def test_other_endpoints(emulator: Any) -> None:
         ("POST", "/time-scale", {"scale": 0}, None, "InvalidValue"),
         ("POST", "/instance-id", {"id": "web-1"}, None, "InvalidValue"),
         ("DELETE", "/faults", None, b"garbage", "BadJson"),
+        # accepted, they broke the spot timer and the clock (termination-time, /state died)
+        ("POST", "/spot", None, b'{"in_seconds": 0, "release_after": 1e999}', "BadJson"),
+        ("POST", "/spot", None, b'{"in_seconds": NaN}', "BadJson"),
+        ("POST", "/time-scale", None, b'{"scale": Infinity}', "BadJson"),
     ],
 )
 def test_control_errors(
