@@ -180,6 +180,10 @@ def _bad(tmp_path: Path, text: str, name: str = "s.toml") -> str:
         ("[instance]\ninstance_id = 5\n", "instance.instance_id: must be a string"),
         ("[instance]\ninstance_id = 'web-1'\n", "instance.instance_id: must start with 'i-'"),
         ("[ram]\ntime_scale = 0\n", "ram.time_scale: must be > 0"),
+        # accepted (a clock at infinite speed) or a traceback
+        ("[ram]\ntime_scale = inf\n", "ram.time_scale: must be a finite number, got inf"),
+        ("[ram]\nvalidity = nan\n", "ram.validity: must be a finite number, got nan"),
+        ("[spot]\nrelease_after = 1e999\n", "spot.release_after: must be a finite number"),
         ("[ram]\noverlap = 30000\n", "ram.overlap: must be shorter than validity"),
         ("[tokens]\nrequired = 'yes'\n", "tokens.required: must be true or false"),
         ("[spot]\nnotice_in = -1\n", "spot.notice_in: must be >= 0"),
