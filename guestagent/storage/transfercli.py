@@ -23,6 +23,7 @@ from guestagent.cli import (
     EXIT_USAGE,
     UsageError,
     fail,
+    printable,
 )
 
 UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -199,11 +200,12 @@ def _print_item(args: argparse.Namespace, bucket: str, item: Any) -> None:
                               "etag": item.etag, "mtime": item.mtime}))
         else:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(item.mtime))
-            print(f"{item.size:>12}  {when}  oss://{bucket}/{item.key}")
+            # A key is anyone's text: escaped, it cannot drive the terminal.
+            print(printable(f"{item.size:>12}  {when}  oss://{bucket}/{item.key}"))
     elif args.json:
         print(json.dumps({"url": f"oss://{bucket}/{item}", "dir": True}))
     else:
-        print(f"{'DIR':>12}  {'':19}  oss://{bucket}/{item}")
+        print(printable(f"{'DIR':>12}  {'':19}  oss://{bucket}/{item}"))
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
@@ -231,9 +233,9 @@ def _sync(args: argparse.Namespace) -> int:
     verb = "would copy" if args.dry_run else "copied"
     if args.dry_run:
         for rel in summary.copied:
-            print(f"copy {rel}")
+            print(printable(f"copy {rel}"))
         for name in summary.deleted:
-            print(f"delete {name}")
+            print(printable(f"delete {name}"))
     if args.json:
         print(json.dumps({"event": "summary", "copied": len(summary.copied),
                           "skipped": len(summary.skipped), "deleted": len(summary.deleted),
@@ -261,7 +263,7 @@ def _rm(args: argparse.Namespace) -> int:
     finally:
         client.close()
     for key in keys:
-        print(f"{'would delete' if args.dry_run else 'deleted'} oss://{url.bucket}/{key}")
+        print(printable(f"{'would delete' if args.dry_run else 'deleted'} oss://{url.bucket}/{key}"))
     return EXIT_OK
 
 

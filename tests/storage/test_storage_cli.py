@@ -133,6 +133,11 @@ def test_hostile_keys_in_a_listing_are_refused_and_shown_escaped(cli: Cli, tmp_p
     assert "\x1b" not in res.stderr and "a\\x1b[2Jb" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     assert not out.exists() and not (tmp_path / "escaped.txt").exists()
+    # Listed and removed, the key is shown escaped too (it was printed raw on stdout).
+    for argv in (("ls", "-r", "oss://bkt/esc/"), ("rm", "-r", "--dry-run", "oss://bkt/esc/")):
+        res = cli("storage", *argv)
+        assert res.returncode == 0, res.stderr
+        assert "\x1b" not in res.stdout and "oss://bkt/esc/a\\x1b[2Jb" in res.stdout, argv
 
 
 def test_no_agent_running_is_named(s3: Any, tmp_path: Path) -> None:
