@@ -70,3 +70,23 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(dfd)
+
+
+# Input files a user names (user-data, a job, user_config.json) are small; anything larger
+# (a wrong path, /dev/zero, a disk image) is refused, not read into memory whole.
+INPUT_LIMIT = 16 * 1024 * 1024
+
+
+def read_input(path: Path | str, limit: int = INPUT_LIMIT) -> bytes:
+    """``path``'s bytes, or OSError(EFBIG) past ``limit`` (``-`` is standard input)."""
+    import errno
+    import sys
+
+    if str(path) == "-":
+        data = sys.stdin.buffer.read(limit + 1)
+    else:
+        with open(path, "rb") as fh:
+            data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit // (1024 * 1024)} MiB: not an input file")
+    return data

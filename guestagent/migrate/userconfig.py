@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from guestagent.files import read_input
 from guestagent.migrate.errors import ConfigInvalid
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ def _parse(path: Path) -> dict[str, Any]:
 
 def _text(path: Path) -> str:
     try:
-        return path.read_bytes().decode("utf-8-sig")
+        return read_input(path).decode("utf-8-sig")
     except FileNotFoundError:
         raise ConfigInvalid([f"{path}: not found (copy the template and fill it in)"]) from None
     except OSError as exc:

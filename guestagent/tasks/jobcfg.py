@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from guestagent.files import read_input
 from guestagent.tasks import rules
 from guestagent.tasks.errors import JobError
 from guestagent.tasks.model import Job
@@ -50,7 +51,7 @@ class Flags:
 
 def load(path: Path, flags: Flags | None = None) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        text = read_input(path).decode()
     except (OSError, UnicodeDecodeError) as exc:
         raise JobError(f"{path}: cannot read the job file: {exc}") from None
     return parse(text, path.parent, flags or Flags(), source=str(path))
@@ -244,7 +245,7 @@ def load_job(path: Path, flags: Flags | None = None,
         if flags != Flags():
             raise JobError(f"{path}: -r/-w/--docker/-e apply to a job.cfg, not to a job JSON")
         try:
-            doc = json.loads(path.read_text())
+            doc = json.loads(read_input(path).decode())
         except (OSError, UnicodeDecodeError) as exc:
             raise JobError(f"{path}: cannot read the job file: {exc}") from None
         except ValueError as exc:

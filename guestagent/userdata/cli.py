@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from guestagent.cli import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, fail
+from guestagent.files import read_input
 from guestagent.userdata import cloudconfig, parts, shell, templates
 from guestagent.userdata.errors import UserdataError, one_line
 
@@ -186,7 +187,7 @@ def _combine(args: argparse.Namespace) -> int:
     items = []
     for f in args.files:
         try:
-            items.append((f, Path(f).read_bytes()))
+            items.append((f, read_input(f)))
         except OSError as exc:
             return _fail(f"{f}: cannot read: {exc.strerror}")
     try:
@@ -206,7 +207,7 @@ def _validate(args: argparse.Namespace) -> int:
 
     settings = _settings(args).userdata
     try:
-        data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+        data = read_input(args.file)
     except OSError as exc:
         return _fail(f"{args.file}: cannot read: {exc.strerror}")
     try:
@@ -229,7 +230,7 @@ def _apply(args: argparse.Namespace) -> int:
     data: bytes | None = None
     if args.file:
         try:
-            data = Path(args.file).read_bytes()
+            data = read_input(args.file)
         except OSError as exc:
             return _fail(f"{args.file}: cannot read: {exc.strerror}")
     fetched, instance_id, defaults = _from_metadata(args, settings)
