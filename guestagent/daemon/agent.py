@@ -456,7 +456,27 @@ def run_once(settings: Settings, names: list[str], verbose: int = 0,
         lock.release()
 
 
+# glibc gives every thread that allocates an arena of its own (up to 8 per core): a dozen
+# mostly idle service threads each keep a partly used one (about 1.5 MB of RSS in all).
+# Their Python code runs under the GIL anyway, so two arenas lose nothing. Set in-process,
+# not in the unit's environment: children (hooks, user-data, rclone) keep glibc's default.
+MALLOC_ARENAS = 2
+_M_ARENA_MAX = -8  # glibc's mallopt parameter number
+
+
+def limit_malloc_arenas() -> None:
+    """Before any thread starts. An explicit ``MALLOC_ARENA_MAX`` in the environment wins;
+    a libc without ``mallopt`` (musl) is left as it is."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
+
+
 def run_daemon(settings: Settings, config_path: str | None, verbose: int = 0) -> int:
+    limit_malloc_arenas()
     if not verbose:
         configure_logging(settings.daemon.log_level)
     return Daemon(settings, config_path).run()
