@@ -5,7 +5,8 @@
 Idle: the real daemon, started as ``guestagent run``, with every service on (first boot,
 metadata watch, credentials on its Unix socket and TCP port, storage, tasks, migrate,
 maintenance, spot at the production 1 s poll), measured from outside with psutil: RSS at the
-end and at its peak, PSS and USS, threads, CPU over the window; ``--idle-rounds`` daemons one after the other, median and spread. Then what the
+end and at its peak, PSS and USS, threads, CPU over the window; ``--idle-rounds`` daemons
+one after the other, median and spread. Then what the
 start imports, by the RSS each package adds (the place to look when RSS grows).
 Spot: a notice is posted at a random moment of the poll cycle; "seen" is the watcher's own
 timestamp (drain.json seen_at) minus the moment the notice appeared, "drained" is the drain's
@@ -38,7 +39,6 @@ import psutil
 from guestagent.daemon.localrun import AgentProcess, local_config
 from guestagent.drain import load_report
 from guestagent.localcloud.emulator import Emulator
-
 
 EVERY_SERVICE = ("userdata", "metadata", "credentials", "storage", "tasks", "migrate",
                  "maintenance", "spot")
