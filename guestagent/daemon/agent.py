@@ -23,7 +23,7 @@ from typing import Any
 
 from guestagent import __version__, config, process
 from guestagent.config import Settings
-from guestagent.daemon import control, restart
+from guestagent.daemon import control, memory, restart
 from guestagent.daemon.lock import DaemonLock
 from guestagent.daemon.notify import Notifier
 from guestagent.daemon.registry import Context, ServiceSpec, build, requirements, specs
@@ -92,6 +92,7 @@ class Daemon:
         self._last_status = ""
         self._next_ping = 0.0
         self._throttle = ErrorThrottle(settings.daemon.error_log_period)
+        self._trimmer = memory.Trimmer(time.monotonic())
         self.client: MetadataClient | None = None
         self.ctx: Context | None = None
 
@@ -171,10 +172,11 @@ class Daemon:
             self._interrupt_drain()
         code = self._watch_drain(now) if self._drain_thread is not None else None
         self._refresh_status()
+        self._trimmer.tick(now)
         return code
 
     def _sleep_for(self) -> float:
-        timeout = IDLE_TICK
+        timeout = min(IDLE_TICK, self._trimmer.due_in(time.monotonic()))
         if self.notifier.watchdog_interval is not None:
             timeout = min(timeout, max(self._next_ping - time.monotonic(), 0.0))
         if self._drain is not None:
@@ -456,27 +458,8 @@ def run_once(settings: Settings, names: list[str], verbose: int = 0,
         lock.release()
 
 
-# glibc gives every thread that allocates an arena of its own (up to 8 per core): a dozen
-# mostly idle service threads each keep a partly used one (about 1.5 MB of RSS in all).
-# Their Python code runs under the GIL anyway, so two arenas lose nothing. Set in-process,
-# not in the unit's environment: children (hooks, user-data, rclone) keep glibc's default.
-MALLOC_ARENAS = 2
-_M_ARENA_MAX = -8  # glibc's mallopt parameter number
-
-
-def limit_malloc_arenas() -> None:
-    """Before any thread starts. An explicit ``MALLOC_ARENA_MAX`` in the environment wins;
-    a libc without ``mallopt`` (musl) is left as it is."""
-    if "MALLOC_ARENA_MAX" in os.environ:
-        return
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
-
-
 def run_daemon(settings: Settings, config_path: str | None, verbose: int = 0) -> int:
-    limit_malloc_arenas()
+    memory.limit_arenas()
     if not verbose:
         configure_logging(settings.daemon.log_level)
     return Daemon(settings, config_path).run()

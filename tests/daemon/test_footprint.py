@@ -37,6 +37,8 @@ def test_every_service_on_imports_nothing_it_does_not_run(agent_factory: Any) ->
     wait_for(lambda: agent.status()["healthy"], timeout=60)
     running = {s["name"] for s in agent.status()["services"]}
     assert set(names) <= running, running
+    # A dozen threads share two malloc arenas (the main one and one more), not one each.
+    assert len(_malloc_heaps(agent.pid)) <= 1
     assert agent.stop() == 0
     imported = {line.rsplit("|", 1)[-1].strip() for line in agent.log().splitlines()
                 if line.startswith("import time:")}
@@ -47,3 +49,24 @@ def test_every_service_on_imports_nothing_it_does_not_run(agent_factory: Any) ->
                     "guestagent.tasks.scheduler", "guestagent.spot.watcher"):
         assert present in imported, present
     assert [m for m in NOT_AT_START if m in imported] == []
+
+
+HEAP = 64 << 20  # glibc's non-main arenas live in 64 MiB-aligned, 64 MiB reservations
+
+
+def _malloc_heaps(pid: int) -> list[int]:
+    """Start addresses of the process's extra malloc arenas, from /proc/<pid>/maps: an
+    aligned read-write mapping followed by its reserve (no access) up to the 64 MiB mark."""
+    spans = []
+    with open(f"/proc/{pid}/maps") as fh:
+        for line in fh:
+            fields = line.split()
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            spans.append((start, end, fields[1], len(fields) > 5))
+    heaps = []
+    for (start, end, perms, named), nxt in zip(spans, [*spans[1:], (0, 0, "", True)], strict=True):
+        if start % HEAP or named or perms != "rw-p":
+            continue
+        if end - start == HEAP or (nxt[0] == end and nxt[2] == "---p" and nxt[1] == start + HEAP):
+            heaps.append(start)
+    return heaps
