@@ -19,8 +19,9 @@ NOT_AT_START = (
     "multiprocessing", "concurrent.futures.process",
     # Each costs RSS for the life of the daemon and serves rare work: psutil (orphans left
     # by a killed agent, peers found by neither netlink nor /proc/net), urllib.request (a
-    # task event URL), tarfile (a package to unpack), configparser (a job.cfg to read).
-    "psutil", "urllib.request", "tarfile", "configparser",
+    # task event URL), tarfile (a package to unpack), configparser (a job.cfg to read), and
+    # what parsing a service time or resolving an IP literal no longer needs.
+    "psutil", "urllib.request", "tarfile", "configparser", "_strptime", "encodings.idna",
 )
 
 
