@@ -43,6 +43,8 @@ def load_json_object(text: str, where: str) -> dict[str, Any]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BadAnswer(f"{where}: not valid JSON ({exc.msg} at char {exc.pos})") from None
+    except RecursionError:
+        raise BadAnswer(f"{where}: not valid JSON (nested too deeply)") from None
     if not isinstance(value, dict):
         raise BadAnswer(f"{where}: expected a JSON object, got {type(value).__name__}")
     return value
@@ -103,7 +105,7 @@ def parse_ip_list(text: str, where: str) -> list[str]:
     if stripped.startswith("["):
         try:
             value = json.loads(stripped)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise BadAnswer(f"{where}: not a valid JSON array: {stripped[:60]!r}") from None
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise BadAnswer(f"{where}: expected a list of addresses")
@@ -201,6 +203,8 @@ class MaintenanceEvent:
             value = json.loads(text) if text.strip() else []
         except json.JSONDecodeError as exc:
             raise BadAnswer(f"{where}: not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise BadAnswer(f"{where}: not valid JSON (nested too deeply)") from None
         if isinstance(value, dict):
             value = value.get("Events", value.get("events", [value]))
         if not isinstance(value, list):

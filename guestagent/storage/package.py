@@ -66,6 +66,10 @@ def unpack(archive: Path, workdir: Path, limits: Limits = DEFAULT_LIMITS) -> Unp
         with tarfile.open(archive, "r:*") as tar:
             tar.extractall(staging, filter="data")
         _move_in(staging, workdir)
+    except tarfile.FilterError as exc:  # e.g. a link that escapes through another link
+        raise BadInput(f"{where}: member {exc.tarinfo.name!r} would point outside the work "
+                       "dir once its links are followed; nothing was changed (store real "
+                       "paths instead of links to links)") from None
     except OSError as exc:
         raise StorageError(f"{where}: cannot unpack into {workdir}: {exc.strerror or exc}; "
                            "nothing was changed (free some space and retry)") from None
