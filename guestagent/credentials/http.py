@@ -271,29 +271,16 @@ class Connection(asyncio.Protocol):
         if transport is None or peer is None:
             return
         while not self.closing:
-            # Look no further than the limit: a head is refused by its size, however many
-            # reads it took to arrive (one big read included).
-            end = self.buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
+            end = self._head_end()
             if end < 0:
-                if len(self.buf) >= MAX_HEAD + 4:
-                    self._fail(431, "HeaderTooLarge", f"request head larger than {MAX_HEAD} bytes")
                 break
             head = self.buf[:end]
-            last = self.last
-            if last is not None and head == self.last_head:
-                req, body_len, grant = last
-            else:
-                parsed = parse_head(head)
-                if parsed is None:
-                    self._fail(400, "BadRequest", "malformed request")
-                    return
-                (req, body_len), grant = parsed, None
-            if body_len:
-                if body_len > MAX_HEAD:
-                    self._fail(400, "BadRequest", "unsupported body")
-                    return
-                if len(self.buf) < end + 4 + body_len:
-                    break  # tiny bodies on a GET are tolerated and skipped, once here
+            request = self._request(head)
+            if request is None:
+                return  # refused: the connection is closing
+            req, body_len, grant = request
+            if len(self.buf) < end + 4 + body_len:
+                break  # tiny bodies on a GET are tolerated and skipped, once here
             self.buf = self.buf[end + 4 + body_len :]
             result = None if grant is None else self.server.replay(grant)
             if result is None:
@@ -305,6 +292,31 @@ class Connection(asyncio.Protocol):
             self._wait(req, result)
             return
         self._rearm()
+
+    def _head_end(self) -> int:
+        """Where the buffered request head ends; -1 while it is incomplete (or refused)."""
+        # Look no further than the limit: a head is refused by its size, however many
+        # reads it took to arrive (one big read included).
+        end = self.buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
+        if end < 0 and len(self.buf) >= MAX_HEAD + 4:
+            self._fail(431, "HeaderTooLarge", f"request head larger than {MAX_HEAD} bytes")
+        return end
+
+    def _request(self, head: bytes) -> tuple[Request, int, Any] | None:
+        """The request, its body length and the grant it last had when ``head`` repeats the
+        previous one; None when refused (answered with 400 and closing)."""
+        last = self.last
+        if last is not None and head == self.last_head:
+            return last
+        parsed = parse_head(head)
+        if parsed is None:
+            self._fail(400, "BadRequest", "malformed request")
+            return None
+        req, body_len = parsed
+        if body_len > MAX_HEAD:
+            self._fail(400, "BadRequest", "unsupported body")
+            return None
+        return req, body_len, None
 
     def _wait(self, req: Request, snap: Snapshot) -> None:
         self.busy = True

@@ -68,7 +68,7 @@ class NasHandle:
 
     plan: NasPlan
     dest: Path
-    _made: Path | None = None  # the first directory created for it, removed at release
+    made: Path | None = None  # the first directory created for it, removed at release
 
     def describe(self) -> dict[str, str]:
         return {"source": str(self.plan.source), "options": ",".join(self.plan.options),
@@ -76,7 +76,7 @@ class NasHandle:
 
     def release(self) -> None:
         nas.unmount(self.dest)
-        _remove_made(self.dest, self._made)
+        remove_made(self.dest, self.made)
 
 
 @dataclass
@@ -249,7 +249,7 @@ class Storage:
         try:
             nas.mount(plan)
         except StorageError as exc:
-            _remove_made(where, made)
+            remove_made(where, made)
             raise StorageError(f"NAS mount of {plan.source} at {where}: step 'mount' failed: "
                                f"{exc}") from None
         return NasHandle(plan, where, made)
@@ -338,7 +338,7 @@ def _make_dir(path: Path) -> Path | None:
     return top
 
 
-def _remove_made(path: Path, top: Path | None) -> None:
+def remove_made(path: Path, top: Path | None) -> None:
     """Remove the (empty) directories :func:`_make_dir` created, from ``path`` up to ``top``."""
     if top is None:
         return
@@ -360,4 +360,4 @@ def _oss_dir(url: str | OssUrl, where: str) -> OssUrl:
     return parsed
 
 
-__all__ = ["MountHandle", "NasHandle", "NasOptions", "Storage", "Transfers"]
+__all__ = ["MountHandle", "NasHandle", "NasOptions", "Storage", "Transfers", "remove_made"]

@@ -217,8 +217,8 @@ class S3Client:
     # -- one request, retried ------------------------------------------------------------
 
     def _attempt(self, req: _Request, refreshed: bool) -> Response:
-        method, bucket, key, query, headers, body, sink = (
-            req.method, req.bucket, req.key, req.query, req.headers, req.body, req.sink
+        method, bucket, key, query, headers = (
+            req.method, req.bucket, req.key, req.query, req.headers
         )
         ep = self.endpoint
         host = ep.host_for(bucket)
@@ -235,23 +235,8 @@ class S3Client:
         try:
             if not reused:
                 conn.connect()
-            try:
-                if isinstance(body, FileSlice):
-                    conn.send(method, target, hdrs, None, body.fresh())
-                else:
-                    conn.send(method, target, hdrs, body)
-                resp = conn.response(method)
-            except (Disconnected, ConnectionResetError, BrokenPipeError) as exc:
-                if reused:
-                    conn.close()
-                    raise _Stale(str(exc)) from exc
-                raise
+            resp, data = _exchange(conn, req, target, hdrs, reused)
             status = resp.status
-            if sink is not None and status in (200, 206):
-                sink(resp)
-                data = b""
-            else:
-                data = resp.read()
         except _Stale:
             raise
         except OSError as exc:
@@ -341,41 +326,17 @@ class S3Client:
         """GET bytes ``start..end-1`` into ``write(offset, data)``, resuming after a failure
         where it stopped. ``etag`` (If-Match) fails the call if the object changed;
         ``begin`` sees each answer's headers before its body."""
-        pos = start
-        buf = bytearray(min(READ_CHUNK, max(1, end - start)))
-        view = memoryview(buf)
-
-        def sink(resp: HttpResponse) -> None:
-            nonlocal pos
-            _skip_to(resp, pos)
-            if begin is not None:
-                begin(resp.headers)
-            while pos < end:
-                n = resp.readinto(view[: min(len(view), end - pos)])
-                if not n:
-                    raise ProtocolError(f"the answer ended {end - pos} bytes short")
-                try:
-                    write(pos, view[:n])
-                except OSError as exc:
-                    raise LocalWriteError(f"cannot write: {exc.strerror or exc}") from exc
-                pos += n
-            resp.read()  # the (empty) rest, so the connection can be reused
-
-        def update(headers: dict[str, str]) -> None:
-            # Every attempt, also the client's own retries, asks from where the last stopped.
-            if end > start:
-                headers["range"] = f"bytes={pos}-{end - 1}"
-
+        got = _RangeGet(start, end, write, begin)
         headers: dict[str, str] = {}
         if etag:
             headers["if-match"] = f'"{etag}"'
         while True:
-            before = pos
+            before = got.pos
             try:
                 return self.call("GET", bucket, key, headers=headers, ok=(200, 206),
-                                 sink=sink, update=update).headers
+                                 sink=got.sink, update=got.update).headers
             except Unavailable:
-                if pos == before:
+                if got.pos == before:
                     raise
                 # Progress was made before the failure: keep going from there.
                 continue
@@ -503,6 +464,61 @@ class S3Client:
 
     def abort_multipart(self, bucket: str, key: str, upload_id: str) -> None:
         self.call("DELETE", bucket, key, query={"uploadId": upload_id}, ok=(200, 204, 404))
+
+
+def _exchange(
+    conn: Connection, req: _Request, target: str, hdrs: dict[str, str], reused: bool
+) -> tuple[HttpResponse, bytes]:
+    """Send ``req`` and take the answer: its body read, or given to the request's sink.
+    A pooled connection the server had closed raises ``_Stale``."""
+    try:
+        if isinstance(req.body, FileSlice):
+            conn.send(req.method, target, hdrs, None, req.body.fresh())
+        else:
+            conn.send(req.method, target, hdrs, req.body)
+        resp = conn.response(req.method)
+    except (Disconnected, ConnectionResetError, BrokenPipeError) as exc:
+        if reused:
+            conn.close()
+            raise _Stale(str(exc)) from exc
+        raise
+    if req.sink is not None and resp.status in (200, 206):
+        req.sink(resp)
+        return resp, b""
+    return resp, resp.read()
+
+
+class _RangeGet:
+    """Where a ranged GET stands: each answer's body is written from ``pos`` on, and every
+    attempt, also the client's own retries, asks from there."""
+
+    def __init__(
+        self, start: int, end: int, write: Callable[[int, memoryview], None],
+        begin: Callable[[Mapping[str, str]], None] | None,
+    ) -> None:
+        self.start, self.end, self.pos = start, end, start
+        self.write, self.begin = write, begin
+        self.view = memoryview(bytearray(min(READ_CHUNK, max(1, end - start))))
+
+    def update(self, headers: dict[str, str]) -> None:
+        if self.end > self.start:
+            headers["range"] = f"bytes={self.pos}-{self.end - 1}"
+
+    def sink(self, resp: HttpResponse) -> None:
+        _skip_to(resp, self.pos)
+        if self.begin is not None:
+            self.begin(resp.headers)
+        view, end, write = self.view, self.end, self.write
+        while self.pos < end:
+            n = resp.readinto(view[: min(len(view), end - self.pos)])
+            if not n:
+                raise ProtocolError(f"the answer ended {end - self.pos} bytes short")
+            try:
+                write(self.pos, view[:n])
+            except OSError as exc:
+                raise LocalWriteError(f"cannot write: {exc.strerror or exc}") from exc
+            self.pos += n
+        resp.read()  # the (empty) rest, so the connection can be reused
 
 
 def _skip_to(resp: HttpResponse, pos: int) -> None:

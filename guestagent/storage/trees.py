@@ -65,28 +65,35 @@ def scan_local(root: Path) -> list[LocalFile]:
                 _inside(full, real_root, root)
                 log.info("%s: symlink to a directory inside the tree; not followed", full)
         for name in sorted(filenames):
-            full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, root).replace(os.sep, "/")
-            try:
-                rel.encode("utf-8")
-            except UnicodeEncodeError:
-                raise BadInput(
-                    f"{full!r}: file name is not UTF-8; OSS keys must be UTF-8 (rename it)"
-                ) from None
-            check_key(rel, full)
-            if os.path.islink(full):
-                _inside(full, real_root, root)
-            try:
-                st = os.stat(full)
-            except OSError as exc:
-                raise BadInput(f"{full}: cannot read: {exc.strerror}") from None
-            if stat.S_ISDIR(st.st_mode):
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                log.warning("%s: not a regular file (fifo, socket or device); skipped", full)
-                continue
-            found.append(LocalFile(Path(full), rel, st.st_size, st.st_mtime))
+            local = _local_file(os.path.join(dirpath, name), real_root, root)
+            if local is not None:
+                found.append(local)
     return found
+
+
+def _local_file(full: str, real_root: str, root: Path) -> LocalFile | None:
+    """The file at ``full`` with its checked key; None for what an upload skips (a symlink
+    to a directory, a fifo, socket or device)."""
+    rel = os.path.relpath(full, root).replace(os.sep, "/")
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadInput(
+            f"{full!r}: file name is not UTF-8; OSS keys must be UTF-8 (rename it)"
+        ) from None
+    check_key(rel, full)
+    if os.path.islink(full):
+        _inside(full, real_root, root)
+    try:
+        st = os.stat(full)
+    except OSError as exc:
+        raise BadInput(f"{full}: cannot read: {exc.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        log.warning("%s: not a regular file (fifo, socket or device); skipped", full)
+        return None
+    return LocalFile(Path(full), rel, st.st_size, st.st_mtime)
 
 
 def _inside(link: str, real_root: str, root: Path) -> None:

@@ -104,6 +104,22 @@ def _task(
     for key in section:
         if key not in _JOB_KEYS | _TASK_KEYS:
             raise JobError(f"{where} unknown key {key!r} (known: {', '.join(sorted(_TASK_KEYS))})")
+    command = _command(section, base, flags, where)
+    task: dict[str, Any] = {
+        "InstanceCount": _intval(section.get("nodes", "1"), "nodes", where),
+        "MaxRetryCount": _intval(section.get("retry", "0"), "retry", where),
+        "Parameters": {"Command": command},
+        "InputMapping": _mounts(section.get("read_mount", ""), flags.read_mounts, "-r", False),
+        "OutputMapping": _mounts(section.get("write_mount", ""), flags.write_mounts, "-w", True),
+    }
+    _task_options(section, task, where)
+    return task
+
+
+def _command(
+    section: configparser.SectionProxy, base: Path, flags: Flags, where: str
+) -> dict[str, Any]:
+    """The task's Parameters.Command: command line, env (with the Docker image), package."""
     cmd = section.get("cmd", "").strip()
     if not cmd:
         raise JobError(f"{where} has no cmd=: give the command line to run")
@@ -115,13 +131,11 @@ def _task(
     pack = section.get("pack")
     if pack:
         command["PackagePath"] = _pack(pack, base, where)
-    task: dict[str, Any] = {
-        "InstanceCount": _intval(section.get("nodes", "1"), "nodes", where),
-        "MaxRetryCount": _intval(section.get("retry", "0"), "retry", where),
-        "Parameters": {"Command": command},
-        "InputMapping": _mounts(section.get("read_mount", ""), flags.read_mounts, "-r", False),
-        "OutputMapping": _mounts(section.get("write_mount", ""), flags.write_mounts, "-w", True),
-    }
+    return command
+
+
+def _task_options(section: configparser.SectionProxy, task: dict[str, Any], where: str) -> None:
+    """The keys a task carries only when the section sets them."""
     if "timeout" in section:
         task["Timeout"] = _intval(section["timeout"], "timeout", where)
     for key, param in (("stdout", "StdoutRedirectPath"), ("stderr", "StderrRedirectPath")):
@@ -132,7 +146,6 @@ def _task(
                                   for m in section["log_mapping"].split(",") if m.strip())
     if section.get("cluster"):
         task["ClusterId"] = section["cluster"]
-    return task
 
 
 def _env(text: str, where: str) -> dict[str, str]:

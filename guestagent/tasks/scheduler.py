@@ -26,6 +26,7 @@ from guestagent.tasks import staging
 from guestagent.tasks.errors import TaskError
 from guestagent.tasks.events import Events
 from guestagent.tasks.model import Job, Task
+from guestagent.tasks.mountrefs import MountRefs
 from guestagent.tasks.runner import Handle, Launch, Runner
 from guestagent.tasks.settings import TasksSettings
 from guestagent.tasks.store import (
@@ -158,6 +159,8 @@ class Scheduler:
         self._detached = threading.Event()
         self._starting = 0  # attempts between their start and their recorded ref
         self._starting_done = threading.Condition()
+        # Host-wide counts of the NAS mounts instances share (beside the task store).
+        self.mount_refs = MountRefs(jobs_dir.parent / "mounts")
 
     # -- public -------------------------------------------------------------------------
 
@@ -180,6 +183,7 @@ class Scheduler:
                 raise TaskError(f"{job_id} is already running")
             self._runs[job_id] = run
         try:
+            self.prune_mounts()
             return self._drive(run, row["state"])
         finally:
             for inputs in run.inputs.values():
@@ -189,6 +193,20 @@ class Scheduler:
                             EVENTS_FLUSH)
             with self._lock:
                 self._runs.pop(job_id, None)
+
+    def prune_mounts(self) -> list[str]:
+        """Count out of the shared mounts every user whose instance no longer runs (it
+        ended while no agent watched it, or its record outlived a crash); the last one
+        out unmounts. An instance still Running is left to whoever adopts it."""
+        return self.mount_refs.prune(self._still_running, staging.unmount_nas)
+
+    def _still_running(self, user: str) -> bool:
+        job_id, _, rest = user.partition(".")
+        task, _, index = rest.rpartition(".")
+        try:
+            return self.store.instance(job_id, task, int(index)).state == RUNNING
+        except (TaskError, ValueError):
+            return False
 
     def stop(self, job_id: str, reason: str = "stopped by the user") -> bool:
         """Ask a running job to stop; False when this scheduler does not run it."""
@@ -563,7 +581,8 @@ class Scheduler:
         launch = self._launch(run, task, inst.index, layout=layout, env=env, docker=docker,
                               name=name)
         try:
-            mounts = staging.NasMounts(layout, task, storage, docker)
+            mounts = staging.NasMounts(layout, task, storage, docker, refs=self.mount_refs,
+                                       user=name)
         except Exception as exc:  # a NAS source the storage layer refuses: one line
             return _Outcome(inst.task, inst.index, FAILED, None, f"Mounts: {exc}")
         credentialed = False
@@ -577,10 +596,7 @@ class Scheduler:
             if handle is not None:
                 assert adopt is not None
                 started = adopt.started or started
-                credentialed = self._restore_grant(run, inst, name)
-                if not adopt.ref:  # found by its traces: save what names it now
-                    self.store.started(run.job_id, inst.task, inst.index, runner.kind,
-                                       handle.ref)
+                credentialed = self._readopted(run, adopt, handle, runner.kind, mounts)
             else:
                 mounts.release()  # a stale one of an earlier attempt: never under rmtree
                 staging.prepare(layout, task, storage, docker)
@@ -604,14 +620,31 @@ class Scheduler:
             raise
         finally:
             if not detached:
-                mounts.release()
-                if credentialed:
-                    self._revoke(run, inst, name)
+                self._let_go(run, inst, name, mounts, credentialed)
         problems = staging.upload_results(layout, task, run.job_id, inst.index,
                                           storage=storage, docker=docker)
         if problems and state == FINISHED:
             state, message = FAILED, problems[0]
         return _Outcome(inst.task, inst.index, state, code, message)
+
+    def _readopted(self, run: _JobRun, inst: Instance, handle: Handle, kind: str,
+                   mounts: staging.NasMounts) -> bool:
+        """An instance found again after a restart: it counts in its mounts again (an
+        ended one is counted out right after) and its credential endpoint answers;
+        whether it has credentials."""
+        if mounts.claims:
+            mounts.adopt()
+        credentialed = self._restore_grant(run, inst, f"{run.job_id}.{inst.task}.{inst.index}")
+        if not inst.ref:  # found by its traces: save what names it now
+            self.store.started(run.job_id, inst.task, inst.index, kind, handle.ref)
+        return credentialed
+
+    def _let_go(self, run: _JobRun, inst: Instance, name: str, mounts: staging.NasMounts,
+                credentialed: bool) -> None:
+        """An ended (or failed) attempt's mounts released and its credentials revoked."""
+        mounts.release()
+        if credentialed:
+            self._revoke(run, inst, name)
 
     def _mount(self, run: _JobRun, inst: Instance, mounts: staging.NasMounts) -> None:
         """The instance's NAS mounts: planned (kept for ``tasks show``), then made."""

@@ -14,11 +14,13 @@ import logging
 import shutil
 import tarfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
 from guestagent.tasks.errors import TaskError
 from guestagent.tasks.model import MountEntry, Task
+from guestagent.tasks.mountrefs import Claim, MountRefs, Record
 from guestagent.tasks.runner import Bind
 
 log = logging.getLogger(__name__)
@@ -124,29 +126,38 @@ def nas_mounts(layout: Layout, task: Task, docker: bool) -> list[tuple[MountEntr
 
 class NasMounts:
     """An instance's NAS mounts: planned (``plans``, for ``tasks show``), then made for
-    its life and released at its end. A failure is one line naming the step, with what
-    was already mounted undone."""
+    its life and released at its end. A mount point two instances share (host mode) is
+    counted host-wide in ``refs``: made by its first user, undone by its last. A failure
+    is one line naming the step (or the conflicting users), with what was already mounted
+    undone."""
 
     def __init__(self, layout: Layout, task: Task, storage: Storage | None,
-                 docker: bool) -> None:
+                 docker: bool, *, refs: MountRefs, user: str) -> None:
         self.wanted = nas_mounts(layout, task, docker)
         self.storage = storage
-        self.handles: list[Any] = []
+        self.refs = refs
+        self.docker = docker
         self.plans: list[dict[str, str]] = []
+        self.claims: list[Claim] = []
         if self.wanted and storage is None:
             raise TaskError(f"{task.name}: NAS mounts need the storage capability")
         for entry, host in self.wanted:
             assert storage is not None
             plan = storage.nas_plan(entry.source, host, entry.write, lock=entry.lock)
-            self.plans.append({"source": entry.source, "options": ",".join(plan.options),
+            options = ",".join(plan.options)
+            self.plans.append({"source": entry.source, "options": options,
                                "destination": entry.destination, "host": str(host)})
+            self.claims.append(Claim(str(plan.where), entry.source, options, user))
 
     def mount(self) -> None:
+        """Every conflict is refused before the first mount; then each is counted in
+        (and made by the first user)."""
         try:
-            for entry, host in self.wanted:
-                assert self.storage is not None
-                self.handles.append(self.storage.mount_nas(entry.source, host, entry.write,
-                                                           lock=entry.lock))
+            for claim in self.claims:
+                self.refs.check(claim, partial(_nas_mounted, claim.where))
+            for (entry, _), claim in zip(self.wanted, self.claims, strict=True):
+                self.refs.acquire(claim, partial(self._make, entry, claim.where),
+                                  partial(_nas_mounted, claim.where))
         except Exception as exc:  # the storage layer's errors are one line each
             self.release()
             raise TaskError(str(exc)) from None
@@ -154,20 +165,54 @@ class NasMounts:
             self.release()
             raise
 
-    def release(self) -> None:
-        """Undo this instance's mounts (also those a previous agent made for it)."""
-        while self.handles:
-            with contextlib.suppress(Exception):
-                self.handles.pop().release()
-        if not self.wanted:  # no NAS mount in this task: nothing to look for
-            return
-        from guestagent.storage import nas
-
-        for _, host in self.wanted:
+    def adopt(self) -> None:
+        """A re-adopted instance that still runs counts in again (a record lost or made
+        before counting existed); a mount gone meanwhile is made again if it can be."""
+        for (entry, _), claim in zip(self.wanted, self.claims, strict=True):
             try:
-                nas.unmount(host)
+                self.refs.acquire(claim, partial(self._make, entry, claim.where),
+                                  partial(_nas_mounted, claim.where))
+            except Exception as exc:  # it runs on; its mount is reported, not fatal
+                log.warning("%s: NAS mount at %s not restored: %s", claim.user, claim.where,
+                            exc)
+
+    def _make(self, entry: MountEntry, where: str) -> str | None:
+        assert self.storage is not None
+        handle = self.storage.mount_nas(entry.source, Path(where), entry.write, lock=entry.lock)
+        made = getattr(handle, "made", None)
+        return str(made) if made else None
+
+    def release(self) -> None:
+        """Count this instance out of its mounts (also those a previous agent made for
+        it); the last user's release unmounts. Docker's per-instance mount points are
+        unmounted whatever the records say: the instance's dir may be removed next."""
+        for claim in self.claims:
+            try:
+                self.refs.release(claim.where, claim.user, unmount_nas)
+                if self.docker:
+                    _unmount_nas_at(claim.where)
             except Exception as exc:  # one line; the instance's outcome stands
-                log.warning("NAS mount at %s not released: %s", host, exc)
+                log.warning("NAS mount at %s not released: %s", claim.where, exc)
+
+
+def _nas_mounted(where: str) -> bool:
+    from guestagent.storage import nas
+
+    return nas.mounted(Path(where))
+
+
+def _unmount_nas_at(where: str) -> None:
+    from guestagent.storage import nas
+
+    nas.unmount(Path(where))
+
+
+def unmount_nas(record: Record) -> None:
+    """Undo a NAS mount whose last user left: unmount, remove the directories made for it."""
+    from guestagent.storage.api import remove_made
+
+    _unmount_nas_at(record.where)
+    remove_made(Path(record.where), Path(record.made) if record.made else None)
 
 
 def log_names(job_id: str, task: str, index: int) -> tuple[str, str]:
@@ -284,6 +329,22 @@ def upload_results(
         return problems
     if storage is None:
         return ["uploads need the storage capability, which is not installed"]
+    for kind, path, url in _uploads(layout, task, job_id, index, docker):
+        try:
+            if kind == "dir":
+                storage.upload_dir(path, url)
+            elif path.exists():
+                storage.upload_file(path, url)
+        except Exception as exc:  # the storage layer's errors are one line each
+            log.warning("upload of %s to %s failed: %s", path, url, exc)
+            problems.append(f"upload {path.name} -> {url}: {exc}")
+    return problems
+
+
+def _uploads(
+    layout: Layout, task: Task, job_id: str, index: int, docker: bool
+) -> list[tuple[str, Path, str]]:
+    """What an instance uploads, in order: ("file" or "dir", local path, OSS url)."""
     out_name, err_name = log_names(job_id, task.name, index)
     jobs: list[tuple[str, Path, str]] = []
     if task.stdout_redirect_path:
@@ -294,16 +355,7 @@ def upload_results(
         jobs.append(("dir", host, url))
     for local, url in task.log_mapping.items():
         jobs.append(("file", log_mapping_source(layout, local, docker), url))
-    for kind, path, url in jobs:
-        try:
-            if kind == "dir":
-                storage.upload_dir(path, url)
-            elif path.exists():
-                storage.upload_file(path, url)
-        except Exception as exc:  # the storage layer's errors are one line each
-            log.warning("upload of %s to %s failed: %s", path, url, exc)
-            problems.append(f"upload {path.name} -> {url}: {exc}")
-    return problems
+    return jobs
 
 
 class Inputs:

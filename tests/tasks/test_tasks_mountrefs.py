@@ -1,0 +1,201 @@
+"""The host-wide counts of shared mounts (tasks/mountrefs.py) on their own: the first user
+mounts, the last unmounts; a conflicting user is refused with both named before anything
+is mounted; the records hold across threads, processes and a kill -9 mid-mount."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from polling import wait_for
+
+from guestagent.tasks.errors import TaskError
+from guestagent.tasks.mountrefs import Claim, MountRefs, Record
+
+SRC = "nas://0266e49fea-yio75.cn-beijing.nas.aliyuncs.com:/share/"
+RO = "vers=3,nolock,proto=tcp,hard,ro,_netdev"
+RW = "vers=3,nolock,proto=tcp,hard,_netdev"
+
+
+class FakeKernel:
+    """What is mounted where, and every mount/unmount made (the counter under test
+    decides when they happen)."""
+
+    def __init__(self) -> None:
+        self.points: set[str] = set()
+        self.calls: list[str] = []
+        self.lock = threading.Lock()
+
+    def mount(self, where: str) -> str | None:
+        with self.lock:
+            assert where not in self.points, f"{where} mounted twice"
+            self.points.add(where)
+            self.calls.append(f"mount {where}")
+        return None
+
+    def unmount(self, record: Record) -> None:
+        with self.lock:
+            self.points.discard(record.where)
+            self.calls.append(f"umount {record.where}")
+
+    def mounted(self, where: str) -> bool:
+        return where in self.points
+
+    def acquire(self, refs: MountRefs, claim: Claim) -> bool:
+        return refs.acquire(claim, lambda: self.mount(claim.where),
+                            lambda: self.mounted(claim.where))
+
+
+def claim(user: str, where: str = "/mnt/nas", source: str = SRC, options: str = RO) -> Claim:
+    return Claim(where, source, options, user)
+
+
+def test_first_user_mounts_last_user_unmounts(tmp_path: Path) -> None:
+    refs, k = MountRefs(tmp_path / "mounts"), FakeKernel()
+    assert k.acquire(refs, claim("job-a.t.0")) is True
+    assert k.acquire(refs, claim("job-a.t.1")) is False  # joins the mount
+    assert k.acquire(refs, claim("job-b.u.0")) is False  # another task, same entry
+    assert k.calls == ["mount /mnt/nas"]
+    assert refs.release("/mnt/nas", "job-a.t.0", k.unmount) is False
+    assert refs.release("/mnt/nas", "job-b.u.0", k.unmount) is False
+    assert k.mounted("/mnt/nas") and refs.users("/mnt/nas") == ["job-a.t.1"]
+    assert refs.release("/mnt/nas", "job-a.t.1", k.unmount) is True
+    assert k.calls == ["mount /mnt/nas", "umount /mnt/nas"]
+    assert refs.records() == []
+    # A release nobody recorded touches nothing.
+    assert refs.release("/mnt/nas", "job-a.t.1", k.unmount) is None
+
+
+def test_the_same_user_counts_once(tmp_path: Path) -> None:
+    refs, k = MountRefs(tmp_path / "mounts"), FakeKernel()
+    k.acquire(refs, claim("job-a.t.0"))
+    k.acquire(refs, claim("job-a.t.0"))  # re-adopted: joins again
+    assert refs.users("/mnt/nas") == ["job-a.t.0"]
+    assert refs.release("/mnt/nas", "job-a.t.0", k.unmount) is True
+
+
+@pytest.mark.parametrize(("other", "why"), [
+    (claim("job-b.u.0", source="nas://0266e49fea-yio75.cn-beijing.nas.aliyuncs.com:/other/"),
+     "another source"),
+    (claim("job-b.u.0", options=RW), "read-only vs writable"),
+    (claim("job-b.u.0", options=RO.replace("nolock,", "")), "other mount options"),
+])
+def test_a_conflicting_user_is_refused_naming_both(tmp_path: Path, other: Claim,
+                                                    why: str) -> None:
+    refs, k = MountRefs(tmp_path / "mounts"), FakeKernel()
+    k.acquire(refs, claim("job-a.t.0"))
+    before = (tmp_path / "mounts").glob("*.json")
+    texts = {p: p.read_text() for p in before}
+    with pytest.raises(TaskError) as err:
+        refs.check(other, lambda: k.mounted(other.where))
+    message = str(err.value)
+    assert "\n" not in message
+    assert "job-a.t.0" in message and "job-b.u.0" in message and why in message
+    assert SRC in message and other.source in message
+    with pytest.raises(TaskError, match=why):
+        k.acquire(refs, other)
+    assert k.calls == ["mount /mnt/nas"]  # nothing mounted for the refused one
+    assert {p: p.read_text() for p in texts} == texts  # and its record unchanged
+
+
+def test_a_mount_this_agent_did_not_make_is_refused(tmp_path: Path) -> None:
+    refs, k = MountRefs(tmp_path / "mounts"), FakeKernel()
+    k.points.add("/mnt/nas")  # e.g. an fstab mount of the administrator's
+    with pytest.raises(TaskError, match="did not make"):
+        k.acquire(refs, claim("job-a.t.0"))
+    assert refs.records() == [] and k.calls == []
+
+
+def test_a_failed_first_mount_leaves_no_record(tmp_path: Path) -> None:
+    refs = MountRefs(tmp_path / "mounts")
+
+    def fail() -> str | None:
+        raise TaskError("mount failed: no NFS client")
+
+    with pytest.raises(TaskError, match="no NFS client"):
+        refs.acquire(claim("job-a.t.0"), fail, lambda: False)
+    assert refs.records() == []
+
+
+def test_a_lost_mount_is_made_again_for_the_next_user(tmp_path: Path) -> None:
+    # A reboot (the state dir persists, mounts do not) or a manual umount.
+    refs, k = MountRefs(tmp_path / "mounts"), FakeKernel()
+    k.acquire(refs, claim("job-a.t.0"))
+    k.points.clear()
+    assert k.acquire(refs, claim("job-a.t.1")) is True
+    assert k.calls == ["mount /mnt/nas", "mount /mnt/nas"]
+
+
+def test_prune_drops_users_that_no_longer_run(tmp_path: Path) -> None:
+    refs, k = MountRefs(tmp_path / "mounts"), FakeKernel()
+    for user in ("job-a.t.0", "job-a.t.1"):
+        k.acquire(refs, claim(user))
+    k.acquire(refs, claim("job-a.t.0", where="/mnt/other"))
+    alive = {"job-a.t.1"}
+    assert sorted(refs.prune(alive.__contains__, k.unmount)) == ["job-a.t.0", "job-a.t.0"]
+    assert k.mounted("/mnt/nas") and not k.mounted("/mnt/other")
+    assert refs.users("/mnt/nas") == ["job-a.t.1"]
+    assert refs.prune(alive.__contains__, k.unmount) == []
+
+
+def test_threads_sharing_one_mount_point_mount_and_unmount_once(tmp_path: Path) -> None:
+    refs, k = MountRefs(tmp_path / "mounts"), FakeKernel()
+    users = [f"job-a.t.{i}" for i in range(8)]
+    barrier = threading.Barrier(len(users))
+    errors: list[BaseException] = []
+
+    def one(user: str) -> None:
+        try:
+            k.acquire(refs, claim(user))
+            barrier.wait(30)  # every one holds it at once
+            assert k.mounted("/mnt/nas")
+            barrier.wait(30)
+            refs.release("/mnt/nas", user, k.unmount)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(u,)) for u in users]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert k.calls == ["mount /mnt/nas", "umount /mnt/nas"]
+
+
+CHILD = """
+import sys, time
+from pathlib import Path
+from guestagent.tasks.mountrefs import Claim, MountRefs
+
+refs = MountRefs(Path(sys.argv[1]))
+def mount():
+    Path(sys.argv[2]).touch()  # mounting now...
+    time.sleep(600)            # ...and killed before it finishes
+refs.acquire(Claim("/mnt/nas", sys.argv[3], "ro", "job-a.t.0"), mount, lambda: False)
+"""
+
+
+def test_kill_9_mid_mount_leaves_a_record_a_restart_reconciles(tmp_path: Path) -> None:
+    folder, mounting = tmp_path / "mounts", tmp_path / "mounting"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(folder), str(mounting), SRC],
+                             env=env)
+    try:
+        wait_for(mounting.exists, timeout=60)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    refs, k = MountRefs(folder), FakeKernel()
+    # Its claim was recorded before the mount began; its lock died with it.
+    assert refs.users("/mnt/nas") == ["job-a.t.0"]
+    assert k.acquire(refs, Claim("/mnt/nas", SRC, "ro", "job-a.t.1")) is True
+    # The killed attempt's instance is not Running any more: reconciled away, and the
+    # mount stays for the one that is.
+    assert refs.prune(lambda user: user == "job-a.t.1", k.unmount) == ["job-a.t.0"]
+    assert k.mounted("/mnt/nas") and refs.users("/mnt/nas") == ["job-a.t.1"]
