@@ -103,8 +103,18 @@ def run_handler(handler: Handler, args: argparse.Namespace) -> int:
 
 
 def fail(code: int, message: str) -> int:
-    print(f"guestagent: {message}", file=sys.stderr)
+    print(f"guestagent: {printable(message)}", file=sys.stderr)
     return code
+
+
+def printable(message: str) -> str:
+    """``message`` as one line that cannot move a terminal's cursor: control characters
+    (a hostile object key, job name, answer) and line separators shown escaped."""
+    import unicodedata
+
+    return "".join(ch.encode("unicode_escape").decode("ascii")
+                   if unicodedata.category(ch) in ("Cc", "Zl", "Zp") else ch
+                   for ch in message)
 
 
 def load_settings(args: argparse.Namespace) -> Any:

@@ -9,6 +9,7 @@ an unknown key, a wrong type or a bad value is a one-line :class:`ConfigError` n
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -78,6 +79,8 @@ def load(
             raw = tomllib.loads(file.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{file}: not valid TOML: {exc}") from exc
+        except RecursionError:  # tomllib recurses per nesting level
+            raise ConfigError(f"{file}: not valid TOML: nested too deeply") from None
         except OSError as exc:
             raise ConfigError(f"{file}: cannot read: {exc.strerror}") from exc
     elif explicit:
@@ -206,7 +209,9 @@ def _is_int(value: Any) -> bool:
 _SCALARS: dict[Any, tuple[Any, Any, str]] = {
     bool: (lambda v: isinstance(v, bool), lambda v: v, "true or false"),
     int: (_is_int, lambda v: v, "an integer"),
-    float: (lambda v: _is_int(v) or isinstance(v, float), float, "a number"),
+    # nan/inf would pass every "> 0" check and then break a timeout or a sleep.
+    float: (lambda v: _is_int(v) or (isinstance(v, float) and math.isfinite(v)), float,
+            "a finite number"),
     str: (lambda v: isinstance(v, str), lambda v: v, "a string"),
     Path: (lambda v: isinstance(v, str) and bool(v), Path, "a path string"),
 }

@@ -29,7 +29,11 @@ def test_file_then_env_override(tmp_path: Path) -> None:
     [
         ("[metadata]\nurll = 'x'\n", "unknown key metadata.urll"),
         ("[metadataa]\n", "unknown section [metadataa]"),
-        ("[metadata]\ntimeout = 'fast'\n", "metadata.timeout: expected a number"),
+        ("[metadata]\ntimeout = 'fast'\n", "metadata.timeout: expected a finite number"),
+        ("[metadata]\ntimeout = nan\n", "metadata.timeout: expected a finite number, got nan"),
+        ("[spot]\nhook_timeout = inf\n", "spot.hook_timeout: expected a finite number"),
+        pytest.param("a = " + "[" * 3000 + "]" * 3000 + "\n", "not valid TOML: nested too deeply",
+                     id="deep-nesting"),
         ("[metadata]\nurl = 'not a url'\n", "metadata.url: bad URL"),
         ("[metadata]\ntoken_ttl = 0\n", "metadata.token_ttl: must be 1..21600"),
         ("[metadata]\nuse_token = 'yes'\n", "metadata.use_token: expected true or false"),
@@ -49,6 +53,8 @@ def test_bad_settings_name_the_key(tmp_path: Path, text: str, needle: str) -> No
 def test_bad_env_names_the_variable() -> None:
     with pytest.raises(ConfigError, match=r"GUESTAGENT_METADATA_RETRIES \(metadata.retries\)"):
         config.from_mapping({}, {"GUESTAGENT_METADATA_RETRIES": "many"})
+    with pytest.raises(ConfigError, match=r"GUESTAGENT_METADATA_TIMEOUT .*: expected a finite"):
+        config.from_mapping({}, {"GUESTAGENT_METADATA_TIMEOUT": "nan"})
     with pytest.raises(ConfigError, match=r"GUESTAGENT_METADATA_URL \(metadata.url\): bad URL"):
         config.from_mapping({}, {"GUESTAGENT_METADATA_URL": "ftp://host"})
 

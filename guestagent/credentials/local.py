@@ -44,7 +44,7 @@ def local_get(
         conn.close()
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise LocalError(resp.status, f"credential server sent non-JSON ({resp.status})") from None
     if resp.status != 200:
         message = doc.get("message", "") if isinstance(doc, dict) else ""

@@ -15,11 +15,18 @@ from typing import Any
 from guestagent.metadata.errors import BadAnswer
 
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+# The form the service sends, read without strptime (whose _strptime module and locale
+# tables would stay loaded in the daemon); anything else still goes through strptime.
+_TIME = re.compile(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)Z")
 
 
 def parse_time(text: str, where: str) -> datetime:
     """Parse the service's strict UTC form ``YYYY-MM-DDTHH:MM:SSZ``."""
     try:
+        found = _TIME.fullmatch(text) if isinstance(text, str) and text.isascii() else None
+        if found:
+            y, mo, d, h, mi, s = (int(g) for g in found.groups())
+            return datetime(y, mo, d, h, mi, s, tzinfo=UTC)
         return datetime.strptime(text, TIME_FORMAT).replace(tzinfo=UTC)
     except (TypeError, ValueError):
         raise BadAnswer(
@@ -36,6 +43,8 @@ def load_json_object(text: str, where: str) -> dict[str, Any]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BadAnswer(f"{where}: not valid JSON ({exc.msg} at char {exc.pos})") from None
+    except RecursionError:
+        raise BadAnswer(f"{where}: not valid JSON (nested too deeply)") from None
     if not isinstance(value, dict):
         raise BadAnswer(f"{where}: expected a JSON object, got {type(value).__name__}")
     return value
@@ -96,7 +105,7 @@ def parse_ip_list(text: str, where: str) -> list[str]:
     if stripped.startswith("["):
         try:
             value = json.loads(stripped)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise BadAnswer(f"{where}: not a valid JSON array: {stripped[:60]!r}") from None
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise BadAnswer(f"{where}: expected a list of addresses")
@@ -194,6 +203,8 @@ class MaintenanceEvent:
             value = json.loads(text) if text.strip() else []
         except json.JSONDecodeError as exc:
             raise BadAnswer(f"{where}: not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise BadAnswer(f"{where}: not valid JSON (nested too deeply)") from None
         if isinstance(value, dict):
             value = value.get("Events", value.get("events", [value]))
         if not isinstance(value, list):

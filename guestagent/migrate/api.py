@@ -78,7 +78,7 @@ class EcsClient:
     def _decode(self, action: str, raw: bytes, status: int) -> dict[str, Any]:
         try:
             data = json.loads(raw or b"{}")
-        except ValueError:
+        except (ValueError, RecursionError):
             raise MigrateError(f"{action}: the ECS API answered HTTP {status} with a body "
                                "that is not JSON", retryable=status >= 500) from None
         if not isinstance(data, dict):

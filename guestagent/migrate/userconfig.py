@@ -98,33 +98,39 @@ def warn_if_readable(path: Path) -> str | None:
     return None
 
 
-def _parse(path: Path) -> dict[str, Any]:
-    name = path.name
+def _read(path: Path) -> str:
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        return path.read_bytes().decode("utf-8-sig")
     except FileNotFoundError:
         raise ConfigInvalid([f"{path}: not found (copy the template and fill it in)"]) from None
     except OSError as exc:
         raise ConfigInvalid([f"{path}: cannot read: {exc.strerror}"]) from None
     except UnicodeDecodeError as exc:
-        raise ConfigInvalid([f"{name}: not UTF-8 text (byte {exc.start})"]) from None
+        raise ConfigInvalid([f"{path.name}: not UTF-8 text (byte {exc.start})"]) from None
 
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        seen: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in seen:
-                raise ValueError(f"field {key!r} appears twice")
-            seen[key] = value
-        return seen
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"field {key!r} appears twice")
+        seen[key] = value
+    return seen
+
+
+def _parse(path: Path) -> dict[str, Any]:
+    name = path.name
+    text = _read(path)
     try:
-        data = json.loads(text, object_pairs_hook=no_duplicates)
+        data = json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as exc:
         raise ConfigInvalid(
             [f"{name}: line {exc.lineno} column {exc.colno}: invalid JSON: {exc.msg}"]
         ) from None
     except ValueError as exc:
         raise ConfigInvalid([f"{name}: {exc}: keep one"]) from None
+    except RecursionError:
+        raise ConfigInvalid([f"{name}: invalid JSON: nested too deeply"]) from None
     if not isinstance(data, dict):
         raise ConfigInvalid([f"{name}: must be a JSON object {{...}} as in the template"])
     return data

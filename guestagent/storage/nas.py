@@ -104,17 +104,23 @@ def plan(entry: MountEntry, *, version: str = "3", lock: bool = False,
     return NasPlan(entry.source, entry.destination, opts, automount, units)
 
 
+def _unit_value(value: object) -> str:
+    """A value as systemd reads it back: ``%`` starts a specifier (``%b`` is the boot id)."""
+    return str(value).replace("%", "%%")
+
+
 def _mount_unit(p: NasPlan) -> str:
     install = "" if p.automount else "\n[Install]\nWantedBy=remote-fs.target\n"
+    source, where = _unit_value(p.source), _unit_value(p.where)
     return (
         "[Unit]\n"
-        f"Description=NAS {p.source} at {p.where} (guestagent)\n"
+        f"Description=NAS {source} at {where} (guestagent)\n"
         "Documentation=man:nfs(5)\n"
         "Wants=network-online.target\n"
         "After=network-online.target\n"
         "\n[Mount]\n"
-        f"What={p.source.export}\n"
-        f"Where={p.where}\n"
+        f"What={_unit_value(p.source.export)}\n"
+        f"Where={where}\n"
         "Type=nfs\n"
         f"Options={','.join(p.options)}\n"
         "TimeoutSec=90\n"
@@ -123,12 +129,13 @@ def _mount_unit(p: NasPlan) -> str:
 
 
 def _automount_unit(p: NasPlan) -> str:
+    source, where = _unit_value(p.source), _unit_value(p.where)
     return (
         "[Unit]\n"
-        f"Description=NAS {p.source} at {p.where} on first use (guestagent)\n"
+        f"Description=NAS {source} at {where} on first use (guestagent)\n"
         "Documentation=man:nfs(5)\n"
         "\n[Automount]\n"
-        f"Where={p.where}\n"
+        f"Where={where}\n"
         "TimeoutIdleSec=0\n"
         "\n[Install]\n"
         "WantedBy=remote-fs.target\n"

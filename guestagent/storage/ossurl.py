@@ -32,7 +32,7 @@ def check_bucket(bucket: str, where: str = "bucket") -> str:
 
 def check_key(key: str, where: str = "key", *, allow_dots: bool = False) -> str:
     """Return ``key`` if OSS would accept it (and it has no ``.``/``..`` segment)."""
-    shown = key.encode("unicode_escape").decode()[:80]
+    shown = key[:80]  # shown with !r, which escapes control characters (once)
     if _CONTROL.search(key):
         raise BadInput(f"{where}: object key {shown!r} contains a control character")
     try:

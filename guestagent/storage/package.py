@@ -15,12 +15,15 @@ import contextlib
 import logging
 import os
 import shutil
-import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from guestagent.storage.errors import BadInput, StorageError
+
+if TYPE_CHECKING:
+    import tarfile
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,8 @@ DEFAULT_LIMITS = Limits()
 
 def unpack(archive: Path, workdir: Path, limits: Limits = DEFAULT_LIMITS) -> Unpacked:
     """Check every member of ``archive``, then extract it into ``workdir`` (created)."""
+    import tarfile  # lazily: the idle daemon unpacks nothing
+
     where = f"package {archive.name}"
     try:
         with tarfile.open(archive, "r:*") as tar:
@@ -61,6 +66,10 @@ def unpack(archive: Path, workdir: Path, limits: Limits = DEFAULT_LIMITS) -> Unp
         with tarfile.open(archive, "r:*") as tar:
             tar.extractall(staging, filter="data")
         _move_in(staging, workdir)
+    except tarfile.FilterError as exc:  # e.g. a link that escapes through another link
+        raise BadInput(f"{where}: member {exc.tarinfo.name!r} would point outside the work "
+                       "dir once its links are followed; nothing was changed (store real "
+                       "paths instead of links to links)") from None
     except OSError as exc:
         raise StorageError(f"{where}: cannot unpack into {workdir}: {exc.strerror or exc}; "
                            "nothing was changed (free some space and retry)") from None

@@ -79,15 +79,22 @@ class StorageSettings:
     def _check_specs(self) -> None:
         """Each declared mount and output parsed (the parser is imported only then)."""
         from guestagent.storage.errors import BadInput
-        from guestagent.storage.mappings import parse_mount_spec, parse_output_spec
+        from guestagent.storage.mappings import (
+            Mappings,
+            check,
+            parse_mount_spec,
+            parse_output_spec,
+        )
 
         try:
-            for spec in self.mounts:
-                parse_mount_spec(spec, "mounts")
-            for spec in self.outputs:
-                parse_output_spec(spec, "outputs")
+            mounts = tuple(parse_mount_spec(spec, "mounts") for spec in self.mounts)
+            outputs = tuple(parse_output_spec(spec, "outputs") for spec in self.outputs)
         except BadInput as exc:
             raise ValueError(str(exc)) from None
+        try:  # two mounts on one directory, or one inside another: one hides the other
+            check(Mappings(mounts=mounts, outputs=outputs))
+        except BadInput as exc:
+            raise ValueError(f"mounts: {exc}") from None
 
     def _check_endpoint(self) -> None:
         if self.endpoint:

@@ -29,6 +29,7 @@ from xml.etree import ElementTree
 from guestagent.storage import integrity
 from guestagent.storage.errors import BadInput, NotFound, StorageError
 from guestagent.storage.ossurl import OssUrl
+from guestagent.storage.progress import NoProgress
 from guestagent.storage.s3 import CRC64_HEADER, FileSlice, LocalWriteError, ObjectInfo, S3Client
 from guestagent.storage.settings import MAX_PARTS, MiB, StorageSettings
 from guestagent.storage.state import Record, StateDir, boot_id
@@ -49,17 +50,6 @@ class Progress(Protocol):
     def advance(self, nbytes: int) -> None: ...
 
     def finished(self, name: str, nbytes: int) -> None: ...
-
-
-class NoProgress:
-    def expect(self, nbytes: int, files: int) -> None:
-        pass
-
-    def advance(self, nbytes: int) -> None:
-        pass
-
-    def finished(self, name: str, nbytes: int) -> None:
-        pass
 
 
 @dataclass(frozen=True)

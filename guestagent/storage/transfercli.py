@@ -16,7 +16,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from guestagent.cli import EXIT_ABSENT, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, UsageError
+from guestagent.cli import (
+    EXIT_ABSENT,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    UsageError,
+    fail,
+)
 
 UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
@@ -77,11 +84,9 @@ def guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Names
         except BadInput as exc:
             raise UsageError(str(exc)) from None
         except NotFound as exc:
-            print(f"guestagent: {exc}", file=sys.stderr)
-            return EXIT_ABSENT
+            return fail(EXIT_ABSENT, str(exc))
         except StorageError as exc:
-            print(f"guestagent: {exc}", file=sys.stderr)
-            return EXIT_UNAVAILABLE
+            return fail(EXIT_UNAVAILABLE, str(exc))
 
     return run
 

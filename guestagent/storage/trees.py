@@ -286,9 +286,9 @@ def download_tree(
 ) -> Summary:
     """Download every object under the directory ``src`` into ``root``."""
     remote = list_remote(t.client, src)
+    plan = plan_download(remote, src, root)  # every key checked before anything is made
     if not dry_run:
         root.mkdir(parents=True, exist_ok=True)
-    plan = plan_download(remote, src, root)
     summary = Summary()
     todo: list[tuple[ObjectInfo, Path]] = []
     for info, target in plan:

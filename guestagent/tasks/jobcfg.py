@@ -24,14 +24,16 @@ redirect dirs). ``pack`` is a local directory or tarball (relative to the file) 
 
 from __future__ import annotations
 
-import configparser
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from guestagent.tasks import rules
 from guestagent.tasks.errors import JobError
 from guestagent.tasks.model import Job
+
+if TYPE_CHECKING:
+    import configparser
 
 _JOB_KEYS = {"job_name", "description", "deps", "priority", "job_fail_on_instance_fail"}
 _TASK_KEYS = {"cmd", "nodes", "pack", "read_mount", "write_mount", "docker", "env", "timeout",
@@ -57,6 +59,8 @@ def load(path: Path, flags: Flags | None = None) -> dict[str, Any]:
 
 
 def parse(text: str, base: Path, flags: Flags, source: str = "job.cfg") -> dict[str, Any]:
+    import configparser  # lazily: a job file is read once in a while, the daemon idles
+
     cfg = configparser.ConfigParser(interpolation=None, default_section="DEFAULT")
     cfg.optionxform = str  # type: ignore[assignment,method-assign]
     try:
@@ -71,6 +75,11 @@ def parse(text: str, base: Path, flags: Flags, source: str = "job.cfg") -> dict[
     names = cfg.sections()
     if not names:
         raise JobError(f"{source}: no task section: add one, e.g. [task1] with cmd=...")
+    for name in names:  # a job key in a task's section would be silently ignored
+        for key in _JOB_KEYS:
+            if key in cfg[name] and (key not in default or cfg[name][key] != default[key]):
+                raise JobError(f"{source}: [{name}] {key}= is a job setting: move it to "
+                               "[DEFAULT]")
     tasks = {name: _task(cfg[name], name, base, flags, source) for name in names}
     deps = _deps(default.get("deps", ""), tasks, source)
     doc: dict[str, Any] = {
@@ -244,6 +253,8 @@ def load_job(path: Path, flags: Flags | None = None,
             raise JobError(f"{path}: cannot read the job file: {exc}") from None
         except ValueError as exc:
             raise JobError(f"{path}: not valid JSON: {exc}") from None
+        except RecursionError:
+            raise JobError(f"{path}: not valid JSON: nested too deeply") from None
     else:
         doc = load(path, flags)
     job = Job.parse(doc, max_timeout=max_timeout or DEFAULT_MAX_TIMEOUT)

@@ -117,13 +117,22 @@ class _JobRun:
 
 def parallel_limit(settings: TasksSettings) -> int:
     cores = settings.max_parallel or (os.cpu_count() or 1)
-    try:
-        import psutil
-
-        by_memory = psutil.virtual_memory().available // (settings.instance_memory_mb << 20)
-    except Exception:  # no psutil or /proc: cores decide
-        by_memory = cores
+    available = _available_memory()
+    by_memory = cores if available is None else available // (settings.instance_memory_mb << 20)
     return max(1, min(cores, int(by_memory)))
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (what psutil reports, without loading psutil
+    into the idle daemon); None without /proc: cores decide."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 class Scheduler:

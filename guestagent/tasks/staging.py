@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-import tarfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -294,6 +293,8 @@ def unpack_local(package: Path, workdir: Path) -> None:
     if package.is_dir():
         shutil.copytree(package, workdir, symlinks=True, dirs_exist_ok=True)
         return
+    import tarfile  # lazily: the idle daemon unpacks nothing
+
     try:
         with tarfile.open(package) as tar:
             tar.extractall(workdir, filter="data")  # refuses members escaping workdir

@@ -96,8 +96,8 @@ def load(name: str, configured: Path | None = None) -> Template:
         raise UserdataError(f"no template {name!r} (have: {', '.join(names(configured))})")
     try:
         raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UserdataError(f"{path}: not valid TOML: {exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise UserdataError(f"{path}: not valid TOML: {exc or 'nested too deeply'}") from None
     params: dict[str, Param] = {}
     for pname, spec in raw.get("params", {}).items():
         ptype = spec.get("type", "text")

@@ -213,3 +213,36 @@ def test_rclone_env_auth_lists_a_bucket(svc, emulator, s3, tmp_path):
     issued = emulator.issued_credentials()
     assert keys[0] == (issued[-3]["AccessKeyId"], issued[-3]["SecurityToken"])
     assert keys[1] == (issued[-2]["AccessKeyId"], issued[-2]["SecurityToken"])
+
+
+def test_aws_cli_container_credentials(svc, emulator, s3, tmp_path):
+    """The AWS CLI (v1, on botocore), run as a user would, with only the printed lines."""
+    import boto3
+
+    pytest.importorskip("awscli", reason="AWS CLI not installed (pip install awscli)")
+    name = bucket_name()
+    admin = boto3.client("s3", endpoint_url=s3.url, region_name="us-east-1",
+                         aws_access_key_id="admin", aws_secret_access_key="admin")
+    admin.create_bucket(Bucket=name)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(client_env(svc, "aws", tmp_path))
+    env.update(HOME=str(tmp_path), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+               AWS_DEFAULT_REGION="us-east-1")
+    src = tmp_path / "up.txt"
+    src.write_text("from the aws cli\n")
+
+    def aws(*args: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "awscli", "--endpoint-url", s3.url,
+                              *args], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout
+
+    aws("s3", "cp", str(src), f"s3://{name}/up.txt")
+    first = newest(emulator)
+    assert s3.signed_with()[-1] == (first["AccessKeyId"], first["SecurityToken"])
+    assert admin.get_object(Bucket=name, Key="up.txt")["Body"].read() == src.read_bytes()
+    # Each CLI run fetches afresh: after a rotation the next run signs with the new set.
+    second = rotate(svc, emulator)
+    assert "up.txt" in aws("s3", "ls", f"s3://{name}/")
+    assert s3.signed_with()[-1] == (second["AccessKeyId"], second["SecurityToken"])

@@ -198,6 +198,7 @@ def test_scenario_file_errors(tmp_path: Path) -> None:
     with pytest.raises(ScenarioError, match="scenario file not found"):
         load_scenario(tmp_path / "absent.toml")
     assert "top level must be a mapping" in _bad(tmp_path, "- 1\n", "s.yaml")
+    assert "nested too deeply" in _bad(tmp_path, "a = " + "[" * 3000 + "]" * 3000 + "\n")
 
 
 def test_user_data_file_and_overrides(tmp_path: Path) -> None:

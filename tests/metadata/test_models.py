@@ -54,6 +54,16 @@ def test_truncated_or_wrong_json(text: str) -> None:
         RoleCredentials.parse(text, "ram")
 
 
+def test_answers_nested_too_deeply_are_bad_answers() -> None:
+    deep = "[" * 100_000  # a hostile or broken service: json recurses per level
+    with pytest.raises(BadAnswer, match="ram: not valid JSON"):
+        RoleCredentials.parse(deep, "ram")
+    with pytest.raises(BadAnswer, match="nested too deeply"):
+        IdentityDocument.parse(deep)
+    with pytest.raises(BadAnswer, match="nested too deeply"):
+        MaintenanceEvent.parse_list(deep)
+
+
 def test_identity_document_fields() -> None:
     doc = {k: f"v-{k}" for k in (
         "zone-id", "serial-number", "instance-id", "region-id", "private-ipv4",

@@ -84,6 +84,7 @@ JSON_ERRORS = [
     ('{"access_id": "x", "access_id": "y"}', "field 'access_id' appears twice"),
     ("[]", "must be a JSON object"),
     ("", "line 1 column 1"),
+    ("[" * 100_000, "invalid JSON: nested too deeply"),  # json recurses per level
 ]
 
 
@@ -127,7 +128,7 @@ def test_all_violations_reported_at_once(tree: Path, tmp_path: Path) -> None:
     assert fields == ["image_name", "platform", "system_disk_size"]
 
 
-@pytest.mark.parametrize(("text", "where"), JSON_ERRORS)
+@pytest.mark.parametrize(("text", "where"), JSON_ERRORS, ids=lambda v: repr(v)[:24])
 def test_json_errors_name_line_and_column(tmp_path: Path, text: str, where: str) -> None:
     path = tmp_path / "user_config.json"
     path.write_text(text)

@@ -152,6 +152,24 @@ def test_a_bad_declared_output_is_one_clear_line(spec: str, says: str) -> None:
     assert "outputs" in text and says in text and "\n" not in text
 
 
+@pytest.mark.parametrize(("storage", "says"), [
+    ({"mounts": ["oss://bk1/a/:/data/in", "oss://bk1/b/:/data/in"]},
+     "two sources may not map to one local directory"),
+    ({"mounts": ["oss://bk1/a/:/data/in", "nas://h.example.com:/x:/data/in/sub"]},
+     "/data/in/sub is inside /data/in"),
+    ({"mounts": ["oss://bk1/a/:/data/io"], "outputs": ["/data/io/:oss://bk1/o/"]},
+     "/data/io"),
+])
+def test_declared_mounts_that_would_hide_each_other_are_refused(storage: dict[str, list[str]],
+                                                                says: str) -> None:
+    from guestagent.config import ConfigError, from_mapping
+
+    with pytest.raises(ConfigError) as err:
+        from_mapping({"storage": storage})
+    text = str(err.value)
+    assert "storage.mounts: " in text and says in text and "\n" not in text
+
+
 def test_a_declared_output_names_its_directory_and_oss_directory() -> None:
     from guestagent.storage.mappings import parse_output_spec
 

@@ -74,6 +74,22 @@ def test_systemd_accepts_the_units(tmp_path, automount):
     assert ("WantedBy=remote-fs.target" in text) is not automount
 
 
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze")
+@pytest.mark.parametrize("automount", [False, True])
+def test_a_percent_sign_is_not_a_systemd_specifier(tmp_path, automount):
+    # Unescaped, systemd reads Where=/mnt/50%b as /mnt/50<boot id> and refuses the unit.
+    (e,) = parse_mount_entries({"Entries": [{"Source": SOURCE + "100%real/",
+                                             "Destination": "/mnt/50%b"}]})
+    p = nas.plan(e, automount=automount)
+    written = nas.install(p, unit_dir=tmp_path, start=False)
+    result = subprocess.run(["systemd-analyze", "verify", *map(str, written)],
+                            capture_output=True, text=True, timeout=120)
+    bad = [line for line in result.stderr.splitlines() if "mnt-50" in line]
+    assert not bad, result.stderr
+    text = (tmp_path / p.unit_name).read_text()
+    assert "Where=/mnt/50%%b\n" in text and "/share/100%%real/\n" in text
+
+
 def test_plan_cli_prints_the_units(tmp_path):
     import sys
 

@@ -98,6 +98,11 @@ BAD = {
     "blockdev": ([entry("sda", tarfile.BLKTYPE)], "is a device file"),
     "fifo": ([entry("pipe", tarfile.FIFOTYPE)], "is a special file"),
     "control": ([file("a\x07b")], "control character"),
+    # Each link stays inside on its own; followed, z -> y/../.. -> the work dir's parent.
+    "symlink-chain": ([entry("d1", tarfile.DIRTYPE), entry("d1/d2", tarfile.DIRTYPE),
+                       entry("d1/d2/y", tarfile.SYMTYPE, "../.."),
+                       entry("d1/d2/z", tarfile.SYMTYPE, "y/../..")],
+                      "'d1/d2/z' would point outside the work dir"),
 }
 
 

@@ -117,6 +117,24 @@ def test_errors_are_one_line(cli: Cli, tmp_path: Path, argv: list[str], code: in
     assert not (tmp_path / "out").exists()
 
 
+def test_hostile_keys_in_a_listing_are_refused_and_shown_escaped(cli: Cli, tmp_path: Path,
+                                                                  s3: Any) -> None:
+    """Keys the server lists (another writer's) with '..' or a terminal escape: the copy
+    is refused before any byte moves, and the message cannot move the terminal's cursor."""
+    admin = boto(s3.url)
+    admin.put_object(Bucket="bkt", Key="in/ok.txt", Body=b"x")
+    admin.put_object(Bucket="bkt", Key="in/../../escaped.txt", Body=b"x")
+    admin.put_object(Bucket="bkt", Key="esc/a\x1b[2Jb", Body=b"x")
+    out = tmp_path / "out"
+    res = cli("storage", "cp", "-r", "oss://bkt/in/", str(out / "in"))
+    assert res.returncode == 2 and "'..' segment" in res.stderr, res.stderr
+    res = cli("storage", "cp", "-r", "oss://bkt/esc/", str(out / "esc"))
+    assert res.returncode == 2 and "control character" in res.stderr, res.stderr
+    assert "\x1b" not in res.stderr and "a\\x1b[2Jb" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "escaped.txt").exists()
+
+
 def test_no_agent_running_is_named(s3: Any, tmp_path: Path) -> None:
     config = tmp_path / "agent.toml"
     config.write_text(

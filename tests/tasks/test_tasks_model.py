@@ -225,6 +225,12 @@ BAD_CFG = {
         GUIDE_CFG.replace("[split]", "[split]\ndocker=my;ubuntu@oss://bucket/d/"),
         "not a Docker image name"),
     "not ini": ("this is not a job file", "not a valid job.cfg"),
+    "deps in a task section": (  # configparser would let it pass, unread
+        GUIDE_CFG.replace("nodes=3", "nodes=3\ndeps=count->zz"),
+        "[count] deps= is a job setting: move it to [DEFAULT]"),
+    "job name in a task section": (
+        GUIDE_CFG.replace("[merge]", "[merge]\njob_name=other"),
+        "[merge] job_name= is a job setting"),
     "env overrides reserved": (
         GUIDE_CFG.replace("nodes=3", "nodes=3\nenv=BATCH_COMPUTE_DAG_JOB_ID:x"),
         "cannot be overridden"),
@@ -263,3 +269,11 @@ def test_pack_that_does_not_exist_is_refused(tmp_path: Path) -> None:
     cfg.write_text(GUIDE_CFG)
     with pytest.raises(JobError, match="does not exist"):
         jobcfg.load_job(cfg)
+
+
+def test_job_json_nested_too_deeply_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "job.json"
+    path.write_text("[" * 100_000)  # json recurses per level: a RecursionError unless caught
+    with pytest.raises(JobError) as info:
+        jobcfg.load_job(path)
+    assert str(info.value) == f"{path}: not valid JSON: nested too deeply"
