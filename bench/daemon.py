@@ -3,9 +3,10 @@
     python bench/daemon.py [--seconds 60] [--rounds 5]
 
 Idle: the real daemon, started as ``guestagent run``, with every service on (first boot,
-metadata watch, credentials, storage, tasks, migrate, maintenance, spot at the production
-1 s poll), measured from outside with psutil: RSS at the end and at its peak, CPU over the
-window; ``--idle-rounds`` daemons one after the other, median and spread. Then what the
+metadata watch, credentials on its Unix socket and TCP port, storage, tasks, migrate,
+maintenance, spot at the production 1 s poll), measured from outside with psutil: RSS at the
+end and at its peak, PSS and USS, threads, CPU over the window; ``--idle-rounds`` daemons
+one after the other, median and spread. Then what the
 start imports, by the RSS each package adds (the place to look when RSS grows).
 Spot: a notice is posted at a random moment of the poll cycle; "seen" is the watcher's own
 timestamp (drain.json seen_at) minus the moment the notice appeared, "drained" is the drain's
@@ -39,6 +40,9 @@ from guestagent.daemon.localrun import AgentProcess, local_config
 from guestagent.drain import load_report
 from guestagent.localcloud.emulator import Emulator
 
+EVERY_SERVICE = ("userdata", "metadata", "credentials", "storage", "tasks", "migrate",
+                 "maintenance", "spot")
+
 
 def config(url: str, workdir: Path) -> dict[str, dict[str, object]]:
     cfg = local_config(url, workdir)
@@ -63,6 +67,8 @@ def idle(emu: Emulator, seconds: float) -> dict[str, float]:
     try:
         agent.start()
         names = [s["name"] for s in agent.status()["services"]]
+        missing = set(EVERY_SERVICE) - set(names)
+        assert not missing, f"the footprint is measured with every service on; off: {missing}"
         proc = psutil.Process(agent.pid)
         time.sleep(2.0)  # let start-up work (first credential fetch, imports) settle
         before = proc.cpu_times()
@@ -73,13 +79,15 @@ def idle(emu: Emulator, seconds: float) -> dict[str, float]:
             time.sleep(min(1.0, seconds / 10))
         after = proc.cpu_times()
         elapsed = time.monotonic() - t0
-        rss = proc.memory_info().rss
+        mem = proc.memory_full_info()  # rss; pss and uss from /proc/<pid>/smaps
+        rss = mem.rss
         cpu = (after.user - before.user + after.system - before.system) / elapsed * 100
         status = agent.status()
         assert status["healthy"], f"daemon unhealthy during the idle run: {status}"
         print(f"services: {', '.join(names)}")
         return {"rss_mb": rss / 2**20, "peak_rss_mb": max(peak, rss) / 2**20, "cpu_pct": cpu,
-                "seconds": elapsed}
+                "pss_mb": mem.pss / 2**20, "uss_mb": mem.uss / 2**20,
+                "threads": proc.num_threads(), "seconds": elapsed}
     finally:
         agent.stop()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -100,6 +108,9 @@ def idle_rounds(emu: Emulator, seconds: float, rounds: int) -> None:
           f"<= 35), CPU {spread('cpu_pct', '.3f')} % (target <= 0.5; "
           f"{statistics.median(f['cpu_pct'] for f in figs) * 10:.2f} ms of CPU per second "
           f"with the 1 s spot poll)")
+    print(f"  PSS {spread('pss_mb', '.1f')} MB, USS {spread('uss_mb', '.1f')} MB (shared "
+          f"library pages count in full in RSS, in part in PSS, not in USS), threads "
+          f"{spread('threads', '.0f')}")
 
 
 def import_costs(emu: Emulator, top: int = 15) -> None:

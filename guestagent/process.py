@@ -94,14 +94,18 @@ def end_orphans() -> int:
     parent gone (kill -9, a crash): their output had no reader left and their work is run
     again. Only processes tagged with this owner are looked at, so another agent's children
     are never touched. Returns how many were killed."""
-    import psutil
-
     owner = _state["owner"]
     if not owner:
         return 0
+    candidates = _tagged_pids(f"{TAG_ENV}={owner}|".encode())
+    if not candidates:
+        return 0  # the usual start: psutil stays out of the idle daemon
+    import psutil
+
     killed = 0
-    for proc in psutil.process_iter():
+    for pid in candidates:
         with contextlib.suppress(psutil.Error, OSError, ValueError):
+            proc = psutil.Process(pid)
             tag = proc.environ().get(TAG_ENV, "")
             tag_owner, _, rest = tag.rpartition("|")
             if tag_owner != owner:
@@ -114,6 +118,22 @@ def end_orphans() -> int:
     if killed:
         log.warning("killed %d process(es) left running by a previous agent", killed)
     return killed
+
+
+def _tagged_pids(needle: bytes) -> list[int]:
+    """Processes whose environment holds ``needle`` (read from /proc, no psutil)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                environ = fh.read()
+        except OSError:
+            continue
+        if environ.startswith(needle) or b"\0" + needle in environ:
+            found.append(int(entry))
+    return found
 
 
 def _alive_since(pid: int, before: float) -> bool:

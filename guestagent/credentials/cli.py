@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from guestagent.cli import EXIT_ABSENT, EXIT_OK, EXIT_UNAVAILABLE, UsageError, load_settings
+from guestagent.cli import (
+    EXIT_ABSENT,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    UsageError,
+    fail,
+    load_settings,
+)
 from guestagent.credentials.clientenv import CLIENTS
 from guestagent.credentials.local import LocalError, UnixHTTPConnection, local_get
 from guestagent.metadata.models import RoleCredentials, mask, parse_time
@@ -124,11 +131,9 @@ def _guard(fn: Any, args: argparse.Namespace) -> int:
     try:
         return int(fn(args))
     except Absent as exc:
-        print(f"guestagent: {exc}", file=sys.stderr)
-        return EXIT_ABSENT
+        return fail(EXIT_ABSENT, str(exc))
     except Unavailable as exc:
-        print(f"guestagent: {exc}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
+        return fail(EXIT_UNAVAILABLE, str(exc))
 
 
 def cmd_show(args: argparse.Namespace) -> int:

@@ -80,6 +80,26 @@ def bearer(value: bytes) -> bytes:
     return value
 
 
+def _scoped(
+    name: str, source: Source, uids: Iterable[int], gids: Iterable[int],
+    addresses: Iterable[str], *, path_unless_token: bool, token_digest: bytes,
+    capability: str | None = None, capability_digest: bytes | None = None,
+) -> Consumer:
+    """A task-scoped consumer: minted (its path known) or restored (only its digest)."""
+    return Consumer(
+        name=name,
+        source=source,
+        uids=frozenset(uids),
+        gids=frozenset(gids),
+        addresses=frozenset(addresses),
+        token_digest=token_digest,
+        capability=capability,
+        capability_digest=capability_digest,
+        hint=f"scoped endpoint {name!r}",
+        path_unless_token=path_unless_token,
+    )
+
+
 @dataclass(frozen=True)
 class Minted:
     """The secrets of a freshly minted consumer: hand them to the task, keep them nowhere."""
@@ -144,17 +164,9 @@ class Registry:
         """A new scoped consumer with a random token (and path); returns its secrets once."""
         token = secrets.token_urlsafe(32)
         path = secrets.token_urlsafe(24) if with_path else ""
-        consumer = Consumer(
-            name=name,
-            source=source,
-            uids=frozenset(uids),
-            gids=frozenset(gids),
-            addresses=frozenset(addresses),
-            token_digest=digest(token),
-            capability=path or None,
-            hint=f"scoped endpoint {name!r}",
-            path_unless_token=path_unless_token and bool(path),
-        )
+        consumer = _scoped(name, source, uids, gids, addresses,
+                           path_unless_token=path_unless_token and bool(path),
+                           token_digest=digest(token), capability=path or None)
         self.add(consumer)
         return Minted(consumer, token, f"/{path}" if path else "")
 
@@ -173,17 +185,9 @@ class Registry:
         """Register again, after an agent restart, a consumer minted before it, from the
         digests of its token and path (:func:`digest`; kept by whoever minted it — never
         the secrets): the token and URL its holder still has work again."""
-        consumer = Consumer(
-            name=name,
-            source=source,
-            uids=frozenset(uids),
-            gids=frozenset(gids),
-            addresses=frozenset(addresses),
-            token_digest=token_digest,
-            capability_digest=path_digest,
-            hint=f"scoped endpoint {name!r}",
-            path_unless_token=path_unless_token,
-        )
+        consumer = _scoped(name, source, uids, gids, addresses,
+                           path_unless_token=path_unless_token,
+                           token_digest=token_digest, capability_digest=path_digest)
         self.add(consumer)
         return consumer
 

@@ -19,8 +19,6 @@ import socket
 import struct
 from dataclasses import dataclass, field
 
-import psutil
-
 log = logging.getLogger(__name__)
 
 _PEERCRED = struct.Struct("3i")
@@ -62,6 +60,8 @@ def tcp_peer(local: tuple[str, int], remote: tuple[str, int]) -> Peer:
         uid = _uid_from_table(remote, local)
     if uid is not None:
         return _user_peer(address, uid)
+    import psutil  # last resort, rarely reached: kept out of the idle daemon
+
     try:
         conns = psutil.net_connections(kind="tcp")
     except (psutil.Error, OSError) as exc:
@@ -163,6 +163,8 @@ def _user_peer(address: str, uid: int) -> Peer:
 
 
 def _process_peer(address: str, pid: int) -> Peer:
+    import psutil
+
     try:
         proc = psutil.Process(pid)
         uid = proc.uids().effective

@@ -23,7 +23,7 @@ from typing import Any
 
 from guestagent import __version__, config, process
 from guestagent.config import Settings
-from guestagent.daemon import control, restart
+from guestagent.daemon import control, memory, restart
 from guestagent.daemon.lock import DaemonLock
 from guestagent.daemon.notify import Notifier
 from guestagent.daemon.registry import Context, ServiceSpec, build, requirements, specs
@@ -92,6 +92,7 @@ class Daemon:
         self._last_status = ""
         self._next_ping = 0.0
         self._throttle = ErrorThrottle(settings.daemon.error_log_period)
+        self._trimmer = memory.Trimmer(time.monotonic())
         self.client: MetadataClient | None = None
         self.ctx: Context | None = None
 
@@ -171,10 +172,11 @@ class Daemon:
             self._interrupt_drain()
         code = self._watch_drain(now) if self._drain_thread is not None else None
         self._refresh_status()
+        self._trimmer.tick(now)
         return code
 
     def _sleep_for(self) -> float:
-        timeout = IDLE_TICK
+        timeout = min(IDLE_TICK, self._trimmer.due_in(time.monotonic()))
         if self.notifier.watchdog_interval is not None:
             timeout = min(timeout, max(self._next_ping - time.monotonic(), 0.0))
         if self._drain is not None:
@@ -457,6 +459,7 @@ def run_once(settings: Settings, names: list[str], verbose: int = 0,
 
 
 def run_daemon(settings: Settings, config_path: str | None, verbose: int = 0) -> int:
+    memory.limit_arenas()
     if not verbose:
         configure_logging(settings.daemon.log_level)
     return Daemon(settings, config_path).run()

@@ -14,6 +14,7 @@ shared under a lock.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
 import random
@@ -404,6 +405,7 @@ class MetadataClient:
         if conn is None:
             cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
             conn = cls(self._host, self._port, timeout=self.settings.timeout)
+            conn._create_connection = _connect  # type: ignore[attr-defined]
             self._local.conn = conn
         return conn
 
@@ -425,6 +427,18 @@ class MetadataClient:
                 # The server closed an idle keep-alive connection: not a fault, reconnect.
                 return self._request(method, target, headers)
             raise _Transport(_describe(exc)) from None
+
+
+def _connect(address: tuple[str, int], timeout: float | None = None,
+             source_address: tuple[str, int] | None = None) -> socket.socket:
+    """``socket.create_connection`` given an ASCII host as bytes: getaddrinfo encodes a str
+    host with the IDNA codec, which would load it and ``unicodedata`` (0.4 MB, for the life
+    of the daemon) to resolve an IP literal."""
+    host: str | bytes = address[0]
+    with contextlib.suppress(UnicodeEncodeError):
+        host = address[0].encode("ascii")
+    return socket.create_connection((host, address[1]), timeout,  # type: ignore[arg-type]
+                                    source_address)
 
 
 def _date(header: str | None) -> tuple[float, float] | None:

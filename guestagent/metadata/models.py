@@ -15,11 +15,18 @@ from typing import Any
 from guestagent.metadata.errors import BadAnswer
 
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+# The form the service sends, read without strptime (whose _strptime module and locale
+# tables would stay loaded in the daemon); anything else still goes through strptime.
+_TIME = re.compile(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)Z")
 
 
 def parse_time(text: str, where: str) -> datetime:
     """Parse the service's strict UTC form ``YYYY-MM-DDTHH:MM:SSZ``."""
     try:
+        found = _TIME.fullmatch(text) if isinstance(text, str) and text.isascii() else None
+        if found:
+            y, mo, d, h, mi, s = (int(g) for g in found.groups())
+            return datetime(y, mo, d, h, mi, s, tzinfo=UTC)
         return datetime.strptime(text, TIME_FORMAT).replace(tzinfo=UTC)
     except (TypeError, ValueError):
         raise BadAnswer(

@@ -114,8 +114,7 @@ def _run(args: argparse.Namespace) -> int:
         migration.state.log_file = handler.baseFilename
         ok = migration.run()
     except ValueError as exc:  # unreadable client_data or excludes file
-        print(f"guestagent: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return fail(EXIT_USAGE, str(exc))
     finally:
         logging.getLogger("guestagent").removeHandler(handler)
         handler.close()
@@ -148,8 +147,7 @@ def _status(args: argparse.Namespace) -> int:
     try:
         state = State.load(directory)
     except ValueError as exc:
-        print(f"guestagent: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return fail(EXIT_USAGE, str(exc))
     if not state.path.exists():
         if job is not None:
             print(f"migration {job.get('state')} for the agent daemon (`migrate start` at "

@@ -15,12 +15,15 @@ import contextlib
 import logging
 import os
 import shutil
-import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from guestagent.storage.errors import BadInput, StorageError
+
+if TYPE_CHECKING:
+    import tarfile
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,8 @@ DEFAULT_LIMITS = Limits()
 
 def unpack(archive: Path, workdir: Path, limits: Limits = DEFAULT_LIMITS) -> Unpacked:
     """Check every member of ``archive``, then extract it into ``workdir`` (created)."""
+    import tarfile  # lazily: the idle daemon unpacks nothing
+
     where = f"package {archive.name}"
     try:
         with tarfile.open(archive, "r:*") as tar:

@@ -81,7 +81,9 @@ class JsonProgress:
             self._emit("done")
 
 
-class Quiet:
+class NoProgress:
+    """Nothing shown (not a terminal, or no tqdm); what a transfer reports to by default."""
+
     def expect(self, nbytes: int, files: int) -> None:
         pass
 
@@ -95,12 +97,14 @@ class Quiet:
         pass
 
 
-def choose(json_lines: bool, stream: TextIO = sys.stderr) -> BarProgress | JsonProgress | Quiet:
+def choose(
+    json_lines: bool, stream: TextIO = sys.stderr
+) -> BarProgress | JsonProgress | NoProgress:
     if json_lines:
         return JsonProgress()
     if stream.isatty():
         try:
             return BarProgress(stream)
         except ImportError:
-            return Quiet()
-    return Quiet()
+            return NoProgress()
+    return NoProgress()

@@ -17,7 +17,6 @@ import queue
 import shlex
 import threading
 import time
-import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
@@ -123,6 +122,8 @@ class Events:
             except process.ProcessError as exc:
                 log.warning("notify command for %s: %s", event, exc)
         if self.url:
+            import urllib.request  # lazily: most instances set no URL
+
             req = urllib.request.Request(self.url, data=data, method="POST",
                                          headers={"Content-Type": "application/json"})
             try:

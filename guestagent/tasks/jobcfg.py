@@ -24,14 +24,16 @@ redirect dirs). ``pack`` is a local directory or tarball (relative to the file) 
 
 from __future__ import annotations
 
-import configparser
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from guestagent.tasks import rules
 from guestagent.tasks.errors import JobError
 from guestagent.tasks.model import Job
+
+if TYPE_CHECKING:
+    import configparser
 
 _JOB_KEYS = {"job_name", "description", "deps", "priority", "job_fail_on_instance_fail"}
 _TASK_KEYS = {"cmd", "nodes", "pack", "read_mount", "write_mount", "docker", "env", "timeout",
@@ -57,6 +59,8 @@ def load(path: Path, flags: Flags | None = None) -> dict[str, Any]:
 
 
 def parse(text: str, base: Path, flags: Flags, source: str = "job.cfg") -> dict[str, Any]:
+    import configparser  # lazily: a job file is read once in a while, the daemon idles
+
     cfg = configparser.ConfigParser(interpolation=None, default_section="DEFAULT")
     cfg.optionxform = str  # type: ignore[assignment,method-assign]
     try:

@@ -117,13 +117,22 @@ class _JobRun:
 
 def parallel_limit(settings: TasksSettings) -> int:
     cores = settings.max_parallel or (os.cpu_count() or 1)
-    try:
-        import psutil
-
-        by_memory = psutil.virtual_memory().available // (settings.instance_memory_mb << 20)
-    except Exception:  # no psutil or /proc: cores decide
-        by_memory = cores
+    available = _available_memory()
+    by_memory = cores if available is None else available // (settings.instance_memory_mb << 20)
     return max(1, min(cores, int(by_memory)))
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (what psutil reports, without loading psutil
+    into the idle daemon); None without /proc: cores decide."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 class Scheduler:
@@ -186,7 +195,9 @@ class Scheduler:
             self.prune_mounts()
             return self._drive(run, row["state"])
         finally:
-            for inputs in run.inputs.values():
+            # A restart leaves the input mounts to the instances still reading them: the
+            # next agent adopts them by their records (same rclone, no remount).
+            for inputs in run.inputs.values() if not self._detached.is_set() else ():
                 inputs.release()
             if not self._detached.is_set() and not self.events.flush(EVENTS_FLUSH):
                 log.warning("%s: notification events still undelivered after %ss", job_id,
@@ -372,7 +383,8 @@ class Scheduler:
     def _open_task(self, run: _JobRun, name: str) -> str:
         task = run.job.tasks[name]
         try:
-            storage = self.storage(bool(task.input_mapping))
+            storage = self.storage(bool(task.input_mapping)
+                                   or any(not m.is_nas for m in task.mounts))
             run.inputs[name] = staging.Inputs(self._job_dir(run), task, storage,
                                               self._docker(task))
         except Exception as exc:

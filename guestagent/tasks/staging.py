@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-import tarfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -247,11 +246,15 @@ class Layout:
 
 
 def task_inputs(job_dir: Path, task: Task, docker: bool) -> list[tuple[str, Path, str]]:
-    """(oss url, host dir, path seen by the command) of each input mapping."""
+    """(oss url, host dir, path seen by the command) of each input mapping and each OSS
+    ``Mounts`` entry: both read-only OSS mounts (a writable one is refused by the rules)."""
     out = []
     for n, (url, local) in enumerate(sorted(task.input_mapping.items())):
         host = job_dir / task.name / f"input-{n}" if docker else Path(local)
         out.append((url, host, local))
+    for n, entry in enumerate(m for m in task.mounts if not m.is_nas):
+        host = job_dir / task.name / f"mount-{n}" if docker else Path(entry.destination)
+        out.append((entry.source, host, entry.destination))
     return out
 
 
@@ -290,6 +293,8 @@ def unpack_local(package: Path, workdir: Path) -> None:
     if package.is_dir():
         shutil.copytree(package, workdir, symlinks=True, dirs_exist_ok=True)
         return
+    import tarfile  # lazily: the idle daemon unpacks nothing
+
     try:
         with tarfile.open(package) as tar:
             tar.extractall(workdir, filter="data")  # refuses members escaping workdir

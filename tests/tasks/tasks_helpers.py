@@ -1,15 +1,19 @@
-"""Shared helpers of the task tests: a scheduler on a temp state dir, job documents."""
+"""Shared helpers of the task tests: a scheduler on a temp state dir, job documents, the
+agent daemon with its tasks service and the ``tasks`` CLI against it."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from guestagent.daemon.localrun import AgentProcess, local_config
 from guestagent.tasks import submit
 from guestagent.tasks.model import Job
 from guestagent.tasks.runner import HostRunner, Runner
@@ -60,3 +64,37 @@ needs_fuse = pytest.mark.skipif(
     shutil.which("rclone") is None or not Path("/dev/fuse").exists() or os.geteuid() != 0,
     reason="needs rclone, /dev/fuse and root",
 )
+
+
+def start_agent(emulator: Any, workdir: Path, **tasks: Any) -> AgentProcess:
+    """The agent daemon on the emulator (user-data off, two instances at once), started;
+    ``tasks`` adds to its [tasks] section. The caller stops it."""
+    cfg = local_config(emulator.url, workdir)
+    cfg["userdata"] = {"enabled": False}
+    cfg["tasks"] = {"max_parallel": 2, "kill_grace": 2.0, **tasks}
+    workdir.mkdir(parents=True, exist_ok=True)
+    return AgentProcess(cfg, workdir).start(wait=60)
+
+
+def agent_cli(agent: AgentProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    """``guestagent tasks ARGS`` against ``agent`` (no GUESTAGENT_* of the test's own)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GUESTAGENT_")}
+    return subprocess.run([sys.executable, "-m", "guestagent", "--config",
+                           str(agent.config_path), "tasks", *args],
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def submit_job(agent: AgentProcess, tmp_path: Path, doc: dict[str, Any]) -> str:
+    """Submit ``doc`` to the agent (not waiting for it); its job id."""
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps(doc))
+    done = agent_cli(agent, "submit", str(job))
+    assert done.returncode == 0, done.stderr + agent.log()[-2000:]
+    return done.stdout.strip()
+
+
+def shown(agent: AgentProcess, job_id: str) -> dict[str, Any]:
+    """``tasks show JOB --json``, parsed."""
+    out = agent_cli(agent, "show", job_id, "--json")
+    assert out.returncode == 0, out.stderr
+    return dict(json.loads(out.stdout))

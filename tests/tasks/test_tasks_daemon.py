@@ -5,41 +5,26 @@ and a task-scoped credential endpoint works from a host instance."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from polling import wait_for
-from tasks_helpers import job_doc, task
+from tasks_helpers import agent_cli, job_doc, shown, start_agent, submit_job, task
 
-from guestagent.daemon.localrun import AgentProcess, local_config
+from guestagent.daemon.localrun import AgentProcess
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def agent(emulator: Any, tmp_path: Path) -> Iterator[AgentProcess]:
-    cfg = local_config(emulator.url, tmp_path / "agent")
-    cfg["userdata"] = {"enabled": False}
-    cfg["tasks"] = {"max_parallel": 2, "kill_grace": 2.0}
-    proc = AgentProcess(cfg, tmp_path / "agent")
-    (tmp_path / "agent").mkdir()
-    proc.start(wait=60)
+    proc = start_agent(emulator, tmp_path / "agent")
     try:
         yield proc
     finally:
         proc.stop()
-
-
-def cli(agent: AgentProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GUESTAGENT_")}
-    return subprocess.run([sys.executable, "-m", "guestagent", "--config",
-                           str(agent.config_path), "tasks", *args],
-                          env=env, capture_output=True, text=True, timeout=120)
 
 
 FETCH = ("python3 -c \"import json, os, urllib.request as u; "
@@ -52,7 +37,7 @@ def test_daemon_runs_submitted_job_with_task_credentials(
 ) -> None:
     job = tmp_path / "job.json"
     job.write_text(json.dumps(job_doc({"fetch": task(FETCH)})))
-    done = cli(agent, "submit", str(job), "--wait")
+    done = agent_cli(agent, "submit", str(job), "--wait")
     assert done.returncode == 0, done.stderr + agent.log()[-2000:]
     job_id = done.stdout.strip()
     creds = agent.state_dir / "tasks" / "jobs" / job_id / "fetch" / "0" / "workdir" / "creds.json"
@@ -67,24 +52,19 @@ def test_kill_9_of_the_daemon_then_restart_adopts_the_instance(
     runs, gate = tmp_path / "runs", tmp_path / "gate"
     body = (f"sh -c 'echo $BATCH_COMPUTE_DAG_TASK_ID >> {runs}; "
             f"while [ ! -e {gate} ]; do sleep 0.1; done'")
-    job = tmp_path / "job.json"
-    job.write_text(json.dumps(job_doc({"first": task(body), "second": task(body)},
-                                      {"first": ["second"]})))
-    done = cli(agent, "submit", str(job))
-    assert done.returncode == 0, done.stderr
-    job_id = done.stdout.strip()
+    job_id = submit_job(agent, tmp_path, job_doc({"first": task(body), "second": task(body)},
+                                                 {"first": ["second"]}))
     wait_for(lambda: runs.exists() and runs.read_text().split() == ["first"], timeout=60)
     agent.kill()
     gate.touch()  # the instance ends while no agent runs
     agent.start(wait=60)
 
     def finished() -> bool:
-        shown = json.loads(cli(agent, "show", job_id, "--json").stdout)
-        return bool(shown["state"] == "Finished")
+        return bool(shown(agent, job_id)["state"] == "Finished")
 
     wait_for(finished, timeout=120)
     assert runs.read_text().split() == ["first", "second"]
-    shown = json.loads(cli(agent, "show", job_id, "--json").stdout)
-    first = shown["tasks"][0]["instances"][0] if shown["tasks"][0]["name"] == "first" else \
-        shown["tasks"][1]["instances"][0]
+    tasks = shown(agent, job_id)["tasks"]
+    first = tasks[0]["instances"][0] if tasks[0]["name"] == "first" else \
+        tasks[1]["instances"][0]
     assert first["retries"] == 0 and first["exit_code"] == 0

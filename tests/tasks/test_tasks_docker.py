@@ -5,6 +5,7 @@ restart in the middle of an instance."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ from polling import wait_for
 from tasks_helpers import job_doc, make_scheduler, submit_doc, task
 
 from guestagent.credentials.service import CredentialService
+from guestagent.tasks.ossregistry import OssRegistry
+from guestagent.tasks.scheduler import Scheduler
 
 pytestmark = pytest.mark.slow
 
@@ -58,6 +61,19 @@ def test_container_ignoring_sigterm_is_killed_at_timeout(
     assert "timed out after 3s" in inst.message and inst.exit_code == 137
 
 
+def run_one(tmp_path: Path, docker_engine: Any, make: Callable[[str], OssRegistry],
+            tasks: dict[str, Any]) -> tuple[Scheduler, str, str]:
+    """Run a job whose images come through registries from ``make``: the scheduler, the
+    job id and how the job ended."""
+    runners = docker_runners(docker_engine, make)
+    sched = make_scheduler(tmp_path / "state", runners)
+    job_id = submit_doc(sched, job_doc(tasks))
+    try:
+        return sched, job_id, sched.run(job_id)
+    finally:
+        runners["docker"].close()
+
+
 def test_image_pulled_through_the_oss_registry(
     tmp_path: Path, s3: Any, bucket: Any, credentials: CredentialService, docker_engine: Any,
     busybox_image: str,
@@ -66,15 +82,11 @@ def test_image_pulled_through_the_oss_registry(
     path = f"oss://{name}/dockers/"
     make = registry_factory(s3, credentials, tmp_path / "registries")
     push_to_path(make, path, docker_engine, busybox_image, "myubuntu:latest")
-    runners = docker_runners(docker_engine, make)
-    sched = make_scheduler(tmp_path / "state", runners)
     env = {"BATCH_COMPUTE_DOCKER_IMAGE": "localhost:5000/myubuntu",
            "BATCH_COMPUTE_DOCKER_REGISTRY_OSS_PATH": path}
-    job_id = submit_doc(sched, job_doc({"pulled": task("echo from-oss", EnvVars=env)}))
-    try:
-        assert sched.run(job_id) == "Finished"
-    finally:
-        runners["docker"].close()
+    sched, job_id, state = run_one(tmp_path, docker_engine, make,
+                                   {"pulled": task("echo from-oss", EnvVars=env)})
+    assert state == "Finished"
     assert (sched.jobs_dir / job_id / "pulled" / "0" / "stdout").read_text() == "from-oss\n"
 
 
@@ -84,15 +96,11 @@ def test_registry_storage_down_fails_clearly_and_is_retried(
     # The registry runs, but its OSS endpoint answers nothing.
     make = registry_factory(s3, credentials, tmp_path / "registries",
                              endpoint="http://127.0.0.1:9")
-    runners = docker_runners(docker_engine, make)
-    sched = make_scheduler(tmp_path / "state", runners)
     env = {"BATCH_COMPUTE_DOCKER_IMAGE": "myubuntu",
            "BATCH_COMPUTE_DOCKER_REGISTRY_OSS_PATH": "oss://nowhere-bucket/dockers/"}
-    job_id = submit_doc(sched, job_doc({"nopull": task("true", MaxRetryCount=1, EnvVars=env)}))
-    try:
-        assert sched.run(job_id) == "Failed"
-    finally:
-        runners["docker"].close()
+    sched, job_id, state = run_one(tmp_path, docker_engine, make,
+                                   {"nopull": task("true", MaxRetryCount=1, EnvVars=env)})
+    assert state == "Failed"
     inst = sched.store.instance(job_id, "nopull", 0)
     assert inst.retries == 1
     assert "image myubuntu could not be pulled from oss://nowhere-bucket/dockers/" in inst.message

@@ -8,8 +8,6 @@ tests/system/test_system_tasks.py; without systemd a SIGTERM is a stop, which dr
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -19,10 +17,10 @@ from typing import Any
 
 import pytest
 from polling import wait_for
-from tasks_helpers import job_doc, task
+from tasks_helpers import job_doc, shown, start_agent, submit_job, task
 
 from guestagent.credentials.local import UnixHTTPConnection, local_get
-from guestagent.daemon.localrun import AgentProcess, local_config
+from guestagent.daemon.localrun import AgentProcess
 
 pytestmark = pytest.mark.slow
 
@@ -51,14 +49,6 @@ CONTAINER_BODY = (
     "\"$AWS_CONTAINER_CREDENTIALS_FULL_URI\" || echo aws-failed >> errors'")
 
 
-def start_agent(emulator: Any, workdir: Path, tasks: dict[str, Any]) -> AgentProcess:
-    cfg = local_config(emulator.url, workdir)
-    cfg["userdata"] = {"enabled": False}
-    cfg["tasks"] = {"max_parallel": 2, "kill_grace": 2.0, **tasks}
-    workdir.mkdir(parents=True, exist_ok=True)
-    return AgentProcess(cfg, workdir).start(wait=60)
-
-
 @pytest.fixture
 def agents() -> Iterator[list[AgentProcess]]:
     made: list[AgentProcess] = []
@@ -67,27 +57,6 @@ def agents() -> Iterator[list[AgentProcess]]:
     finally:
         for agent in made:
             agent.stop()
-
-
-def cli(agent: AgentProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GUESTAGENT_")}
-    return subprocess.run([sys.executable, "-m", "guestagent", "--config",
-                           str(agent.config_path), "tasks", *args],
-                          env=env, capture_output=True, text=True, timeout=120)
-
-
-def submit(agent: AgentProcess, tmp_path: Path, doc: dict[str, Any]) -> str:
-    job = tmp_path / "job.json"
-    job.write_text(json.dumps(doc))
-    done = cli(agent, "submit", str(job))
-    assert done.returncode == 0, done.stderr + agent.log()[-2000:]
-    return done.stdout.strip()
-
-
-def shown(agent: AgentProcess, job_id: str) -> dict[str, Any]:
-    out = cli(agent, "show", job_id, "--json")
-    assert out.returncode == 0, out.stderr
-    return dict(json.loads(out.stdout))
 
 
 def restart_twice(agent: AgentProcess) -> None:
@@ -137,11 +106,11 @@ def assert_no_secret_stored(agent: AgentProcess, token: str, url: str) -> None:
 def test_host_instance_keeps_its_credentials_across_restarts(
     emulator: Any, tmp_path: Path, agents: list[AgentProcess]
 ) -> None:
-    agent = start_agent(emulator, tmp_path / "agent", {})
+    agent = start_agent(emulator, tmp_path / "agent")
     agents.append(agent)
     script, runs, gate = tmp_path / "instance.py", tmp_path / "runs", tmp_path / "gate"
     script.write_text(HOST_BODY)
-    job_id = submit(agent, tmp_path, job_doc(
+    job_id = submit_job(agent, tmp_path, job_doc(
         {"hold": task(f"{sys.executable} {script} {runs} {gate}")}))
     work = agent.state_dir / "tasks" / "jobs" / job_id / "hold" / "0" / "workdir"
     wait_for(lambda: runs.exists() and (work / "env.json").exists(), timeout=120)
@@ -174,9 +143,9 @@ def test_container_keeps_its_credentials_across_restarts(
     emulator: Any, tmp_path: Path, agents: list[AgentProcess], docker_engine: Any,
     busybox_image: str,
 ) -> None:
-    agent = start_agent(emulator, tmp_path / "agent", {"docker_host": docker_engine.host})
+    agent = start_agent(emulator, tmp_path / "agent", docker_host=docker_engine.host)
     agents.append(agent)
-    job_id = submit(agent, tmp_path, job_doc({"inside": task(
+    job_id = submit_job(agent, tmp_path, job_doc({"inside": task(
         CONTAINER_BODY, EnvVars={"BATCH_COMPUTE_DOCKER_IMAGE": busybox_image})}))
     work = agent.state_dir / "tasks" / "jobs" / job_id / "inside" / "0" / "workdir"
     wait_for(lambda: (work / "runs").exists() and (work / "env.txt").exists(), timeout=180)
