@@ -68,6 +68,11 @@ class _StandIn:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs (bench/storage.py reads its CPU time)."""
+        return self._child.pid if self._child is not None else None
+
     def argv(self) -> list[str]:
         raise NotImplementedError
 

@@ -168,8 +168,13 @@ class Connection:
             self._buf = self._buf[n:]
         sock = self.sock
         assert sock is not None
+        # Plain TCP: one call fills the block (MSG_WAITALL), however the bytes arrive in
+        # segments; each return to Python is a GIL hand-off between the transfer threads.
+        # It still returns early on the end of the stream, a timeout or a signal, and TLS
+        # sockets take no flags (their records are read whole anyway).
+        flags = 0 if self.tls is not None else socket.MSG_WAITALL
         while n < want:
-            got = sock.recv_into(view[n:want])
+            got = sock.recv_into(view[n:want], 0, flags)
             if not got:
                 if n:
                     return n  # what did arrive counts; the next read names the cut

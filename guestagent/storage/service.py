@@ -183,6 +183,8 @@ class StorageService(Service):
             if dest in declared:
                 continue  # _ensure adopts it through the table
             origin = str(record.get("origin", "cli"))
+            if origin == "task":
+                continue  # a task's input: its scheduler adopts it, and releases it
             try:
                 source = OssUrl.parse(str(record.get("source")))
                 remote = self.storage.rclone_remote()

@@ -195,7 +195,9 @@ class Scheduler:
             self.prune_mounts()
             return self._drive(run, row["state"])
         finally:
-            for inputs in run.inputs.values():
+            # A restart leaves the input mounts to the instances still reading them: the
+            # next agent adopts them by their records (same rclone, no remount).
+            for inputs in run.inputs.values() if not self._detached.is_set() else ():
                 inputs.release()
             if not self._detached.is_set() and not self.events.flush(EVENTS_FLUSH):
                 log.warning("%s: notification events still undelivered after %ss", job_id,
@@ -381,7 +383,8 @@ class Scheduler:
     def _open_task(self, run: _JobRun, name: str) -> str:
         task = run.job.tasks[name]
         try:
-            storage = self.storage(bool(task.input_mapping))
+            storage = self.storage(bool(task.input_mapping)
+                                   or any(not m.is_nas for m in task.mounts))
             run.inputs[name] = staging.Inputs(self._job_dir(run), task, storage,
                                               self._docker(task))
         except Exception as exc:

@@ -246,11 +246,15 @@ class Layout:
 
 
 def task_inputs(job_dir: Path, task: Task, docker: bool) -> list[tuple[str, Path, str]]:
-    """(oss url, host dir, path seen by the command) of each input mapping."""
+    """(oss url, host dir, path seen by the command) of each input mapping and each OSS
+    ``Mounts`` entry: both read-only OSS mounts (a writable one is refused by the rules)."""
     out = []
     for n, (url, local) in enumerate(sorted(task.input_mapping.items())):
         host = job_dir / task.name / f"input-{n}" if docker else Path(local)
         out.append((url, host, local))
+    for n, entry in enumerate(m for m in task.mounts if not m.is_nas):
+        host = job_dir / task.name / f"mount-{n}" if docker else Path(entry.destination)
+        out.append((entry.source, host, entry.destination))
     return out
 
 

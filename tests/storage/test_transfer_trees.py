@@ -3,6 +3,7 @@ changed (local tree and bucket compared before and after)."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 from storage_helpers import boto, random_file
 
-from guestagent.storage import trees
+from guestagent.storage import transfer, trees
 from guestagent.storage.errors import AccessDenied, BadInput, NotFound, StorageError
 from guestagent.storage.ossurl import OssUrl
 from guestagent.storage.settings import MiB
@@ -229,10 +230,36 @@ def test_full_disk_leaves_nothing_under_the_final_name(
     assert [p for p in small_fs.rglob("*") if p.is_file()] == []
 
 
-def test_full_disk_during_the_write(transfers: Transfers, bkt: str, tmp_path: Path,
-                                    s3: Any, small_fs: Path) -> None:
+def test_full_disk_before_the_first_byte(transfers: Transfers, bkt: str, tmp_path: Path,
+                                         s3: Any, small_fs: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The space is there at the check and gone when the download reserves its size: it
+    fails before any byte is fetched, and leaves nothing."""
     transfers.upload_file(random_file(tmp_path / "f.bin", 3 * MiB),
                           OssUrl.parse("oss://bkt/f.bin"))
+    filler = small_fs / "filler"
+    original = transfer._open_partial
+
+    def fill_then_open(path: Path) -> int:
+        filler.write_bytes(b"\0" * (3 * MiB))
+        return original(path)
+
+    fetched = transfers.client.requests
+    monkeypatch.setattr(transfer, "_open_partial", fill_then_open)
+    with pytest.raises(StorageError) as info:
+        transfers.download_file(OssUrl.parse("oss://bkt/f.bin"), small_fs / "f.bin")
+    assert "No space left" in one_line(info.value)
+    assert sorted(p.name for p in small_fs.iterdir()) == ["filler"]
+    assert transfers.client.requests == fetched + 1  # the HEAD; no GET
+
+
+def test_full_disk_during_the_write(transfers: Transfers, bkt: str, tmp_path: Path,
+                                    s3: Any, small_fs: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file system that cannot preallocate (NFSv3, FAT): the space goes while it writes."""
+    transfers.upload_file(random_file(tmp_path / "f.bin", 3 * MiB),
+                          OssUrl.parse("oss://bkt/f.bin"))
+    monkeypatch.setattr(transfer, "_fallocate", lambda: lambda fd, size: errno.EOPNOTSUPP)
     # The space is there when the download starts and gone while it writes.
     filler = small_fs / "filler"
     original = transfers.client.get_range
