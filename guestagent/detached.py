@@ -77,7 +77,7 @@ def start(name: str, argv: Sequence[str], *, run_dir: Path,
           log_path: str | os.PathLike[str] | None = None,
           stderr_path: str | os.PathLike[str] | None = None) -> Detached:
     """Start ``argv`` so that it outlives the agent; ``name`` identifies it for adoption."""
-    if not NAME.match(name):
+    if not NAME.fullmatch(name):
         raise ValueError(f"detached work name {name!r}: use letters, digits, '.', '_', '-'")
     if process.systemd_running():
         # No `systemctl show` first: systemd-run itself refuses a unit name in use, and

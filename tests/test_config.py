@@ -39,6 +39,8 @@ def test_file_then_env_override(tmp_path: Path) -> None:
         ("[metadata]\nuse_token = 'yes'\n", "metadata.use_token: expected true or false"),
         ("[metadata]\nversion = '2020'\n", "metadata.version: must be one of"),
         ("[metadata\n", "not valid TOML"),
+        # ``^...$`` with re.match took a final newline (then a ValueError traceback at use)
+        ('[credentials]\nrole = "Role\\n"\n', "credentials.role: not a RAM role name"),
     ],
 )
 def test_bad_settings_name_the_key(tmp_path: Path, text: str, needle: str) -> None:

@@ -118,19 +118,19 @@ class CredentialSettings:
             raise ValueError(f"tcp_host: must be a loopback address, got {self.tcp_host!r}")
 
     def _check_names(self) -> None:
-        if self.role and not _NAME.match(self.role):
+        if self.role and not _NAME.fullmatch(self.role):
             raise ValueError(f"role: not a RAM role name: {self.role!r}")
         if self.path_secret and not re.fullmatch(r"[A-Za-z0-9_-]{16,}", self.path_secret):
             raise ValueError("path_secret: want at least 16 characters of [A-Za-z0-9_-]")
-        if not _NAME.match(self.profile_name):
+        if not _NAME.fullmatch(self.profile_name):
             raise ValueError(f"profile_name: not a profile name: {self.profile_name!r}")
         for name in ("allow_users", "allow_groups"):
             for item in getattr(self, name):
-                if not _NAME.match(item):
+                if not _NAME.fullmatch(item):
                     raise ValueError(f"{name}: not a user/group name or id: {item!r}")
         for name in ("token_owner", "files_owner"):
             value = getattr(self, name)
-            if value and not all(_NAME.match(p) for p in value.split(":", 1)):
+            if value and not all(_NAME.fullmatch(p) for p in value.split(":", 1)):
                 raise ValueError(f"{name}: want user[:group], got {value!r}")
 
 

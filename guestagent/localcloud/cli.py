@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -34,6 +35,10 @@ def register(subparsers: Any) -> None:
                     help=f"comma-separated extra components: {', '.join(COMPONENTS)}")
     up.add_argument("--scenario", help="the emulated instance (scenario file)")
     up.add_argument("--workdir", help="keep state here (default: a temporary directory)")
+    up.add_argument("--buckets", metavar="NAMES",
+                    default=os.environ.get("GUESTAGENT_LOCALCLOUD_BUCKETS", "guestagent"),
+                    help="comma-separated buckets the OSS stand-in starts with (default: "
+                    "$GUESTAGENT_LOCALCLOUD_BUCKETS, else 'guestagent')")
     up.set_defaults(handler=up_command)
     parser.set_defaults(handler=lambda args: _help(parser))
 
@@ -48,6 +53,34 @@ def _fail(code: int, message: str) -> int:
     return code
 
 
+def _buckets(raw: str) -> str | int:
+    """The bucket list checked by OSS's naming rule, or the exit code after saying why."""
+    from guestagent.storage.errors import BadInput
+    from guestagent.storage.ossurl import check_bucket
+
+    names = [b.strip() for b in raw.split(",") if b.strip()]
+    try:
+        for name in names:
+            check_bucket(name, "--buckets")
+    except BadInput as exc:
+        return _fail(EXIT_USAGE, f"localcloud: {exc}")
+    return ",".join(names)
+
+
+def _initial_env(args: argparse.Namespace, chosen: list[str]) -> dict[str, str] | int:
+    """What the components start from, or the exit code after saying why not."""
+    env: dict[str, str] = {}
+    if {"oss", "oss-rclone"} & set(chosen):
+        buckets = _buckets(args.buckets)
+        if isinstance(buckets, int):
+            return buckets
+        # Printed with the exports: which buckets a new user can write to.
+        env["GUESTAGENT_LOCALCLOUD_BUCKETS"] = buckets
+    if args.scenario:
+        env["GUESTAGENT_LOCALCLOUD_SCENARIO"] = str(Path(args.scenario).resolve())
+    return env
+
+
 def up_command(args: argparse.Namespace) -> int:
     from guestagent.localcloud.components import Component, factory, ordered
 
@@ -56,11 +89,11 @@ def up_command(args: argparse.Namespace) -> int:
         chosen = ordered(names)
     except ValueError as exc:
         return _fail(EXIT_USAGE, str(exc))
+    env = _initial_env(args, chosen)
+    if isinstance(env, int):
+        return env
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="guestagent-localcloud-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    env: dict[str, str] = {}
-    if args.scenario:
-        env["GUESTAGENT_LOCALCLOUD_SCENARIO"] = str(Path(args.scenario).resolve())
     started: list[Component] = []
     done = threading.Event()
 

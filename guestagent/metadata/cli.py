@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from guestagent.cli import EXIT_ABSENT, EXIT_OK, UsageError, fail, load_settings
@@ -71,17 +72,31 @@ def _ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _ca(option: str | None, configured: Path | None) -> bytes:
+    """The CA for ``--verify``; a missing or unreadable one is the user's to fix (exit 2),
+    not a bad answer from the service (3)."""
+    from cryptography import x509
+
+    where = f"--ca {option}" if option else f"[metadata] ca_cert {configured}"
+    path = option or configured
+    if path is None:
+        raise UsageError("--verify needs the CA: --ca FILE or [metadata] ca_cert (the local "
+                         "cloud's is at its control URL's /ca.pem)")
+    try:
+        with open(path, "rb") as fh:
+            pem = fh.read()
+        x509.load_pem_x509_certificate(pem)
+    except OSError as exc:
+        raise UsageError(f"{where}: {exc.strerror}") from None
+    except ValueError:
+        raise UsageError(f"{where}: not a PEM certificate") from None
+    return pem
+
+
 def _identity(args: argparse.Namespace) -> int:
     client = client_for(args)
     if args.verify:
-        ca = None
-        if args.ca:
-            try:
-                with open(args.ca, "rb") as fh:
-                    ca = fh.read()
-            except OSError as exc:
-                raise UsageError(f"--ca {args.ca}: {exc.strerror}") from None
-        doc = client.verify_identity(ca)
+        doc = client.verify_identity(_ca(args.ca, client.settings.ca_cert))
     else:
         doc = client.identity()
     data = doc.to_json()

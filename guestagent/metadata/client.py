@@ -18,6 +18,7 @@ import contextlib
 import http.client
 import logging
 import random
+import re
 import socket
 import threading
 import time
@@ -42,6 +43,8 @@ from guestagent.metadata.settings import MetadataSettings
 log = logging.getLogger(__name__)
 
 TOKEN_PATH = "/latest/api/token"
+# What may go back in the token header: visible ASCII, bounded.
+_TOKEN = re.compile(r"[!-~]{1,4096}")
 TOKEN_TTL_HEADER = "X-aliyun-ecs-metadata-token-ttl-seconds"
 TOKEN_HEADER = "X-aliyun-ecs-metadata-token"
 # Paths whose answer changes during an instance's life: never served from the cache.
@@ -368,8 +371,13 @@ class MetadataClient:
             if status >= 500:
                 attempt = self._backoff(attempt, "api/token", f"HTTP {status}")
                 continue
+            token = body.decode("ascii", "replace").strip() if status == 200 else ""
+            if token and not _TOKEN.fullmatch(token):
+                # Garbled (a proxy, a truncation): sent back as a header it would raise in
+                # http.client; a bad answer, retried like a 5xx.
+                attempt = self._backoff(attempt, "api/token", "the answer is not a token")
+                continue
             break
-        token = body.decode("ascii", "replace").strip() if status == 200 else ""
         if status == 200 and token:
             # Renew well before expiry: at 80% of the TTL, and never in the last minute.
             life = min(s.token_ttl * 0.8, max(s.token_ttl - 60.0, s.token_ttl / 2))

@@ -81,7 +81,7 @@ def _load(args: argparse.Namespace) -> Any:
         return userconfig.load(Path(args.user_config), root, prechecks.used_space)
     except ConfigInvalid as exc:
         for line in exc.lines():
-            print(f"guestagent: {line}", file=sys.stderr)
+            fail(EXIT_USAGE, line)  # escaped: a value may carry control characters
         return None
 
 

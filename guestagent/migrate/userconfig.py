@@ -98,7 +98,15 @@ def warn_if_readable(path: Path) -> str | None:
     return None
 
 
-def _read(path: Path) -> str:
+def _parse(path: Path) -> dict[str, Any]:
+    name = path.name
+    data = _json(_text(path), name)
+    if not isinstance(data, dict):
+        raise ConfigInvalid([f"{name}: must be a JSON object {{...}} as in the template"])
+    return data
+
+
+def _text(path: Path) -> str:
     try:
         return path.read_bytes().decode("utf-8-sig")
     except FileNotFoundError:
@@ -113,27 +121,28 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     seen: dict[str, Any] = {}
     for key, value in pairs:
         if key in seen:
-            raise ValueError(f"field {key!r} appears twice")
+            raise _Duplicate(f"field {key!r} appears twice")
         seen[key] = value
     return seen
 
 
-def _parse(path: Path) -> dict[str, Any]:
-    name = path.name
-    text = _read(path)
+def _json(text: str, name: str) -> Any:
     try:
-        data = json.loads(text, object_pairs_hook=_no_duplicates)
+        return json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as exc:
         raise ConfigInvalid(
             [f"{name}: line {exc.lineno} column {exc.colno}: invalid JSON: {exc.msg}"]
         ) from None
-    except ValueError as exc:
+    except _Duplicate as exc:
         raise ConfigInvalid([f"{name}: {exc}: keep one"]) from None
+    except ValueError:  # json's int() past Python's digit limit
+        raise ConfigInvalid([f"{name}: invalid JSON: a number has too many digits"]) from None
     except RecursionError:
         raise ConfigInvalid([f"{name}: invalid JSON: nested too deeply"]) from None
-    if not isinstance(data, dict):
-        raise ConfigInvalid([f"{name}: must be a JSON object {{...}} as in the template"])
-    return data
+
+
+class _Duplicate(ValueError):
+    """A field given twice (json's pairs hook can only raise)."""
 
 
 def _fields(raw: dict[str, Any], problems: list[str]) -> dict[str, Any]:
@@ -184,7 +193,8 @@ def _check_keys(out: dict[str, Any], problems: list[str]) -> None:
     secret = out.get("secret_key")
     if secret == "":
         problems.append("secret_key: empty: fill in your AccessKey secret")
-    elif secret is not None and (not secret.isascii() or any(c.isspace() for c in secret)):
+    elif secret is not None and not (secret.isascii() and secret.isprintable()
+                                     and not any(c.isspace() for c in secret)):
         problems.append("secret_key: must be the AccessKey secret (printable, no spaces)")
 
 
@@ -285,15 +295,25 @@ def _check_src(src: Any, where: str, root: Path, problems: list[str]) -> None:
     elif not src.startswith("/") or re.fullmatch(r"[A-Za-z]:\\?", src):
         problems.append(f"{where}.src_path: {src!r} must be an absolute path on this "
                         "Linux server, e.g. /mnt/disk1")
+    elif not src.isprintable():
+        problems.append(f"{where}.src_path: {src!r} contains a control character")
     elif os.path.normpath(src) == "/":
         problems.append(f"{where}.src_path: / is the system disk, not a data disk")
     else:
-        inside = in_root(root, src)
-        if not inside.is_dir():
-            problems.append(f"{where}.src_path: {src} does not exist")
-        elif not os.path.ismount(inside):
-            problems.append(f"{where}.src_path: {src} is not a mount point (name the "
-                            "directory where the data disk is mounted)")
+        _check_src_dir(src, where, in_root(root, src), problems)
+
+
+def _check_src_dir(src: str, where: str, inside: Path, problems: list[str]) -> None:
+    try:
+        is_dir = inside.is_dir()
+    except OSError as exc:  # a name too long, a permission: one line, not a traceback
+        problems.append(f"{where}.src_path: {src[:64]}...: {exc.strerror}")
+        return
+    if not is_dir:
+        problems.append(f"{where}.src_path: {src} does not exist")
+    elif not os.path.ismount(inside):
+        problems.append(f"{where}.src_path: {src} is not a mount point (name the "
+                        "directory where the data disk is mounted)")
 
 
 def _sizes(values: dict[str, Any], disks: list[DataDisk], root: Path,

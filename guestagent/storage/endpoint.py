@@ -59,7 +59,7 @@ def oss_host(region: str, internal: bool) -> str:
 
 
 def region_of(host: str) -> str | None:
-    match = _OSS_HOST.match(host)
+    match = _OSS_HOST.fullmatch(host)
     return match.group(1) if match else None
 
 

@@ -51,12 +51,12 @@ def file_md5(fd: int, offset: int = 0, length: int | None = None) -> bytes:
 
 def is_plain(etag: str) -> bool:
     """The ETag is a whole-object MD5 (single PUT)."""
-    return bool(_PLAIN_ETAG.match(etag.lower()))
+    return bool(_PLAIN_ETAG.fullmatch(etag.lower()))
 
 
 def parts_of(etag: str) -> int | None:
     """N of a multipart ETag ``...-N``, else None."""
-    match = _MULTI_ETAG.match(etag.lower())
+    match = _MULTI_ETAG.fullmatch(etag.lower())
     return int(match.group(1)) if match else None
 
 

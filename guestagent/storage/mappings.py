@@ -63,7 +63,7 @@ class NasSource:
         if not _is_host(host):
             raise BadInput(f"{where}: {host!r} is not a host name; "
                            "want <id>.<region>.nas.aliyuncs.com")
-        if host.endswith(".nas.aliyuncs.com") and not _ALIYUN_NAS.match(host):
+        if host.endswith(".nas.aliyuncs.com") and not _ALIYUN_NAS.fullmatch(host):
             raise BadInput(f"{where}: {host!r} is not a NAS mount target; "
                            "want <id>.<region>.nas.aliyuncs.com")
         return cls(host, path)
@@ -353,6 +353,14 @@ def _check_plain_path(raw: str, where: str, what: str) -> None:
                        "contains a control character")
     if any(p in (".", "..") for p in raw.split("/")):
         raise BadInput(f"{where}: {what} {raw!r} has a '.' or '..' segment; write it plainly")
+    try:
+        size = len(raw.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise BadInput(f"{where}: {what} {raw!r} is not valid UTF-8") from None
+    # Linux's NAME_MAX and PATH_MAX: refused here, not by mkdir once the run has begun.
+    if size > 4095 or any(len(p.encode("utf-8")) > 255 for p in raw.split("/")):
+        raise BadInput(f"{where}: {what} {raw[:48]!r}... is too long: at most 255 bytes "
+                       "a name, 4095 in all")
 
 
 def _oss(raw: Any, where: str) -> OssUrl:
@@ -391,7 +399,7 @@ def _is_host(host: str) -> bool:
         ipaddress.ip_address(host.strip("[]"))
         return True
     except ValueError:
-        return bool(_HOSTNAME.match(host))
+        return bool(_HOSTNAME.fullmatch(host))
 
 
 # -- stdout/stderr object names ------------------------------------------------------------

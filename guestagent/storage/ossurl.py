@@ -22,7 +22,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def check_bucket(bucket: str, where: str = "bucket") -> str:
-    if not _BUCKET.match(bucket):
+    if not _BUCKET.fullmatch(bucket):
         raise BadInput(
             f"{where}: bad bucket name {bucket!r}: use 3-63 lowercase letters, digits and "
             "hyphens, starting and ending with a letter or digit"

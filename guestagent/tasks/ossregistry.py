@@ -58,7 +58,7 @@ class RegistryStorage:
         if not text.startswith("oss://"):
             raise RegistryError(f"registry OSS path {text!r}: must start with oss://")
         bucket, _, rest = text[len("oss://"):].partition("/")
-        if not _BUCKET.match(bucket):
+        if not _BUCKET.fullmatch(bucket):
             raise RegistryError(f"registry OSS path {text!r}: bucket {bucket!r} is not a valid "
                                 "bucket name (3-63 of a-z, 0-9, '-')")
         parts = [p for p in rest.split("/") if p]

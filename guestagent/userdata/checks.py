@@ -56,7 +56,7 @@ def ip(value: object, where: str) -> str:
     except ValueError:
         raise UserdataError(f"{where}: {s!r} is not an IP address") from None
     if isinstance(addr, ipaddress.IPv6Address) and addr.scope_id is not None:
-        if not _ZONE.match(addr.scope_id):
+        if not _ZONE.fullmatch(addr.scope_id):
             raise UserdataError(
                 f"{where}: {s!r}: the zone id after '%' must be an interface name such as eth0"
             )
@@ -68,7 +68,7 @@ def ip(value: object, where: str) -> str:
 def hostname(value: object, where: str) -> str:
     s = text(value, where, max_len=253).strip().rstrip(".")
     labels = s.split(".")
-    if not s or not all(_HOST_LABEL.match(label) for label in labels):
+    if not s or not all(_HOST_LABEL.fullmatch(label) for label in labels):
         raise UserdataError(f"{where}: {s!r} is not a valid host name")
     if labels[-1].isdigit():
         # 1.2.3.999 or 10.1: an address gone wrong, not a name (no top-level domain is numeric).
@@ -99,7 +99,7 @@ def url(value: object, where: str, schemes: tuple[str, ...] = ("http", "https"))
     if parts.scheme not in schemes:
         raise UserdataError(f"{where}: bad URL {s!r}: want {' or '.join(schemes)}")
     if parts.scheme == "file":
-        if parts.netloc or not _SAFE_PATH.match(parts.path):
+        if parts.netloc or not _SAFE_PATH.fullmatch(parts.path):
             raise UserdataError(f"{where}: bad file URL {s!r}: want file:///absolute/path")
     elif not parts.hostname:
         raise UserdataError(f"{where}: bad URL {s!r}: no host")
@@ -111,7 +111,7 @@ def url(value: object, where: str, schemes: tuple[str, ...] = ("http", "https"))
 def account(value: object, where: str) -> str:
     """A user or group name that useradd/groupadd accept everywhere."""
     s = text(value, where, max_len=32)
-    if not _ACCOUNT.match(s):
+    if not _ACCOUNT.fullmatch(s):
         raise UserdataError(
             f"{where}: {s!r} is not a valid user/group name "
             "(lower-case letters, digits, '_' and '-', starting with a letter or '_')"
@@ -121,7 +121,7 @@ def account(value: object, where: str) -> str:
 
 def repo_id(value: object, where: str) -> str:
     s = text(value, where, max_len=100)
-    if not _REPO_ID.match(s) or ".." in s:
+    if not _REPO_ID.fullmatch(s) or ".." in s:
         raise UserdataError(f"{where}: {s!r} is not a valid repository id")
     return s
 
@@ -129,7 +129,7 @@ def repo_id(value: object, where: str) -> str:
 def word(value: object, where: str) -> str:
     """A single token such as an apt suite or component."""
     s = text(value, where, max_len=64)
-    if s != "$RELEASE" and not _WORD.match(s):
+    if s != "$RELEASE" and not _WORD.fullmatch(s):
         raise UserdataError(f"{where}: {s!r} is not a valid word")
     return s
 
@@ -137,14 +137,14 @@ def word(value: object, where: str) -> str:
 def abs_path(value: object, where: str) -> str:
     """An absolute path without '..' or characters a shell or config would interpret."""
     s = text(value, where, max_len=4096)
-    if not _SAFE_PATH.match(s) or "/../" in s + "/" or s.endswith("/.."):
+    if not _SAFE_PATH.fullmatch(s) or "/../" in s + "/" or s.endswith("/.."):
         raise UserdataError(f"{where}: {s!r} must be an absolute path without '..' or spaces")
     return s
 
 
 def resolv_option(value: object, where: str) -> str:
     s = text(value, where, max_len=64)
-    if not _OPTION.match(s):
+    if not _OPTION.fullmatch(s):
         raise UserdataError(f"{where}: {s!r} is not a resolver option (e.g. rotate, timeout:2)")
     return s
 

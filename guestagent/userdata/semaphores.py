@@ -17,7 +17,7 @@ _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 def check_instance_id(instance_id: str) -> str:
-    if not _SAFE.match(instance_id):
+    if not _SAFE.fullmatch(instance_id):
         raise UserdataError(f"instance id {instance_id!r} is not usable as a key")
     return instance_id
 
@@ -30,7 +30,7 @@ class Semaphores:
     def _path(self, name: str, frequency: str) -> Path | None:
         if frequency == ALWAYS:
             return None
-        if not _SAFE.match(name):
+        if not _SAFE.fullmatch(name):
             raise UserdataError(f"semaphore name {name!r} is not safe")
         if frequency == ONCE:
             return self.base / "once" / name

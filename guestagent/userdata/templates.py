@@ -88,7 +88,7 @@ def names(configured: Path | None = None) -> list[str]:
 
 
 def load(name: str, configured: Path | None = None) -> Template:
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise UserdataError(f"{name!r} is not a template name")
     directory = templates_dir(configured)
     path = directory / f"{name}.toml"

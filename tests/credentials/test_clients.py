@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -181,7 +182,10 @@ def test_oss2_ecs_ram_role_provider(svc, emulator, s3, tmp_path):
     assert s3.signed_with()[-1] == (second["AccessKeyId"], second["SecurityToken"])
 
 
-def test_rclone_env_auth_lists_a_bucket(svc, emulator, s3, tmp_path):
+@pytest.mark.parametrize("token", ["file", "env"])
+def test_rclone_env_auth_lists_a_bucket(svc, emulator, s3, tmp_path, token):
+    """As printed (token file), and with the token itself in
+    AWS_CONTAINER_AUTHORIZATION_TOKEN, as a user pasting it would set it."""
     import boto3
 
     rclone = shutil.which("rclone")
@@ -194,6 +198,9 @@ def test_rclone_env_auth_lists_a_bucket(svc, emulator, s3, tmp_path):
     admin.put_object(Bucket=name, Key="listed.txt", Body=b"x")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RCLONE_"))}
     env.update(client_env(svc, "rclone", tmp_path))  # env_auth comes from these lines
+    if token == "env":
+        path = env.pop("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE")
+        env["AWS_CONTAINER_AUTHORIZATION_TOKEN"] = Path(path).read_text().strip()
     env.update(
         HOME=str(tmp_path),
         RCLONE_CONFIG=str(tmp_path / "none.conf"),

@@ -113,6 +113,10 @@ def test_other_endpoints(emulator: Any) -> None:
         ("POST", "/time-scale", {"scale": 0}, None, "InvalidValue"),
         ("POST", "/instance-id", {"id": "web-1"}, None, "InvalidValue"),
         ("DELETE", "/faults", None, b"garbage", "BadJson"),
+        # accepted, they broke the spot timer and the clock (termination-time, /state died)
+        ("POST", "/spot", None, b'{"in_seconds": 0, "release_after": 1e999}', "BadJson"),
+        ("POST", "/spot", None, b'{"in_seconds": NaN}', "BadJson"),
+        ("POST", "/time-scale", None, b'{"scale": Infinity}', "BadJson"),
     ],
 )
 def test_control_errors(
@@ -176,6 +180,10 @@ def _bad(tmp_path: Path, text: str, name: str = "s.toml") -> str:
         ("[instance]\ninstance_id = 5\n", "instance.instance_id: must be a string"),
         ("[instance]\ninstance_id = 'web-1'\n", "instance.instance_id: must start with 'i-'"),
         ("[ram]\ntime_scale = 0\n", "ram.time_scale: must be > 0"),
+        # accepted (a clock at infinite speed) or a traceback
+        ("[ram]\ntime_scale = inf\n", "ram.time_scale: must be a finite number, got inf"),
+        ("[ram]\nvalidity = nan\n", "ram.validity: must be a finite number, got nan"),
+        ("[spot]\nrelease_after = 1e999\n", "spot.release_after: must be a finite number"),
         ("[ram]\noverlap = 30000\n", "ram.overlap: must be shorter than validity"),
         ("[tokens]\nrequired = 'yes'\n", "tokens.required: must be true or false"),
         ("[spot]\nnotice_in = -1\n", "spot.notice_in: must be >= 0"),

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 
-def _up(*args: str, cwd: Path) -> subprocess.Popen[str]:
+def _up(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "guestagent", "localcloud", "up", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                            env=env)
 
 
 def _exports(proc: subprocess.Popen[str]) -> dict[str, str]:
@@ -60,6 +61,40 @@ def test_up_with_a_scenario_file(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_up_with_oss_makes_the_buckets_asked_for_and_says_which(how: str,
+                                                                 tmp_path: Path) -> None:
+    # The environment variable the OSS stand-in documents was not passed to it by `up`.
+    import boto3
+
+    names = "my-bucket,other-one"
+    if how == "option":
+        proc = _up("--with", "oss", "--buckets", names, cwd=tmp_path)
+    else:
+        proc = _up("--with", "oss", cwd=tmp_path,
+                   env={**os.environ, "GUESTAGENT_LOCALCLOUD_BUCKETS": names})
+    try:
+        env = _exports(proc)
+        assert env["GUESTAGENT_LOCALCLOUD_BUCKETS"] == names
+        s3 = boto3.client("s3", endpoint_url=env["GUESTAGENT_STORAGE_ENDPOINT"],
+                          region_name="us-east-1", aws_access_key_id="any",
+                          aws_secret_access_key="any")
+        listed = {b["Name"] for b in s3.list_buckets()["Buckets"]}
+        assert listed == {"my-bucket", "other-one"}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+
+def test_a_bad_bucket_name_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    proc = _up("--with", "oss", "--buckets", "My_Bucket", "--workdir", str(tmp_path / "w"),
+               cwd=tmp_path)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "bad bucket name 'My_Bucket'" in err and err.count("\n") == 1
+    assert not (tmp_path / "w" / "oss").exists()
 
 
 @pytest.mark.parametrize("arg", ["nosuch", "metadata,,bogus"])

@@ -38,6 +38,24 @@ def test_identity_verify_with_ca(emulator: Any, tmp_path: Any) -> None:
     assert out.returncode == 0, out.stderr
 
 
+@pytest.mark.parametrize("ca", ["none", "not-pem", "missing", "other-ca"])
+def test_identity_verify_a_ca_problem_is_the_users_a_bad_signature_the_services(
+        emulator: Any, tmp_path: Any, ca: str) -> None:
+    # Exit 2 (fix your input) for the CA, 3 (bad answer) only when the signature fails;
+    # a missing or non-PEM CA was 3, as if the service were at fault.
+    from pathlib import Path
+
+    files = {"not-pem": tmp_path / "hostname", "missing": tmp_path / "nope.pem",
+             "other-ca": Path(__file__).parent.parent / "data/scenarios/ca/other-ca.pem"}
+    files["not-pem"].write_text("not a certificate\n")
+    args = () if ca == "none" else ("--ca", str(files[ca]))
+    out = run_cli(emulator.url, "identity", "--verify", *args)
+    assert out.returncode == (3 if ca == "other-ca" else 2), out.stderr
+    assert out.stderr.count("\n") == 1
+    assert {"none": "--verify needs the CA", "not-pem": "not a PEM certificate",
+            "missing": "No such file", "other-ca": "does not verify"}[ca] in out.stderr
+
+
 def test_nothing_listening_exits_3_quickly() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -246,3 +246,15 @@ def test_token_renewed_before_it_expires(emulator: Any) -> None:
     statuses = [r[2] for r in emulator.requests_log]
     assert 401 not in statuses
     assert len([r for r in emulator.requests_log if r[1] == "PUT"]) == 2
+
+
+@pytest.mark.parametrize("body", ["abc\ndef", "abc\u00e9def", "x" * 5000],
+                         ids=["newline", "non-ascii", "too long"])
+def test_a_garbled_token_answer_is_retried_not_a_traceback(emulator: Any, body: str) -> None:
+    # Sent back as a header it made http.client raise ValueError out of the client.
+    emulator.set_token_required(True)
+    emulator.add_fault("api/token", "body", body=body, method="PUT", count=1)
+    assert client_for(emulator, cache_ttl=0).instance_id()  # the next PUT's token works
+    emulator.add_fault("api/token", "body", body=body, method="PUT")
+    with pytest.raises(ServiceUnavailable, match="not a token"):
+        client_for(emulator, cache_ttl=0).instance_id()

@@ -32,6 +32,7 @@ CORPUS = [
     ("missing access_id", {"access_id": None}, "access_id: required field missing"),
     ("empty secret", {"secret_key": ""}, "secret_key: empty"),
     ("secret with spaces", {"secret_key": "a b"}, "secret_key: must be"),
+    ("secret with escape", {"secret_key": "abc\x1b[2Jdef"}, "secret_key: must be"),
     ("access_id wrong type", {"access_id": 12345}, "access_id: must be a string"),
     ("bad region", {"region_id": "Hangzhou"}, "region_id: 'Hangzhou' is not a region ID"),
     ("empty region", {"region_id": ""}, "region_id: empty"),
@@ -72,6 +73,10 @@ CORPUS = [
     ("disk not a mount", {"data_disks": [dict(DISK, src_path="/srv")]},
      "data_disks[0].src_path: /srv is not a mount point"),
     ("disk is /", {"data_disks": [dict(DISK, src_path="/")]}, "/ is the system disk"),
+    ("disk path NUL", {"data_disks": [dict(DISK, src_path="/mnt\x00x")]},
+     "data_disks[0].src_path: '/mnt\\x00x' contains a control character"),
+    ("disk path too long", {"data_disks": [dict(DISK, src_path="/" + "a" * 5000)]},
+     "File name too long"),  # was an OSError traceback
     ("disk twice", {"data_disks": [DISK, dict(DISK, src_path="/srv")]},
      "data_disks[1].data_disk_index: 1 is used twice"),
 ]
@@ -85,6 +90,7 @@ JSON_ERRORS = [
     ("[]", "must be a JSON object"),
     ("", "line 1 column 1"),
     ("[" * 100_000, "invalid JSON: nested too deeply"),  # json recurses per level
+    ('{"bandwidth_limit": ' + "9" * 5000 + "}", "invalid JSON: a number has too many digits"),
 ]
 
 

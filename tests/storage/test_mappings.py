@@ -87,6 +87,10 @@ BAD = [
     ({"InputMapping": {"oss://bk1/a": "/data/x/"}}, "must be an OSS directory"),
     ({"InputMapping": {"oss://bk1/a/../../": "/data/x/"}}, "'..' segment"),
     ({"InputMapping": {"oss://bk1/a\x01b/": "/data/x/"}}, "control character"),
+    # ``^...$`` with re.match let a final newline through into the signed request
+    ({"InputMapping": {"oss://bk1\n/a/": "/data/x/"}}, "bad bucket name 'bk1\\n'"),
+    ({"Mounts": {"Entries": [{"Source": "nas://fs.cn-beijing.nas.aliyuncs.com\n:/",
+                              "Destination": "/mnt/n/"}]}}, "aliyuncs.com\\n' is not a host"),
     ({"InputMapping": {"oss://bk1/" + "a" * 256 + "/": "/data/x/"}}, "over 255 bytes"),
     ({"InputMapping": {"oss://bk1/" + "a/" * 520: "/data/x/"}}, "OSS allows at most 1023"),
     ({"InputMapping": {"oss://bk1/a/": "data/x/"}}, "must be absolute"),
@@ -97,6 +101,10 @@ BAD = [
     ({"LogMapping": {"/sys/a.log": "oss://bk1/o/"}}, "system directory /sys"),
     ({"InputMapping": {"oss://bk1/a/": "/boot"}}, "system directory /boot"),
     ({"InputMapping": {"oss://bk1/a/": "/home/../etc/"}}, "'.' or '..' segment"),
+    # refused here, not by mkdir once the run has begun
+    ({"InputMapping": {"oss://bk1/a/": "/data/" + "a" * 256 + "/"}}, "at most 255 bytes a name"),
+    ({"OutputMapping": {"/data/" + "a/" * 2100: "oss://bk1/o/"}}, "4095 in all"),
+    ({"LogMapping": {"/data/\udcff.log": "oss://bk1/o/"}}, "is not valid UTF-8"),
     ({"Parameters": {"Command": {"PackagePath": "oss://bk1/worker.zip"}}}, ".tar.gz, .tgz or .tar"),
     ({"Parameters": {"StdoutRedirectPath": "oss://bk1/logs"}}, "must be an OSS directory"),
     ({"Mounts": {"Entries": [{"Source": "nas://fs.cn-beijing.nas.aliyuncs.com:!/",

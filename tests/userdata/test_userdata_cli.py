@@ -79,3 +79,14 @@ def test_list_shows_templates(capsys: pytest.CaptureFixture[str]) -> None:
     assert rc == 0
     for name in ("dns:", "ntp:", "repo:", "sudo-account:"):
         assert name in out
+
+
+def test_an_instance_id_with_a_final_newline_is_refused(capsys: pytest.CaptureFixture[str],
+                                                         tmp_path: Path) -> None:
+    # It keys the semaphores; ``^...$`` with re.match let it through ($ matches before a
+    # final newline).
+    script = tmp_path / "ud.sh"
+    script.write_text("#!/bin/sh\ntrue\n")
+    rc, _, err = _run(capsys, "apply", "--instance-id", "i-1\n", "--dry-run",
+                      "--file", str(script), "--root", str(tmp_path))
+    assert rc == 2 and err.count("\n") == 1 and "\\n" in err, err

@@ -28,6 +28,7 @@ Errors are ``{"code", "message"}``: 400 for bad JSON, unknown or mistyped fields
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -90,7 +91,7 @@ class ControlHandler(BaseHandler):
         if not raw.strip():
             return {}
         try:
-            body = json.loads(raw)
+            body = json.loads(raw, parse_float=_finite, parse_constant=_finite)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ControlError(400, "BadJson", f"body is not valid JSON: {exc}") from exc
         if not isinstance(body, dict):
@@ -140,6 +141,15 @@ class ControlHandler(BaseHandler):
 
 
 _NUMBER, _TEXT = (int, float), (str,)
+
+
+def _finite(text: str) -> float:
+    """NaN, Infinity or 1e999 as a delay or a scale broke the emulator (its clock, its
+    spot timer): refused with the body."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"a number must be finite, got {text}")
+    return value
 
 
 def _done(_: object) -> Body:

@@ -51,6 +51,7 @@ A bad scenario raises :class:`ScenarioError` whose one-line message names the ke
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -295,6 +296,8 @@ class _Table:
             return default
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.error(key, f"must be a number, got {type(value).__name__}")
+        if not math.isfinite(value):  # nan/inf broke the clock and timers, or a traceback
+            raise self.error(key, f"must be a finite number, got {value}")
         if minimum is not None and value < minimum:
             raise self.error(key, f"must be >= {minimum:g}, got {value}")
         return float(value)

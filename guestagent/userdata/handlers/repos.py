@@ -67,7 +67,7 @@ def _yum(repos: Any) -> list[YumRepo]:
             raise UserdataError(f"{where}: needs one of {', '.join(_URL_KEYS)}")
         opts: list[tuple[str, str]] = []
         for key, value in conf.items():
-            if not _YUM_KEY.match(str(key)):
+            if not _YUM_KEY.fullmatch(str(key)):
                 raise UserdataError(f"{where}.{key}: not a valid repository option name")
             opts.append((str(key), _yum_value(str(key), value, f"{where}.{key}")))
         if "name" not in conf:
@@ -92,7 +92,7 @@ def check_apt_line(line: str, where: str) -> str:
             if tok.endswith("]"):
                 break
         inner = " ".join(opts)[1:-1].split()
-        if not inner or not all(_APT_OPTION.match(o) for o in inner):
+        if not inner or not all(_APT_OPTION.fullmatch(o) for o in inner):
             raise UserdataError(
                 f"{where}: bad options {' '.join(opts)!r} (arch=, signed-by=, trusted=)"
             )
@@ -103,7 +103,7 @@ def check_apt_line(line: str, where: str) -> str:
         plain = tok.replace("$RELEASE", "release")
         if "$" in plain:
             raise UserdataError(f"{where}: only $RELEASE is expanded, not {tok!r}")
-        if not _APT_WORD.match(plain):
+        if not _APT_WORD.fullmatch(plain):
             raise UserdataError(f"{where}: {tok!r} is not a valid suite or component")
     return ("# " if disabled else "") + " ".join(tokens)
 
