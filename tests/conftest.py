@@ -18,7 +18,8 @@ import pytest
 DATA = Path(__file__).parent / "data"
 
 # Shared real-service fixtures (moto server, ...); tests/ is on sys.path (rootdir conftest).
-pytest_plugins = ["fixtures.moto", "fixtures.docker", "fixtures.cloud", "fixtures.agent"]
+pytest_plugins = ["fixtures.moto", "fixtures.docker", "fixtures.cloud", "fixtures.agent",
+                  "fixtures.nas"]
 
 
 class NetworkEscape(AssertionError):

@@ -111,18 +111,6 @@ def test_mount_without_a_kernel_nfs_client_says_so(tmp_path):
 
 # -- preflight against ganesha -------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def ganesha(tmp_path_factory):
-    from guestagent.localcloud.nas import NasServer
-
-    if shutil.which("ganesha.nfsd") is None or shutil.which("nfs-ls") is None:
-        pytest.skip("nfs-ganesha / libnfs-utils not installed")
-    server = NasServer(tmp_path_factory.mktemp("ganesha")).start()
-    (server.export_dir / "hello.txt").write_text("hello from NAS\n")
-    yield server
-    server.stop()
-
-
 def test_preflight_passes_against_a_real_export(ganesha):
     src = NasSource("127.0.0.1", f"{ganesha.export_dir}/")
     steps = nas.preflight(src, port=ganesha.nfs_port, mount_port=ganesha.mount_port)

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +20,6 @@ from guestagent.storage import nas
 
 V3 = "vers=3,nolock,proto=tcp"
 COMMON = "rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,noresvport"
-
-
-@pytest.fixture(scope="module")
-def ganesha(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from guestagent.localcloud.nas import NasServer
-
-    if shutil.which("ganesha.nfsd") is None or shutil.which("nfs-ls") is None:
-        pytest.skip("nfs-ganesha / libnfs-utils not installed")
-    server = NasServer(tmp_path_factory.mktemp("ganesha")).start()
-    (server.export_dir / "hello.txt").write_text("hello from NAS\n")
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -40,18 +40,6 @@ case ",$4," in *,ro,*) {real} -o remount,bind,ro "$6" || exit 32 ;; esac
 """
 
 
-@pytest.fixture(scope="module")
-def ganesha(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from guestagent.localcloud.nas import NasServer
-
-    server = NasServer(tmp_path_factory.mktemp("ganesha")).start()
-    (server.export_dir / "hello.txt").write_text("hello from NAS\n")
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture
 def standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """The NFS client stand-in; the log of mount commands run. Whatever is left mounted
