@@ -93,6 +93,29 @@ def with_source(doc: dict[str, Any], source: str) -> dict[str, Any]:
     return doc
 
 
+@pytest.fixture
+def dirs(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
+    """The NAS mount point, the instances' output and their gates. Every gate is opened at
+    the end, so the instances of a failed test do not wait on after it."""
+    dest, out, gates = tmp_path / "data" / "nas", tmp_path / "out", tmp_path / "gates"
+    out.mkdir()
+    gates.mkdir()
+    yield dest, out, gates
+    for i in range(2):
+        (gates / str(i)).touch()
+
+
+def start_two_readers(sched: Scheduler, dirs: tuple[Path, Path, Path],
+                      source: str) -> tuple[str, threading.Thread, list[str]]:
+    """A job of two parallel readers of one NAS entry, run until both read it once."""
+    dest, out, gates = dirs
+    job_id = submit_doc(sched, with_source(
+        job_doc({"t": reader(dest, out, gates, InstanceCount=2)}), source))
+    thread, result = run_in_thread(sched, job_id)
+    wait_for(lambda: (out / "before.0").exists() and (out / "before.1").exists(), timeout=120)
+    return job_id, thread, result
+
+
 def run_in_thread(sched: Scheduler, job_id: str) -> tuple[threading.Thread, list[str]]:
     result: list[str] = []
     thread = threading.Thread(target=lambda: result.append(sched.run(job_id)), daemon=True)
@@ -105,16 +128,12 @@ def state(sched: Scheduler, job_id: str, name: str, index: int) -> str:
 
 
 def test_the_first_instance_to_end_leaves_the_mount_to_the_other(
-    tmp_path: Path, ganesha: Any, standin: Path, facade: Any
+    tmp_path: Path, ganesha: Any, standin: Path, facade: Any,
+    dirs: tuple[Path, Path, Path],
 ) -> None:
-    dest, out, gates = tmp_path / "data" / "nas", tmp_path / "out", tmp_path / "gates"
-    out.mkdir()
-    gates.mkdir()
+    dest, out, gates = dirs
     sched = make_scheduler(tmp_path / "state", storage=facade, max_parallel=2)
-    job_id = submit_doc(sched, with_source(
-        job_doc({"t": reader(dest, out, gates, InstanceCount=2)}), ganesha.url))
-    thread, result = run_in_thread(sched, job_id)
-    wait_for(lambda: (out / "before.0").exists() and (out / "before.1").exists(), timeout=120)
+    job_id, thread, result = start_two_readers(sched, dirs, ganesha.url)
     # One mount for both, with the plan's command line; both read the export through it.
     (command,) = mount_commands(standin)
     assert command.startswith(f"-t nfs -o vers=3,nolock,proto=tcp,port={ganesha.nfs_port},")
@@ -137,19 +156,15 @@ def test_the_first_instance_to_end_leaves_the_mount_to_the_other(
 
 
 def test_a_restart_in_the_middle_keeps_the_count(
-    tmp_path: Path, ganesha: Any, standin: Path, facade: Any
+    tmp_path: Path, ganesha: Any, standin: Path, facade: Any,
+    dirs: tuple[Path, Path, Path],
 ) -> None:
     # Two instances share the mount; the agent goes away (as a restart does: the
     # instances run on); instance 0 ends while no agent watches; the next agent adopts
     # both: 0 ended, counted out — the mount stays for 1 — and 1's end unmounts.
-    dest, out, gates = tmp_path / "data" / "nas", tmp_path / "out", tmp_path / "gates"
-    out.mkdir()
-    gates.mkdir()
+    dest, out, gates = dirs
     first = make_scheduler(tmp_path / "state", storage=facade, max_parallel=2)
-    job_id = submit_doc(first, with_source(
-        job_doc({"t": reader(dest, out, gates, InstanceCount=2)}), ganesha.url))
-    thread, result = run_in_thread(first, job_id)
-    wait_for(lambda: (out / "before.0").exists() and (out / "before.1").exists(), timeout=120)
+    job_id, thread, result = start_two_readers(first, dirs, ganesha.url)
     first.detach()
     thread.join(60)
     assert result == ["Running"] and nas.mounted(dest)
@@ -171,14 +186,13 @@ def test_a_restart_in_the_middle_keeps_the_count(
 
 
 def test_a_conflicting_entry_is_refused_and_the_share_is_untouched(
-    tmp_path: Path, ganesha: Any, standin: Path, facade: Any
+    tmp_path: Path, ganesha: Any, standin: Path, facade: Any,
+    dirs: tuple[Path, Path, Path],
 ) -> None:
     # Two tasks of one job run in parallel with the same Destination: "reader" read-only,
     # "writer" with WriteSupport. The second to mount is refused naming both; nothing is
     # mounted for it, and the first keeps its mount.
-    dest, out, gates = tmp_path / "data" / "nas", tmp_path / "out", tmp_path / "gates"
-    out.mkdir()
-    gates.mkdir()
+    dest, out, gates = dirs
     sched = make_scheduler(tmp_path / "state", storage=facade, max_parallel=2)
     writer = task("true", Mounts={"Entries": [{"Source": ganesha.url,
                                                "Destination": f"{dest}/",
