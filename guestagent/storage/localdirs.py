@@ -30,7 +30,8 @@ def check_dirs(directories: Iterable[Path], where: str) -> None:
     for directory in directories:
         found = blocker(directory)
         if found is not None:
-            under = "" if found == Path(os.path.abspath(directory)) else f" (needed for {directory})"
+            whole = found == Path(os.path.abspath(directory))
+            under = "" if whole else f" (needed for {directory})"
             raise BadInput(f"{where}: {found} is a file, not a directory{under}; move it "
                            "or choose another destination")
 
