@@ -352,3 +352,31 @@ def test_keys_with_spaces_and_plus_through_rclone_serve_s3(tmp_path: Path,
         assert snapshot(down) == snapshot(src)
         again = trees.upload_tree(t, src, OssUrl.parse("oss://bkt/k/"), only_changed=True)
         assert again.copied == [] and len(again.skipped) == len(NAMES)
+
+
+def test_uploading_a_fifo_is_refused_not_waited_on(transfers: Transfers, bkt: str,
+                                                   tmp_path: Path, s3: Any) -> None:
+    """Opening a FIFO for reading waits for a writer: `cp fifo oss://...` hung for ever."""
+    import os
+    import threading
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    outcome: list[BaseException] = []
+
+    def upload() -> None:
+        try:
+            transfers.upload_file(fifo, OssUrl.parse("oss://bkt/pipe"))
+        except BaseException as exc:  # handed to the test's thread
+            outcome.append(exc)
+
+    worker = threading.Thread(target=upload, daemon=True)
+    worker.start()
+    worker.join(timeout=120)  # generous under load; the fixed code answers at once
+    if worker.is_alive():
+        with open(fifo, "wb"):  # release the stuck open, then fail
+            pass
+        pytest.fail("the upload waited on the FIFO")
+    assert len(outcome) == 1 and isinstance(outcome[0], BadInput)
+    assert "not a regular file" in one_line(outcome[0])
+    assert bucket_state(s3.url) == {}
