@@ -380,3 +380,13 @@ def test_uploading_a_fifo_is_refused_not_waited_on(transfers: Transfers, bkt: st
     assert len(outcome) == 1 and isinstance(outcome[0], BadInput)
     assert "not a regular file" in one_line(outcome[0])
     assert bucket_state(s3.url) == {}
+
+
+def test_a_dry_run_sync_says_what_it_would_delete(cli: Cli, tmp_path: Path, s3: Any) -> None:
+    put(s3, "s/only-remote.txt")
+    random_file(tmp_path / "src" / "a.txt", 3)
+    res = cli("storage", "sync", "--delete", "--dry-run", str(tmp_path / "src"), "oss://bkt/s/")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\n")[:2] == ["copy a.txt", "delete s/only-remote.txt"]
+    assert res.stderr.strip() == "would copy 1, unchanged 0, would delete 1"
+    assert sorted(bucket_state(s3.url)) == ["s/only-remote.txt"]
