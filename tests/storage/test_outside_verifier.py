@@ -390,3 +390,17 @@ def test_a_dry_run_sync_says_what_it_would_delete(cli: Cli, tmp_path: Path, s3: 
     assert res.stdout.split("\n")[:2] == ["copy a.txt", "delete s/only-remote.txt"]
     assert res.stderr.strip() == "would copy 1, unchanged 0, would delete 1"
     assert sorted(bucket_state(s3.url)) == ["s/only-remote.txt"]
+
+
+def test_a_mount_with_an_ephemeral_credential_port_is_refused_at_once() -> None:
+    """tcp_port = 0 (any free port): rclone was told port 0 and the mount failed after
+    its 30 s ready timeout with 'no answer'."""
+    from guestagent.config import from_mapping
+    from guestagent.storage.api import rclone_remote
+    from guestagent.storage.errors import StorageError
+
+    settings = from_mapping({"credentials": {"tcp_port": 0},
+                             "storage": {"endpoint": "http://127.0.0.1:9000"}})
+    with pytest.raises(StorageError) as info:
+        rclone_remote(settings, {})
+    assert "fixed [credentials] tcp_port" in one_line(info.value)
