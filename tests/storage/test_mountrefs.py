@@ -1,4 +1,4 @@
-"""The host-wide counts of shared mounts (tasks/mountrefs.py) on their own: the first user
+"""The host-wide counts of shared mounts (storage/mountrefs.py) on their own: the first user
 mounts, the last unmounts; a conflicting user is refused with both named before anything
 is mounted; the records hold across threads, processes and a kill -9 mid-mount."""
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from polling import wait_for
 
-from guestagent.tasks.errors import TaskError
-from guestagent.tasks.mountrefs import Claim, MountRefs, Record
+from guestagent.storage.errors import StorageError
+from guestagent.storage.mountrefs import Claim, MountConflict, MountRefs, Record
 
 SRC = "nas://0266e49fea-yio75.cn-beijing.nas.aliyuncs.com:/share/"
 RO = "vers=3,nolock,proto=tcp,hard,ro,_netdev"
@@ -91,13 +91,13 @@ def test_a_conflicting_user_is_refused_naming_both(tmp_path: Path, other: Claim,
     k.acquire(refs, claim("job-a.t.0"))
     before = (tmp_path / "mounts").glob("*.json")
     texts = {p: p.read_text() for p in before}
-    with pytest.raises(TaskError) as err:
+    with pytest.raises(MountConflict) as err:
         refs.check(other, lambda: k.mounted(other.where))
     message = str(err.value)
     assert "\n" not in message
     assert "job-a.t.0" in message and "job-b.u.0" in message and why in message
     assert SRC in message and other.source in message
-    with pytest.raises(TaskError, match=why):
+    with pytest.raises(MountConflict, match=why):
         k.acquire(refs, other)
     assert k.calls == ["mount /mnt/nas"]  # nothing mounted for the refused one
     assert {p: p.read_text() for p in texts} == texts  # and its record unchanged
@@ -106,7 +106,7 @@ def test_a_conflicting_user_is_refused_naming_both(tmp_path: Path, other: Claim,
 def test_a_mount_this_agent_did_not_make_is_refused(tmp_path: Path) -> None:
     refs, k = MountRefs(tmp_path / "mounts"), FakeKernel()
     k.points.add("/mnt/nas")  # e.g. an fstab mount of the administrator's
-    with pytest.raises(TaskError, match="did not make"):
+    with pytest.raises(MountConflict, match="did not make"):
         k.acquire(refs, claim("job-a.t.0"))
     assert refs.records() == [] and k.calls == []
 
@@ -115,9 +115,9 @@ def test_a_failed_first_mount_leaves_no_record(tmp_path: Path) -> None:
     refs = MountRefs(tmp_path / "mounts")
 
     def fail() -> str | None:
-        raise TaskError("mount failed: no NFS client")
+        raise StorageError("mount failed: no NFS client")
 
-    with pytest.raises(TaskError, match="no NFS client"):
+    with pytest.raises(StorageError, match="no NFS client"):
         refs.acquire(claim("job-a.t.0"), fail, lambda: False)
     assert refs.records() == []
 
@@ -171,7 +171,7 @@ def test_threads_sharing_one_mount_point_mount_and_unmount_once(tmp_path: Path) 
 CHILD = """
 import sys, time
 from pathlib import Path
-from guestagent.tasks.mountrefs import Claim, MountRefs
+from guestagent.storage.mountrefs import Claim, MountRefs
 
 refs = MountRefs(Path(sys.argv[1]))
 def mount():
