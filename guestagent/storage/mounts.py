@@ -586,7 +586,8 @@ def _join(mount: Mount) -> None:
     if mount.proc is None:  # its process record is lost: supervised as a dead process
         mount.proc = _Adopted(0, "")
     if mount.check() == "ok":
-        log.info("joined mount %s at %s", mount.source, mount.dest)
+        log.info("adopted mount %s at %s (its rclone, pid %s)", mount.source, mount.dest,
+                 mount.proc.pid)
         return
     mount.heal()
 
