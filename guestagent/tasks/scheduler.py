@@ -183,7 +183,6 @@ class Scheduler:
             return None
         if self._storage is None:
             self._storage = self._storage_factory()
-            self.prune_mounts()  # the facade's counts, now that they are known
         return self._storage
 
     def _refs(self, storage: staging.Storage | None) -> MountRefs:
@@ -202,7 +201,7 @@ class Scheduler:
                 raise TaskError(f"{job_id} is already running")
             self._runs[job_id] = run
         try:
-            self.prune_mounts()
+            self._prune_for(job)
             return self._drive(run, row["state"])
         finally:
             # A restart leaves the input mounts to the instances still reading them: the
@@ -214,6 +213,17 @@ class Scheduler:
                             EVENTS_FLUSH)
             with self._lock:
                 self._runs.pop(job_id, None)
+
+    def _prune_for(self, job: Job) -> None:
+        """Prune before any instance thread runs (one could be between two states), with
+        the storage facade built first when the job mounts, so its counts are pruned too."""
+        if any(staging.needs_storage(t) or t.input_mapping or t.mounts
+               for t in job.tasks.values()):
+            try:
+                self.storage(True)
+            except Exception as exc:  # said again, as the task's error, where it is used
+                log.warning("storage not available to prune mounts: %s", exc)
+        self.prune_mounts()
 
     def prune_mounts(self) -> list[str]:
         """Count out of the shared mounts every user whose instance no longer runs (it
@@ -737,6 +747,10 @@ class Scheduler:
                 code = handle.stop(self.grace)
                 return FAILED, code, f"timed out after {task.timeout}s"
             code = handle.wait(min(left, 0.25))
+            if code is not None and self._detached.is_set():
+                # Detached while waiting: the next agent finds it ended and records it;
+                # recording it here too would race that agent over its mounts and state.
+                raise _Detached
             if code is not None:
                 if code == 0:
                     return FINISHED, 0, ""
