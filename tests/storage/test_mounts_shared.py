@@ -209,3 +209,26 @@ def test_users_in_one_process_share_its_mount(bucket: Any, creds: Any, s3: Any,
         assert mountinfo(dest) is None and len(table) == 0
     finally:
         table.stop_all(grace=2)
+
+
+def test_a_mount_the_agent_did_not_make_is_refused_and_left_alone(
+    bucket: Any, creds: Any, s3: Any, tmp_path: Path
+) -> None:
+    dest = tmp_path / "mnt"
+    dest.mkdir()
+    assert subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "admin", str(dest)],
+                          capture_output=True).returncode == 0
+    try:
+        (dest / "theirs.txt").write_text("the administrator's\n")
+        remote = RcloneRemote(endpoint=s3.url, credentials_url=creds.aws_url,
+                              region="us-east-1", path_style=True, token_file=creds.token_file)
+        table = MountTable()
+        with pytest.raises(BadInput) as err:
+            table.add(Mount(OssUrl(bucket(), ""), dest, remote,
+                            Options(run_dir=tmp_path / "run-storage", ready_timeout=60)), "cli")
+        assert "\n" not in str(err.value) and "a mount this agent did not make" in str(err.value)
+        assert "cli wants" in str(err.value) and len(table) == 0
+        assert mountinfo(dest) == "tmpfs" and (dest / "theirs.txt").exists()
+        assert refs(tmp_path).records() == []
+    finally:
+        subprocess.run(["umount", "-l", str(dest)], check=False)
