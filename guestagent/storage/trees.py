@@ -28,7 +28,7 @@ from guestagent.storage import integrity, localdirs
 from guestagent.storage.errors import BadInput, NotFound, StorageError
 from guestagent.storage.ossurl import OssUrl, check_key
 from guestagent.storage.s3 import ObjectInfo, S3Client
-from guestagent.storage.transfer import Transfers, check_space
+from guestagent.storage.transfer import PART_SUFFIX, Transfers, check_space
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,10 @@ def plan_download(remote: dict[str, ObjectInfo], src: OssUrl, root: Path
         if rel in dirs:
             raise BadInput(f"oss://{src.bucket}/{src.prefix}{rel}: is both an object and a "
                            "directory prefix; it cannot be downloaded as a tree")
+        if rel + PART_SUFFIX in remote:  # its download's .part file is another's target
+            raise BadInput(f"oss://{src.bucket}/{src.prefix}{rel}{PART_SUFFIX}: would be "
+                           f"overwritten by the partial download of {rel}; download the two "
+                           "separately")
     return plan
 
 

@@ -404,3 +404,17 @@ def test_a_mount_with_an_ephemeral_credential_port_is_refused_at_once() -> None:
     with pytest.raises(StorageError) as info:
         rclone_remote(settings, {})
     assert "fixed [credentials] tcp_port" in one_line(info.value)
+
+
+def test_objects_named_like_anothers_partial_download_are_refused(
+    transfers: Transfers, bkt: str, tmp_path: Path, s3: Any
+) -> None:
+    """'x' is fetched into 'x.part' and renamed: with an object 'x.part' in the same tree
+    the two downloads wrote one file, and a pair came out lost or swapped, exit 0."""
+    put(s3, *[f"in/f{i}" for i in range(3)], "in/f1.part")
+    dest = tmp_path / "dest"
+    with pytest.raises(BadInput) as info:
+        transfers.download_tree(OssUrl.parse("oss://bkt/in/"), dest)
+    assert "in/f1.part: would be overwritten by the partial download of f1" in one_line(
+        info.value)
+    assert not dest.exists()
