@@ -126,6 +126,16 @@ def test_control_errors(
     assert status == 400 and body["code"] == code and body["message"]
 
 
+def test_a_repeated_key_in_a_control_body_is_refused_and_changes_nothing(
+        emulator: Any) -> None:
+    assert control(emulator, "GET", "/state")[1]["spot"] is None
+    status, body = control(emulator, "POST", "/spot", None,
+                           raw=b'{"in_seconds": 600, "in_seconds": 0}')
+    assert status == 400 and body["code"] == "BadJson"
+    assert "key 'in_seconds' appears twice" in body["message"]
+    assert control(emulator, "GET", "/state")[1]["spot"] is None  # no notice was set
+
+
 def test_unknown_endpoint(emulator: Any) -> None:
     status, body = control(emulator, "GET", "/nope")
     assert status == 404 and body["code"] == "NotFound"
