@@ -77,14 +77,15 @@ def _ca(option: str | None, configured: Path | None) -> bytes:
     not a bad answer from the service (3)."""
     from cryptography import x509
 
+    from guestagent.files import read_input
+
     where = f"--ca {option}" if option else f"[metadata] ca_cert {configured}"
     path = option or configured
     if path is None:
         raise UsageError("--verify needs the CA: --ca FILE or [metadata] ca_cert (the local "
                          "cloud's is at its control URL's /ca.pem)")
     try:
-        with open(path, "rb") as fh:
-            pem = fh.read()
+        pem = read_input(path)
         x509.load_pem_x509_certificate(pem)
     except OSError as exc:
         raise UsageError(f"{where}: {exc.strerror}") from None

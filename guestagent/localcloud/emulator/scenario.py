@@ -59,6 +59,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from guestagent.files import read_input
+
 FAULT_KINDS = ("status", "latency", "reset", "hang", "truncate", "body")
 
 
@@ -205,11 +207,13 @@ def load_scenario(
         source = str(file)
         base_dir = file.parent
         try:
-            text = file.read_text(encoding="utf-8")
+            text = read_input(file).decode("utf-8")
         except FileNotFoundError as exc:
             raise ScenarioError(f"{file}: scenario file not found") from exc
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ScenarioError(f"{file}: cannot read: {exc}") from exc
+        except OSError as exc:
+            raise ScenarioError(f"{file}: cannot read: {exc.strerror or exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ScenarioError(f"{file}: not UTF-8 text (byte {exc.start})") from exc
         fmt = "yaml" if file.suffix in (".yaml", ".yml") else "toml"
         data = _merge(data, _parse(text, source, fmt))
     if overrides:
