@@ -49,8 +49,9 @@ def _help(parser: argparse.ArgumentParser) -> int:
 
 
 def _fail(code: int, message: str) -> int:
-    print(f"guestagent: {message}", file=sys.stderr)
-    return code
+    from guestagent.cli import fail  # one line, control characters escaped, long values cut
+
+    return fail(code, message)
 
 
 def _buckets(raw: str) -> str | int:

@@ -30,7 +30,9 @@ def register(sub: Any) -> None:
 
     ident = msub.add_parser("identity", help="the instance identity document")
     ident.add_argument("--json", action="store_true", help="print JSON")
-    ident.add_argument("--verify", action="store_true", help="check its pkcs7 against ca_cert")
+    ident.add_argument("--verify", action="store_true",
+                       help="check its pkcs7 against ca_cert; says so in a last line "
+                            "(on stderr with --json)")
     ident.add_argument("--ca", help="CA certificate (PEM) for --verify")
     ident.set_defaults(handler=_identity)
 
@@ -96,8 +98,12 @@ def _ca(option: str | None, configured: Path | None) -> bytes:
 
 def _identity(args: argparse.Namespace) -> int:
     client = client_for(args)
+    verified = ""
     if args.verify:
-        doc = client.verify_identity(_ca(args.ca, client.settings.ca_cert))
+        pem = _ca(args.ca, client.settings.ca_cert)
+        doc = client.verify_identity(pem)
+        verified = (f"verified: the identity document of {doc.instance_id} is signed (pkcs7) "
+                    f"by a key certified by {_subject(pem)}")
     else:
         doc = client.identity()
     data = doc.to_json()
@@ -107,7 +113,17 @@ def _identity(args: argparse.Namespace) -> int:
         width = max(map(len, data))
         for key, value in data.items():
             print(f"{key:<{width}}  {value}")
+    if verified:
+        # Said, not implied by silence; with --json on stderr, so stdout stays one document.
+        print(verified if not args.json else f"guestagent: {verified}",
+              file=sys.stderr if args.json else sys.stdout)
     return EXIT_OK
+
+
+def _subject(pem: bytes) -> str:
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(pem).subject.rfc4514_string()
 
 
 def _credentials(args: argparse.Namespace) -> int:
