@@ -209,3 +209,22 @@ def test_a_directory_given_as_input_is_one_line(home: Path, command: str) -> Non
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and "a directory, not a regular file" in done.stderr
     assert state_of(home) == before
+
+
+JOB = ('{"Name": "piped", "DAG": {"Tasks": {"t": {"Parameters": {"Command": '
+       '{"CommandLine": "true"}}}}}}')
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize("how", ["stdin", "process substitution"])
+def test_a_job_json_with_no_telling_name_is_read_as_json(home: Path, how: str) -> None:
+    # "-" and /dev/fd/N have no .json suffix: the content says which format it is (they
+    # were read as job.cfg and refused).
+    (home / "job.json").write_text(JOB)
+    env = dict(os.environ, GUESTAGENT_CONFIG=str(home / "agent.toml"))
+    source = "- < job.json" if how == "stdin" else "<(cat job.json)"
+    done = subprocess.run(
+        ["bash", "-c", f'"$0" -m guestagent tasks submit {source} --wait --foreground',
+         sys.executable], capture_output=True, text=True, timeout=120, env=env, cwd=home)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("job-")

@@ -53,13 +53,25 @@ class Flags:
 
 
 def load(path: Path, flags: Flags | None = None) -> dict[str, Any]:
+    return parse(read_text(path), base_dir(path), flags or Flags(), source=str(path))
+
+
+def read_text(path: Path) -> str:
+    """The job file's text (``-``: standard input), or one JobError line saying why not."""
     try:
-        text = read_input(path).decode()
+        return read_input(path).decode()
     except OSError as exc:
         raise JobError(f"{path}: cannot read the job file: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise JobError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    return parse(text, path.parent, flags or Flags(), source=str(path))
+
+
+def base_dir(path: Path) -> Path:
+    """Where a job.cfg's relative ``pack`` is found: beside the file, or the current
+    directory for standard input and ``<(cmd)`` (whose /dev/fd/N has no directory)."""
+    if str(path) == "-" or str(path).startswith(("/dev/fd/", "/proc/")):
+        return Path.cwd()
+    return path.parent
 
 
 def parse(text: str, base: Path, flags: Flags, source: str = "job.cfg") -> dict[str, Any]:
@@ -258,26 +270,31 @@ def load_job(path: Path, flags: Flags | None = None,
     from guestagent.tasks.model import DEFAULT_MAX_TIMEOUT
 
     flags = flags or Flags()
-    if path.suffix == ".json":
+    text = read_text(path)
+    if is_json(path, text):
         if flags != Flags():
             raise JobError(f"{path}: -r/-w/--docker/-e apply to a job.cfg, not to a job JSON")
-        doc = load_json(path)
+        doc = parse_json(text, path)
     else:
-        doc = load(path, flags)
+        doc = parse(text, base_dir(path), flags, source=str(path))
     job = Job.parse(doc, max_timeout=max_timeout or DEFAULT_MAX_TIMEOUT)
     return job, doc
 
 
-def load_json(path: Path) -> Any:
+def is_json(path: Path, text: str) -> bool:
+    """A job JSON by its name, or, with no telling name (``-``, ``<(cmd)``), by its first
+    character: a job.cfg starts with a section or a comment, never with ``{``."""
+    if path.suffix in (".json", ".cfg"):
+        return path.suffix == ".json"
+    return text.lstrip("\ufeff \t\r\n").startswith("{")
+
+
+def parse_json(text: str, path: Path) -> Any:
     """A job JSON document; a repeated key is refused (json would keep the last silently)."""
     from guestagent import jsondoc
 
     try:
-        return jsondoc.loads(read_input(path).decode())
-    except OSError as exc:
-        raise JobError(f"{path}: cannot read the job file: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise JobError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+        return jsondoc.loads(text)
     except jsondoc.DuplicateKey as exc:
         raise JobError(f"{path}: {exc}") from None
     except ValueError as exc:
