@@ -219,6 +219,15 @@ def test_scenario_file_errors(tmp_path: Path) -> None:
     assert "nested too deeply" in _bad(tmp_path, "a = " + "[" * 3000 + "]" * 3000 + "\n")
 
 
+def test_a_repeated_key_in_a_scenario_is_refused_in_one_line(tmp_path: Path) -> None:
+    # YAML kept the last value silently (TOML already refused it).
+    message = _bad(tmp_path, "instance:\n  instance_id: i-a\n  instance_id: i-b\n", "s.yaml")
+    assert message.endswith("s.yaml: not valid YAML at line 3: key 'instance_id' appears "
+                            "twice in one mapping: keep one")
+    assert "\n" not in message
+    assert "Cannot overwrite a value" in _bad(tmp_path, "[instance]\nx = 1\nx = 2\n")  # TOML
+
+
 def test_user_data_file_and_overrides(tmp_path: Path) -> None:
     (tmp_path / "boot.sh").write_bytes(b"#!/bin/sh\ntrue\n")
     (tmp_path / "s.toml").write_text("user_data_file = 'boot.sh'\n[tokens]\nrequired = true\n")

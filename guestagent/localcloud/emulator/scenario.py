@@ -221,6 +221,27 @@ def load_scenario(
     return scenario_from_mapping(data, base_dir=base_dir, source=source)
 
 
+def _unique_keys_loader(yaml: Any) -> Any:
+    """PyYAML's safe loader, refusing a key repeated in one mapping (it keeps the last
+    silently; TOML scenarios already refuse it). Scenarios are our own format: unlike
+    cloud-config, no other reader's semantics to keep."""
+
+    class Loader(yaml.SafeLoader):  # type: ignore[misc]
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen and key != "<<":
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice in one mapping: keep one",
+                        key_node.start_mark)
+                if isinstance(key, str | int | float | bool):
+                    seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return Loader
+
+
 def _parse(text: str, source: str, fmt: str) -> dict[str, Any]:
     if fmt == "yaml":
         try:
@@ -228,9 +249,12 @@ def _parse(text: str, source: str, fmt: str) -> dict[str, Any]:
         except ImportError as exc:
             raise ScenarioError(f"{source}: YAML scenarios need PyYAML; use TOML") from exc
         try:
-            loaded = yaml.safe_load(text)
+            loaded = yaml.load(text, Loader=_unique_keys_loader(yaml))  # noqa: S506 (safe)
         except yaml.YAMLError as exc:
-            raise ScenarioError(f"{source}: not valid YAML: {exc}") from exc
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ScenarioError(f"{source}: not valid YAML{at}: {problem}") from exc
         if loaded is None:
             return {}
         if not isinstance(loaded, dict):
