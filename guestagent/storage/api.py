@@ -352,14 +352,7 @@ def rclone_remote(settings: Any, environ: Mapping[str, str]) -> RcloneRemote:
     from guestagent.storage import endpoint, rclonebin
 
     cs = settings.credentials
-    if not cs.tcp_enabled:
-        raise StorageError("OSS mounts need the credential server's loopback listener "
-                           "(rclone reads keys over HTTP): set [credentials] tcp_enabled = true")
-    if not cs.tcp_port:  # the server's own choice, which rclone cannot be told
-        raise StorageError("OSS mounts need a fixed [credentials] tcp_port (0 means any "
-                           "free port, which rclone cannot be told); set one, e.g. 977")
-    prefix = f"/{cs.path_secret}" if cs.path_secret else ""
-    url = f"http://{cs.tcp_host}:{cs.tcp_port}{prefix}/v1/credentials/aws"
+    url = rclone_credentials_url(cs)
     ep = endpoint.resolve(settings.storage, environ,
                           lambda: endpoint.from_instance(settings.metadata))
     # The host endpoint's token file: rclone's SDK reads it itself, so the token is neither
@@ -367,6 +360,19 @@ def rclone_remote(settings: Any, environ: Mapping[str, str]) -> RcloneRemote:
     return RcloneRemote(endpoint=f"{ep.scheme}://{ep.netloc}", credentials_url=url,
                         region=ep.region, path_style=ep.path_style, token_file=cs.token_path,
                         rclone=rclonebin.locate(settings.storage.rclone))
+
+
+def rclone_credentials_url(cs: Any) -> str:
+    """Where rclone reads keys: the credential server's loopback listener (its AWS SDK
+    reads an http URL, not a Unix socket), at a port known before the server starts."""
+    if not cs.tcp_enabled:
+        raise StorageError("OSS mounts need the credential server's loopback listener "
+                           "(rclone reads keys over HTTP): set [credentials] tcp_enabled = true")
+    if not cs.tcp_port:  # the server's own choice, which rclone cannot be told
+        raise StorageError("OSS mounts need a fixed [credentials] tcp_port (0 means any "
+                           "free port, which rclone cannot be told); set one, e.g. 977")
+    prefix = f"/{cs.path_secret}" if cs.path_secret else ""
+    return f"http://{cs.tcp_host}:{cs.tcp_port}{prefix}/v1/credentials/aws"
 
 
 def unmount_record(run_dir: Path, record: Record) -> None:

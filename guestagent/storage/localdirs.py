@@ -61,3 +61,22 @@ def make_dirs(directory: Path, where: str) -> None:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BadInput(f"{where}: cannot create {directory}: {exc.strerror}") from None
+
+
+def refuse_sizeless(local: Path | str, fd: int) -> None:
+    """A file whose stat size is 0 (called so) yet which reads bytes: /proc and /sys
+    files. Uploads go by the size, so it would become an empty object without a word."""
+    if os.pread(fd, 1, 0):
+        raise BadInput(f"{local}: reports size 0 but has content: copy it to a regular file "
+                       "first (e.g. cat it into one)")
+
+
+def refuse_sizeless_path(local: str) -> None:
+    try:
+        fd = os.open(local, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise BadInput(f"{local}: cannot read: {exc.strerror}") from None
+    try:
+        refuse_sizeless(local, fd)
+    finally:
+        os.close(fd)

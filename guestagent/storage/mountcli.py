@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from guestagent.storage.errors import BadInput, StorageError
+from guestagent.storage.errors import BadInput, NotFound, StorageError
 
 EXIT_OK, EXIT_ABSENT, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 CLI_USER = "cli"  # the storage service's CLI_USER: the same user
@@ -71,6 +71,8 @@ def _guard(fn: Any) -> Any:
             return int(fn(args))
         except BadInput as exc:
             return _fail(EXIT_USAGE, str(exc))
+        except NotFound as exc:
+            return _fail(EXIT_ABSENT, str(exc))
         except StorageError as exc:
             return _fail(EXIT_UNAVAILABLE, str(exc))
 
@@ -105,11 +107,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
     entry = _entry(args.source, args.dest, False)
     settings = _settings(args)
+    remote = rclone_remote(settings, os.environ)
+    _check_bucket(settings, entry.source.bucket)
     # Counted in as "cli" until ``storage umount``: the mount outlives this command, and
     # another user (a task, the daemon) sharing the directory keeps it after the umount.
     mount = MountTable().add(Mount(entry.source, Path(entry.destination),
-                                   rclone_remote(settings, os.environ),
-                                   mount_options(settings), origin="cli"), CLI_USER)
+                                   remote, mount_options(settings), origin="cli"), CLI_USER)
     mount.let_go()  # the daemon's storage service supervises it from now on
     if args.json:
         print(json.dumps(mount.describe()))
@@ -117,6 +120,25 @@ def cmd_mount(args: argparse.Namespace) -> int:
         pid = mount.proc.pid if mount.proc else "?"
         print(f"mounted {mount.source} at {mount.dest} (read-only, pid {pid})")
     return EXIT_OK
+
+
+def _check_bucket(settings: Any, bucket: str) -> None:
+    """A missing bucket named before rclone starts (rclone says only "directory not
+    found"). Best effort: where this CLI gets no keys, rclone's own error stands."""
+    from guestagent.storage.connect import client_for
+
+    try:
+        client = client_for(settings)
+    except StorageError:
+        return
+    try:
+        client.head_bucket(bucket)
+    except NotFound:
+        raise NotFound(f"no such bucket: {bucket}", 404, "NoSuchBucket") from None
+    except StorageError:
+        pass  # no keys here, or an answer rclone will report in its own words
+    finally:
+        client.close()
 
 
 def _recorded(settings: Any) -> list[Any]:

@@ -14,6 +14,7 @@ Trees, sync and remove live in :mod:`guestagent.storage.trees` and are re-export
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import logging
@@ -31,7 +32,14 @@ from guestagent.storage import integrity, localdirs
 from guestagent.storage.errors import BadInput, NotFound, StorageError
 from guestagent.storage.ossurl import OssUrl
 from guestagent.storage.progress import NoProgress
-from guestagent.storage.s3 import CRC64_HEADER, FileSlice, LocalWriteError, ObjectInfo, S3Client
+from guestagent.storage.s3 import (
+    CRC64_HEADER,
+    FileSlice,
+    LocalWriteError,
+    ObjectInfo,
+    S3Client,
+    info_from_headers,
+)
 from guestagent.storage.settings import MAX_PARTS, MiB, StorageSettings
 from guestagent.storage.state import Record, StateDir, boot_id
 
@@ -126,6 +134,8 @@ class Transfers:
             st = os.fstat(fd)
             if not _is_regular(st.st_mode):
                 raise BadInput(f"{local}: not a regular file")
+            if st.st_size == 0:
+                localdirs.refuse_sizeless(local, fd)
             if announce:
                 self.progress.expect(st.st_size, 1)
             if st.st_size < self.options.multipart_threshold:
@@ -311,7 +321,8 @@ class Transfers:
         partial = local.with_name(local.name + PART_SUFFIX)
         try:
             if info.size < self.options.multipart_threshold:
-                self._get_whole(src, info, partial)
+                # A listing has no metadata; the GET's own headers carry the mtime.
+                info = _with_headers(info, self._get_whole(src, info, partial))
                 resumed = False
             else:
                 resumed = self._get_ranges(src, info, partial, local)
@@ -332,7 +343,7 @@ class Transfers:
         self.progress.finished(str(local), info.size)
         return Outcome(local, src, info.size, resumed=resumed)
 
-    def _get_whole(self, src: OssUrl, info: ObjectInfo, partial: Path) -> None:
+    def _get_whole(self, src: OssUrl, info: ObjectInfo, partial: Path) -> Mapping[str, str]:
         fd = _open_partial(partial)
         try:
             _reserve(fd, info.size)
@@ -360,6 +371,7 @@ class Transfers:
         if problem:
             partial.unlink()
             raise IntegrityError(problem)
+        return headers
 
     def _get_ranges(self, src: OssUrl, info: ObjectInfo, partial: Path, local: Path) -> bool:
         size = info.size
@@ -476,6 +488,15 @@ def _span(n: int, part: int, size: int) -> tuple[int, int]:
 
 def _meta(st: os.stat_result) -> dict[str, str]:
     return {"mtime": f"{st.st_mtime:.6f}"}
+
+
+def _with_headers(info: ObjectInfo, headers: Mapping[str, str]) -> ObjectInfo:
+    """``info`` (from a listing: no metadata, Last-Modified only) completed by the GET's
+    headers, which carry the object's metadata (our and rclone's ``mtime``)."""
+    if info.meta:
+        return info
+    got = info_from_headers(info.key, headers)
+    return dataclasses.replace(info, meta=got.meta, mtime=got.mtime or info.mtime)
 
 
 def _mtime(info: ObjectInfo) -> float:

@@ -176,13 +176,34 @@ def _cp_down(t: Any, args: argparse.Namespace) -> int:
     source = OssUrl.parse(args.src, "cp: source")
     local = Path(args.dst)
     if args.recursive:
-        return len(t.download_tree(OssUrl(source.bucket, source.prefix), local))
+        return _cp_down_tree(t, source, local)
     if args.dst.endswith(("/", os.sep)) and not source.is_dir:
         # 'out/' names a directory, as for cp(1) and the AWS CLI: the object goes in it
         # (made if need be), never to a file called 'out'.
         local = local / source.name
     t.download_file(source, local)
     return 1
+
+
+def _cp_down_tree(t: Any, source: Any, local: Path) -> int:
+    """``cp -r oss://b/name dir`` as ``rclone copy``: an object called ``name`` goes into
+    ``dir``; else everything under ``name/``; neither is an error, not 0 files copied."""
+    from guestagent.storage.errors import NotFound
+    from guestagent.storage.ossurl import OssUrl
+
+    if source.key and not source.is_dir:
+        info = t.client.head_object(source.bucket, source.key)
+        if info is not None:
+            t.download_file(source, local / source.name, info)
+            return 1
+    # Checked first so that a typo makes no empty destination directory.
+    if source.key and _empty(t.client, source.bucket, source.prefix):
+        raise NotFound(f"{source}: no such object or prefix", 404, "NoSuchKey")
+    return len(t.download_tree(OssUrl(source.bucket, source.prefix), local))
+
+
+def _empty(client: Any, bucket: str, prefix: str) -> bool:
+    return next(iter(client.list_objects(bucket, prefix, "/")), None) is None
 
 
 def _summary(args: argparse.Namespace, count: int, seconds: float) -> None:

@@ -96,6 +96,8 @@ def _local_file(full: str, real_root: str, root: Path) -> LocalFile | None:
     if not stat.S_ISREG(st.st_mode):
         log.warning("%s: not a regular file (fifo, socket or device); skipped", full)
         return None
+    if st.st_size == 0:  # checked in the scan: before any object of the tree is written
+        localdirs.refuse_sizeless_path(full)
     return LocalFile(Path(full), rel, st.st_size, st.st_mtime)
 
 

@@ -96,17 +96,21 @@ def _mount_options(settings: Any, client: Any) -> dict[str, Any]:
     creds = settings.credentials
     if not creds.tcp_enabled:
         return {}  # InputMapping then says mounts are not configured
+    from guestagent.storage.api import rclone_credentials_url
     from guestagent.storage.mounts import Options as MountOptions
     from guestagent.storage.mounts import RcloneRemote
 
     ep = client.endpoint
-    prefix = f"/{creds.path_secret}" if creds.path_secret else ""
-    remote = RcloneRemote(
-        endpoint=f"{ep.scheme}://{ep.netloc}",
-        credentials_url=f"http://{creds.tcp_host}:{creds.tcp_port}{prefix}/v1/credentials/aws",
-        region=ep.region, path_style=ep.path_style, token_file=creds.token_path)
+
+    def remote() -> RcloneRemote:
+        # Built at the first mount, so a bad [credentials] setting (tcp_port = 0) fails
+        # that mount with the one line, before rclone starts, and only jobs that mount.
+        return RcloneRemote(
+            endpoint=f"{ep.scheme}://{ep.netloc}", credentials_url=rclone_credentials_url(creds),
+            region=ep.region, path_style=ep.path_style, token_file=creds.token_path)
+
     run_dir = Path(settings.daemon.run_dir) / "storage"
-    return {"remote": remote, "options": MountOptions(run_dir=run_dir)}
+    return {"remote_factory": remote, "options": MountOptions(run_dir=run_dir)}
 
 
 def needs_storage(task: Task) -> bool:

@@ -149,3 +149,39 @@ def test_no_agent_running_is_named(s3: Any, tmp_path: Path) -> None:
     res = Cli(config)("storage", "ls", "oss://bkt/")
     assert res.returncode == 3
     assert "is the agent running?" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_cp_r_of_an_object_copies_it_into_the_directory(cli: Cli, tmp_path: Path,
+                                                        s3: Any) -> None:
+    boto(s3.url).put_object(Bucket="bkt", Key="d/one.txt", Body=b"just me")
+    out = tmp_path / "out"
+    got = cli("storage", "cp", "-r", "oss://bkt/d/one.txt", f"{out}/")
+    assert got.returncode == 0, got.stderr
+    assert (out / "one.txt").read_bytes() == b"just me"
+    assert "1 file(s) copied" in got.stderr
+    # The prefix form still copies the tree.
+    tree = cli("storage", "cp", "-r", "oss://bkt/d", str(tmp_path / "tree"))
+    assert tree.returncode == 0, tree.stderr
+    assert (tmp_path / "tree" / "one.txt").read_bytes() == b"just me"
+
+
+def test_cp_r_of_nothing_is_named(cli: Cli, tmp_path: Path) -> None:
+    got = cli("storage", "cp", "-r", "oss://bkt/nothing", str(tmp_path / "out"))
+    assert got.returncode == 1
+    assert "oss://bkt/nothing: no such object or prefix" in got.stderr
+    assert len(got.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_mount_of_a_missing_bucket_is_named_before_rclone(cli: Cli, tmp_path: Path) -> None:
+    # A fixed TCP port (never reached: the bucket is checked first) so the mount's own
+    # settings pass; rclone would say only "directory not found".
+    text = cli.config.read_text().replace(
+        "[credentials]\n", "[credentials]\ntcp_enabled = true\ntcp_port = 9\n")
+    cli.config.write_text(text + f'[daemon]\nrun_dir = "{tmp_path / "run"}"\n')
+    dest = tmp_path / "mnt"
+    got = cli("storage", "mount", "oss://no-such-bucket/in/", str(dest))
+    assert got.returncode == 1, got.stderr
+    assert "no such bucket: no-such-bucket" in got.stderr
+    assert len(got.stderr.strip().splitlines()) == 1
+    assert not dest.exists() and not (tmp_path / "run" / "storage" / "mounts").exists()
