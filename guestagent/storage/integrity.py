@@ -18,11 +18,8 @@ import hashlib
 import logging
 import os
 import re
-import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
-
-from guestagent.storage.errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +36,19 @@ def file_md5(fd: int, offset: int = 0, length: int | None = None) -> bytes:
     """MD5 of ``length`` bytes of an open file from ``offset`` (to the end if None)."""
     h = md5()
     end = os.fstat(fd).st_size if length is None else offset + length
-    pos = offset
+    update_from_file(h, fd, offset, end - offset)
+    return bytes(h.digest())
+
+
+def update_from_file(h: Any, fd: int, offset: int, length: int) -> None:
+    """Feed ``length`` bytes of an open file from ``offset`` to the hash ``h``."""
+    pos, end = offset, offset + length
     while pos < end:
         chunk = os.pread(fd, min(CHUNK, end - pos), pos)
         if not chunk:
             raise OSError(f"file shrank while reading (at byte {pos})")
         h.update(chunk)
         pos += len(chunk)
-    return bytes(h.digest())
 
 
 def is_plain(etag: str) -> bool:
@@ -166,51 +168,3 @@ class StreamCrc:
         if self.value is not None and self.next == os.fstat(fd).st_size:
             return crc64_problem(self.value, header, where)
         return check_crc64(fd, header, where)
-
-
-class Follower:
-    """Sums a file being downloaded in parts (MD5 and/or OSS's CRC64), in order, as far as
-    the done parts reach. One thread sums at a time; the others go back to downloading.
-    It reads the page cache into one reused buffer (no allocation per chunk)."""
-
-    def __init__(self, fd: int, part: int, size: int, done: Mapping[int, str], *,
-                 want_md5: bool, want_crc: bool) -> None:
-        self.fd, self.part, self.size, self.done = fd, part, size, done
-        self.digest = md5() if want_md5 else None
-        self.crc_fn = crc64_function() if want_crc else None
-        self.crc = 0
-        self.next = 1
-        self._lock = threading.Lock()
-        self._buf = bytearray(CHUNK)
-
-    def catch_up(self, *, wait: bool) -> None:
-        if not self._lock.acquire(blocking=wait):
-            return
-        try:
-            view = memoryview(self._buf)
-            while self.next in self.done:
-                pos = (self.next - 1) * self.part
-                end = min(pos + self.part, self.size)
-                while pos < end:
-                    n = os.preadv(self.fd, [view[:min(len(view), end - pos)]], pos)
-                    if not n:
-                        raise StorageError("download shrank while being checked")
-                    if self.digest is not None:
-                        self.digest.update(view[:n])
-                    if self.crc_fn is not None:
-                        self.crc = self.crc_fn(view[:n], self.crc)
-                    pos += n
-                self.next += 1
-        finally:
-            self._lock.release()
-
-    def finish(self) -> str:
-        self.catch_up(wait=True)
-        return str(self.digest.hexdigest()) if self.digest is not None else ""
-
-    def crc_problem(self, fd: int, header: str | None, where: str) -> str | None:
-        """The CRC64 check, from the running value when this follower took it."""
-        if self.crc_fn is None:
-            return check_crc64(fd, header, where)
-        self.catch_up(wait=True)
-        return crc64_problem(self.crc, header, where)

@@ -4,9 +4,9 @@
   server). Above it a multipart upload whose id and done parts are kept in the state dir;
   after kill -9 the same command resumes it (the server's ListParts is the truth, each part
   re-checked against the local bytes). A multipart object is invisible until Complete.
-- Download: into ``<name>.part``, ranges fetched in parallel (aligned with the uploader's
-  parts when known, so the multipart ETag can be checked), renamed over ``<name>`` only
-  when complete and verified. The record of done ranges lets kill -9 resume.
+- Download: into ``<name>.part``, renamed over ``<name>`` only when complete and verified.
+  Large objects come in parallel ranges (:mod:`guestagent.storage.ranges`) whose record
+  of landed bytes lets kill -9 resume.
 
 Trees, sync and remove live in :mod:`guestagent.storage.trees` and are re-exported here.
 """
@@ -33,7 +33,7 @@ from guestagent.storage.ossurl import OssUrl
 from guestagent.storage.progress import NoProgress
 from guestagent.storage.s3 import CRC64_HEADER, FileSlice, LocalWriteError, ObjectInfo, S3Client
 from guestagent.storage.settings import MAX_PARTS, MiB, StorageSettings
-from guestagent.storage.state import Record, StateDir, boot_id
+from guestagent.storage.state import Record, StateDir
 
 log = logging.getLogger(__name__)
 
@@ -360,105 +360,14 @@ class Transfers:
             raise IntegrityError(problem)
 
     def _get_ranges(self, src: OssUrl, info: ObjectInfo, partial: Path, local: Path) -> bool:
-        size = info.size
-        aligned = _uploader_part(info)
-        part = aligned or self.options.part_size_for(size)
-        count = math.ceil(size / part)
-        with self.state.unit("downloads", src.bucket, src.key, str(local.resolve())) as rec:
-            d = rec.data
-            resumed = (
-                (d.get("etag"), d.get("size"), d.get("part_size"), d.get("boot"))
-                == (info.etag, size, part, boot_id())
-                and partial.exists()
-                and partial.stat().st_size == size
-            )
-            done: dict[int, str] = {int(k): v for k, v in d.get("done", {}).items()}
-            if not resumed:
-                done = {}
-                rec.data = {"bucket": src.bucket, "key": src.key, "etag": info.etag,
-                            "size": size, "part_size": part, "done": {}, "boot": boot_id()}
-                fd = _open_partial(partial)
-                try:
-                    _reserve(fd, size)
-                except BaseException:
-                    os.close(fd)
-                    raise
-                rec.save(durable=False)
-            else:
-                fd = os.open(partial, os.O_RDWR)
-                log.info("%s: resuming download, %d of %d parts already here", src,
-                         len(done), count)
-            try:
-                self.progress.advance(sum(_span(n, part, size)[1] for n in done))
-                follower = self._fetch_parts(src, info, fd, part, count=count, done=done,
-                                             rec=rec, per_part=bool(aligned))
-                problem = self._verify(src, info, fd, done if aligned else None, follower)
-                if follower is not None:
-                    problem = problem or follower.crc_problem(fd, info.crc64, str(src))
-                else:
-                    problem = problem or integrity.check_crc64(fd, info.crc64, str(src))
-            finally:
-                os.close(fd)
-            rec.remove()
+        from guestagent.storage import ranges
+
+        resumed, problem = ranges.fetch(self, src, info, partial, local,
+                                       aligned=_uploader_part(info))
         if problem:
             partial.unlink()
             raise IntegrityError(problem)
         return resumed
-
-    def _fetch_parts(
-        self, src: OssUrl, info: ObjectInfo, fd: int, part: int, *,
-        count: int, done: dict[int, str], rec: Record, per_part: bool,
-    ) -> integrity.Follower | None:
-        """Fetch the missing parts. With ``per_part`` each range is hashed as it arrives
-        (for a multipart ETag); otherwise, for a plain-MD5 ETag, a follower hashes the file
-        in order behind the downloads, so little is left to hash at the end (it also takes
-        OSS's CRC64 when the object has one)."""
-        lock = threading.Lock()
-        md5 = not per_part and integrity.is_plain(info.etag)
-        crc = bool(info.crc64) and integrity.crc64_function() is not None
-        follower = None
-        if md5 or crc:
-            follower = integrity.Follower(fd, part, info.size, done, want_md5=md5,
-                                          want_crc=crc)
-
-        def one(n: int) -> None:
-            offset, length = _span(n, part, info.size)
-            digest = integrity.md5() if per_part else None
-
-            def write(pos: int, data: memoryview) -> None:
-                os.pwrite(fd, data, pos)
-                if digest is not None:
-                    digest.update(data)
-                self.progress.advance(len(data))
-
-            self.client.get_range(src.bucket, src.key, offset, offset + length, write,
-                                  etag=info.etag)
-            with lock:
-                done[n] = digest.hexdigest() if digest is not None else ""
-                rec.data["done"] = {str(k): v for k, v in done.items()}
-                rec.save(force=False, durable=False)  # trusted within this boot only
-            if follower is not None:
-                follower.catch_up(wait=False)
-
-        self._run_all(one, [n for n in range(1, count + 1) if n not in done])
-        return follower
-
-    def _verify(
-        self, src: OssUrl, info: ObjectInfo, fd: int, part_md5: Mapping[int, str] | None,
-        follower: integrity.Follower | None,
-    ) -> str | None:
-        etag = info.etag.lower()
-        if part_md5 is not None and integrity.parts_of(etag) == len(part_md5):
-            got = integrity.composite(bytes.fromhex(part_md5[n]) for n in sorted(part_md5))
-            return None if got == etag else f"{src}: multipart ETag {etag}, computed {got}"
-        if integrity.is_plain(etag):
-            if follower is not None and follower.digest is not None:
-                got = follower.finish()
-            else:
-                got = integrity.file_md5(fd).hex()
-            return None if got == etag else f"{src}: MD5 {got} does not match ETag {etag}"
-        log.debug("%s: ETag %s cannot be checked; size checked only", src, etag)
-        return None
 
 
 def _is_regular(mode: int) -> bool:
