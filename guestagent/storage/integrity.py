@@ -140,31 +140,52 @@ def check_crc64(fd: int, header: str | None, where: str) -> str | None:
     return crc64_problem(file_crc64(fd), header, where)
 
 
-class StreamCrc:
-    """OSS's CRC64 of a body written in order, taken as it arrives when the server is
-    known (or seen, in the answer's headers) to send one; else checked from the file."""
+class FileSums:
+    """MD5 and/or OSS's CRC64 of a file that is being written in order, read back from the
+    page cache (into one reused buffer) as far as it has landed. The CRC64 is taken when
+    the server is known (``expected``), or seen in the answer's headers (``begin``), to
+    send one; otherwise it is left to :func:`check_crc64`."""
 
-    def __init__(self, expected: str | None) -> None:
-        self.update_fn = crc64_function()
-        self.value: int | None = 0 if expected and self.update_fn else None
-        self.next = 0  # the offset the running value has reached
+    def __init__(self, fd: int, *, want_md5: bool, expected: str | None = None) -> None:
+        self.fd = fd
+        self.digest = md5() if want_md5 else None
+        self.crc_fn = crc64_function()
+        self.crc: int | None = 0 if expected and self.crc_fn else None
+        self.pos = 0  # bytes summed from the start of the file
+        self._buf = memoryview(bytearray(CHUNK))
 
     def begin(self, headers: Mapping[str, str]) -> None:
-        if self.value is None and self.next == 0 and self.update_fn and headers.get(
+        if self.crc is None and self.pos == 0 and self.crc_fn and headers.get(
                 "x-oss-hash-crc64ecma"):
-            self.value = 0
+            self.crc = 0
 
-    def update(self, offset: int, data: memoryview) -> None:
-        if self.value is not None and self.update_fn is not None:
-            if offset != self.next:  # not in order after all: check from the file
-                self.value = None
-                return
-            self.value = self.update_fn(data, self.value)
-            self.next += len(data)
+    @property
+    def idle(self) -> bool:
+        return self.digest is None and self.crc is None
 
-    def problem(self, fd: int, header: str | None, where: str) -> str | None:
+    def through(self, end: int, stop: Callable[[], bool] = lambda: False) -> None:
+        """Sum the file up to byte ``end`` (all of it landed), unless ``stop()``."""
+        if self.idle:
+            self.pos = end
+            return
+        view = self._buf
+        while self.pos < end and not stop():
+            n = os.preadv(self.fd, [view[:min(len(view), end - self.pos)]], self.pos)
+            if not n:
+                raise OSError(f"file shrank while being checked (at byte {self.pos})")
+            if self.digest is not None:
+                self.digest.update(view[:n])
+            if self.crc is not None and self.crc_fn is not None:
+                self.crc = self.crc_fn(view[:n], self.crc)
+            self.pos += n
+
+    def md5_hex(self) -> str | None:
+        return self.digest.hexdigest() if self.digest is not None else None
+
+    def crc_problem(self, header: str | None, where: str) -> str | None:
+        """The CRC64 check, from the running value when it covers the whole file."""
         if not header:
             return None
-        if self.value is not None and self.next == os.fstat(fd).st_size:
-            return crc64_problem(self.value, header, where)
-        return check_crc64(fd, header, where)
+        if self.crc is not None and self.pos == os.fstat(self.fd).st_size:
+            return crc64_problem(self.crc, header, where)
+        return check_crc64(self.fd, header, where)

@@ -110,54 +110,36 @@ class Landed:
 
 
 class Summer(threading.Thread):
-    """Sums the file in order as far as it has landed (MD5 and/or CRC64), in one reused
-    buffer read from the page cache, on its own thread: the sums are the longest serial
-    work of a download, so they start with the first bytes and never wait for a whole
-    range."""
+    """Sums the file in order as far as it has landed (MD5 and/or CRC64) on its own
+    thread: the sums are the longest serial work of a download, so they start with the
+    first bytes and never wait for a whole range."""
 
     def __init__(self, fd: int, landed: Landed, size: int, *, want_md5: bool,
-                 want_crc: bool) -> None:
+                 expected_crc: str | None) -> None:
         super().__init__(name="oss-sum", daemon=True)
-        self.fd, self.landed, self.size = fd, landed, size
-        self.digest = integrity.md5() if want_md5 else None
-        self.crc_fn = integrity.crc64_function() if want_crc else None
-        self.crc = 0
-        self.pos = 0
-        self._buf = memoryview(bytearray(integrity.CHUNK))
+        self.landed, self.size = landed, size
+        self.sums = integrity.FileSums(fd, want_md5=want_md5, expected=expected_crc)
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
-            while self.pos < self.size:
-                end = self.landed.wait_past(self.pos, STEP)
+            while self.sums.pos < self.size:
+                end = self.landed.wait_past(self.sums.pos, STEP)
                 if end is None:
                     return
-                self._sum(end)
+                self.sums.through(end, stop=lambda: self.landed.failed)
         except BaseException as exc:  # re-raised by the caller, in its thread
             self.error = exc
 
-    def _sum(self, end: int) -> None:
-        view = self._buf
-        while self.pos < end and not self.landed.failed:
-            n = os.preadv(self.fd, [view[:min(len(view), end - self.pos)]], self.pos)
-            if not n:
-                raise StorageError("download shrank while being checked")
-            if self.digest is not None:
-                self.digest.update(view[:n])
-            if self.crc_fn is not None:
-                self.crc = self.crc_fn(view[:n], self.crc)
-            self.pos += n
-
-    def result(self) -> tuple[str | None, int | None]:
-        """(MD5 hex, CRC64) of the whole file, each None if not taken."""
+    def result(self) -> integrity.FileSums:
+        """The sums, over the whole file."""
         if self.is_alive():
             self.join()
         if self.error is not None:
             raise self.error
-        if self.pos != self.size and (self.digest is not None or self.crc_fn is not None):
+        if not self.sums.idle and self.sums.pos != self.size:
             raise StorageError("the download ended before every byte was checked")
-        md5 = self.digest.hexdigest() if self.digest is not None else None
-        return md5, (self.crc if self.crc_fn is not None else None)
+        return self.sums
 
 
 def whole_md5(info: ObjectInfo) -> str | None:
@@ -225,10 +207,9 @@ class _Download:
     def run(self, per_part: bool) -> str | None:
         info = self.info
         want = None if per_part else whole_md5(info)
-        crc = bool(info.crc64) and integrity.crc64_function() is not None
         summer = Summer(self.fd, self.landed, info.size, want_md5=want is not None,
-                        want_crc=crc)
-        if want is not None or crc:
+                        expected_crc=info.crc64)
+        if not summer.sums.idle:
             summer.start()
         try:
             self.t._run_all(self._range_job(per_part), list(range(len(self.landed.spans))))
@@ -238,45 +219,55 @@ class _Download:
                 summer.join()  # before the caller closes the file it reads
             raise
         self.landed.end()
-        md5, crc_value = summer.result()
+        sums = summer.result()
         where = str(self.src)
         problem = None
         if per_part:
             problem = self._composite_problem(where)
-        elif want is not None and md5 != want:
-            problem = f"{where}: MD5 {md5} does not match the server's {want}"
-        if crc:
-            return problem or integrity.crc64_problem(crc_value, info.crc64, where)
-        return problem or integrity.check_crc64(self.fd, info.crc64, where)
+        elif want is not None and sums.md5_hex() != want:
+            problem = f"{where}: MD5 {sums.md5_hex()} does not match the server's {want}"
+        return problem or sums.crc_problem(info.crc64, where)
 
     def _range_job(self, per_part: bool) -> Callable[[int], None]:
         """Fetch what is missing of range ``i``; ``per_part``: also take its MD5 (what had
         landed before a resume is read back from the file)."""
-        fd, landed, advance = self.fd, self.landed, self.t.progress.advance
-        src, etag = self.src, self.info.etag
 
         def one(i: int) -> None:
-            offset, length = landed.spans[i]
-            have = landed.got[i]
-            digest: Any = None
-            if per_part:
-                digest = integrity.md5()
-                integrity.update_from_file(digest, fd, offset, have)
-
-            def write(pos: int, data: memoryview) -> None:
-                os.pwrite(fd, data, pos)
-                if digest is not None:
-                    digest.update(data)
-                landed.add(i, len(data))
-                advance(len(data))
-
+            offset, length = self.landed.spans[i]
+            have = self.landed.got[i]
+            if not per_part:
+                if have < length:
+                    self._into_file(i, offset + have, offset + length)
+                return
+            digest = integrity.md5()
+            integrity.update_from_file(digest, self.fd, offset, have)
             if have < length:
-                self.t.client.get_range(src.bucket, src.key, offset + have, offset + length,
-                                        write, etag=etag)
-            if digest is not None:
-                self.part_md5[i] = bytes(digest.digest())
+                self._through_python(i, offset + have, offset + length, digest)
+            self.part_md5[i] = bytes(digest.digest())
 
         return one
+
+    def _into_file(self, i: int, start: int, end: int) -> None:
+        landed, advance = self.landed, self.t.progress.advance
+
+        def done(pos: int, n: int) -> None:
+            landed.add(i, n)
+            advance(n)
+
+        self.t.client.get_range_into(self.src.bucket, self.src.key, start, end, fd=self.fd,
+                                     landed=done, etag=self.info.etag)
+
+    def _through_python(self, i: int, start: int, end: int, digest: Any) -> None:
+        fd, landed, advance = self.fd, self.landed, self.t.progress.advance
+
+        def write(pos: int, data: memoryview) -> None:
+            os.pwrite(fd, data, pos)
+            digest.update(data)
+            landed.add(i, len(data))
+            advance(len(data))
+
+        self.t.client.get_range(self.src.bucket, self.src.key, start, end, write,
+                                etag=self.info.etag)
 
     def _composite_problem(self, where: str) -> str | None:
         count, etag = len(self.landed.spans), self.info.etag

@@ -331,28 +331,28 @@ class Transfers:
         return Outcome(local, src, info.size, resumed=resumed)
 
     def _get_whole(self, src: OssUrl, info: ObjectInfo, partial: Path) -> None:
+        from guestagent.storage.ranges import whole_md5
+
         fd = _open_partial(partial)
         try:
             _reserve(fd, info.size)
-            # Both sums are taken as the bytes arrive (one pass; hashlib and fastcrc let
-            # the other threads run meanwhile), MD5 only for an ETag that is one.
-            digest = integrity.md5() if integrity.is_plain(info.etag) else None
-            crc = integrity.StreamCrc(info.crc64)
+            # The body goes into the file (spliced, on plain HTTP); each block is summed
+            # right after it lands, read back while the CPU's cache still holds it.
+            want = whole_md5(info)
+            sums = integrity.FileSums(fd, want_md5=want is not None, expected=info.crc64)
 
-            def write(offset: int, data: memoryview) -> None:
-                os.pwrite(fd, data, offset)
-                if digest is not None:
-                    digest.update(data)
-                crc.update(offset, data)
-                self.progress.advance(len(data))
+            def landed(offset: int, n: int) -> None:
+                sums.through(offset + n)
+                self.progress.advance(n)
 
-            headers = self.client.get_range(
-                src.bucket, src.key, 0, info.size, write, etag=info.etag, begin=crc.begin
+            headers = self.client.get_range_into(
+                src.bucket, src.key, 0, info.size, fd=fd, landed=landed, etag=info.etag,
+                begin=sums.begin,
             )
             problem = None
-            if digest is not None and digest.hexdigest() != info.etag.lower():
-                problem = f"{src}: MD5 {digest.hexdigest()} does not match ETag {info.etag}"
-            problem = problem or crc.problem(fd, headers.get(CRC64_HEADER), str(src))
+            if want is not None and sums.md5_hex() != want:
+                problem = f"{src}: MD5 {sums.md5_hex()} does not match ETag {info.etag}"
+            problem = problem or sums.crc_problem(headers.get(CRC64_HEADER), str(src))
         finally:
             os.close(fd)
         if problem:
