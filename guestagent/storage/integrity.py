@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import mmap
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -24,6 +25,10 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024  # read back in cache-sized blocks (see s3.READ_CHUNK)
+# A download's sums read the page cache through a mapping of this size at most (mapped
+# pages count in the RSS while mapped).
+WINDOW = 16 * 1024 * 1024
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map the window at once: no fault per page
 _PLAIN_ETAG = re.compile(r"^[0-9a-f]{32}$")
 _MULTI_ETAG = re.compile(r"^[0-9a-f]{32}-(\d+)$")
 
@@ -142,7 +147,7 @@ def check_crc64(fd: int, header: str | None, where: str) -> str | None:
 
 class FileSums:
     """MD5 and/or OSS's CRC64 of a file that is being written in order, read back from the
-    page cache (into one reused buffer) as far as it has landed. The CRC64 is taken when
+    page cache as far as it has landed. The CRC64 is taken when
     the server is known (``expected``), or seen in the answer's headers (``begin``), to
     send one; otherwise it is left to :func:`check_crc64`."""
 
@@ -152,7 +157,6 @@ class FileSums:
         self.crc_fn = crc64_function()
         self.crc: int | None = 0 if expected and self.crc_fn else None
         self.pos = 0  # bytes summed from the start of the file
-        self._buf = memoryview(bytearray(CHUNK))
 
     def begin(self, headers: Mapping[str, str]) -> None:
         if self.crc is None and self.pos == 0 and self.crc_fn and headers.get(
@@ -164,20 +168,24 @@ class FileSums:
         return self.digest is None and self.crc is None
 
     def through(self, end: int, stop: Callable[[], bool] = lambda: False) -> None:
-        """Sum the file up to byte ``end`` (all of it landed), unless ``stop()``."""
+        """Sum the file up to byte ``end`` (all of it landed), unless ``stop()``. The page
+        cache is mapped, a window at a time, and summed in place: no copy, and one call
+        (the GIL released) per window, not per block, so the other transfer threads run."""
         if self.idle:
             self.pos = end
             return
-        view = self._buf
         while self.pos < end and not stop():
-            n = os.preadv(self.fd, [view[:min(len(view), end - self.pos)]], self.pos)
-            if not n:
-                raise OSError(f"file shrank while being checked (at byte {self.pos})")
-            if self.digest is not None:
-                self.digest.update(view[:n])
-            if self.crc is not None and self.crc_fn is not None:
-                self.crc = self.crc_fn(view[:n], self.crc)
-            self.pos += n
+            base = self.pos - self.pos % mmap.ALLOCATIONGRANULARITY
+            length = min(end, base + WINDOW) - base
+            with mmap.mmap(self.fd, length, mmap.MAP_SHARED | _POPULATE, mmap.PROT_READ,
+                           offset=base) as window, memoryview(window) as view:
+                block = view[self.pos - base:]
+                if self.digest is not None:
+                    self.digest.update(block)
+                if self.crc is not None and self.crc_fn is not None:
+                    self.crc = self.crc_fn(block, self.crc)
+                block.release()
+            self.pos = base + length
 
     def md5_hex(self) -> str | None:
         return self.digest.hexdigest() if self.digest is not None else None

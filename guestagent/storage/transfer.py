@@ -331,18 +331,19 @@ class Transfers:
         return Outcome(local, src, info.size, resumed=resumed)
 
     def _get_whole(self, src: OssUrl, info: ObjectInfo, partial: Path) -> None:
-        from guestagent.storage.ranges import whole_md5
+        from guestagent.storage.ranges import STEP, whole_md5
 
         fd = _open_partial(partial)
         try:
             _reserve(fd, info.size)
-            # The body goes into the file (spliced, on plain HTTP); each block is summed
-            # right after it lands, read back while the CPU's cache still holds it.
+            # The body goes into the file (spliced, on plain HTTP) and is summed from the
+            # page cache every few MiB, in one call each (the GIL released meanwhile).
             want = whole_md5(info)
             sums = integrity.FileSums(fd, want_md5=want is not None, expected=info.crc64)
 
             def landed(offset: int, n: int) -> None:
-                sums.through(offset + n)
+                if offset + n - sums.pos >= STEP or offset + n == info.size:
+                    sums.through(offset + n)
                 self.progress.advance(n)
 
             headers = self.client.get_range_into(
