@@ -147,9 +147,9 @@ def check_crc64(fd: int, header: str | None, where: str) -> str | None:
 
 class FileSums:
     """MD5 and/or OSS's CRC64 of a file that is being written in order, read back from the
-    page cache as far as it has landed. The CRC64 is taken when
-    the server is known (``expected``), or seen in the answer's headers (``begin``), to
-    send one; otherwise it is left to :func:`check_crc64`."""
+    page cache as far as it has landed. The CRC64 is taken when the server is known
+    (``expected``), or seen in the answer's headers (``begin``), to send one; otherwise it
+    is left to :func:`check_crc64`."""
 
     def __init__(self, fd: int, *, want_md5: bool, expected: str | None = None) -> None:
         self.fd = fd
@@ -168,24 +168,35 @@ class FileSums:
         return self.digest is None and self.crc is None
 
     def through(self, end: int, stop: Callable[[], bool] = lambda: False) -> None:
-        """Sum the file up to byte ``end`` (all of it landed), unless ``stop()``. The page
-        cache is mapped, a window at a time, and summed in place: no copy, and one call
-        (the GIL released) per window, not per block, so the other transfer threads run."""
+        """Sum the file up to byte ``end`` (all of it landed), unless ``stop()``."""
         if self.idle:
             self.pos = end
-            return
+        elif end - self.pos <= CHUNK:  # a small object: one read costs less than a mapping
+            data = os.pread(self.fd, end - self.pos, self.pos)
+            if len(data) != end - self.pos:
+                raise OSError(f"file shrank while being checked (at byte {self.pos})")
+            self._add(memoryview(data))
+            self.pos = end
+        else:
+            self._mapped(end, stop)
+
+    def _mapped(self, end: int, stop: Callable[[], bool]) -> None:
+        """The page cache is mapped a window at a time and summed in place: no copy, and
+        one call (the GIL released) per window, not per block, so other threads run."""
         while self.pos < end and not stop():
             base = self.pos - self.pos % mmap.ALLOCATIONGRANULARITY
             length = min(end, base + WINDOW) - base
-            with mmap.mmap(self.fd, length, mmap.MAP_SHARED | _POPULATE, mmap.PROT_READ,
-                           offset=base) as window, memoryview(window) as view:
-                block = view[self.pos - base:]
-                if self.digest is not None:
-                    self.digest.update(block)
-                if self.crc is not None and self.crc_fn is not None:
-                    self.crc = self.crc_fn(block, self.crc)
-                block.release()
+            with (mmap.mmap(self.fd, length, mmap.MAP_SHARED | _POPULATE, mmap.PROT_READ,
+                            offset=base) as window,
+                  memoryview(window) as view, view[self.pos - base:] as block):
+                self._add(block)
             self.pos = base + length
+
+    def _add(self, block: memoryview) -> None:
+        if self.digest is not None:
+            self.digest.update(block)
+        if self.crc is not None and self.crc_fn is not None:
+            self.crc = self.crc_fn(block, self.crc)
 
     def md5_hex(self) -> str | None:
         return self.digest.hexdigest() if self.digest is not None else None
