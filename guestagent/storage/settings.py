@@ -13,6 +13,7 @@ MiB = 1024 * 1024
 MIN_PART = 5 * MiB
 MAX_PART = 5 * 1024 * MiB
 MAX_PARTS = 10_000
+MAX_CONCURRENCY = 256  # parts/files in flight: threads, each with a connection
 
 
 @dataclass(frozen=True)
@@ -109,8 +110,10 @@ class StorageSettings:
             )
         if self.multipart_threshold < self.part_size:
             raise ValueError("multipart_threshold: must be >= part_size")
-        if not 1 <= self.concurrency <= 256:
-            raise ValueError(f"concurrency: must be 1..256, got {self.concurrency}")
+        if not 1 <= self.concurrency <= MAX_CONCURRENCY:
+            raise ValueError(
+                f"concurrency: must be 1..{MAX_CONCURRENCY}, got {self.concurrency}"
+            )
         if self.timeout <= 0:
             raise ValueError(f"timeout: must be > 0, got {self.timeout}")
         if self.retries < 0:

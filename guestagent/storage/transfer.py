@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from xml.etree import ElementTree
 
-from guestagent.storage import integrity
+from guestagent.storage import integrity, localdirs
 from guestagent.storage.errors import BadInput, NotFound, StorageError
 from guestagent.storage.ossurl import OssUrl
 from guestagent.storage.progress import NoProgress
@@ -299,7 +299,7 @@ class Transfers:
             local = local / src.name
         if announce:
             self.progress.expect(info.size, 1)
-        local.parent.mkdir(parents=True, exist_ok=True)
+        localdirs.make_dirs(local.parent, str(src))  # a file in the way: one line
         check_space(local.parent, info.size)
         return self.fetch(src, info, local)
 

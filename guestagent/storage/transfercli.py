@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -35,7 +36,7 @@ def size_arg(text: str) -> int:
     unit = raw[-1:] if raw[-1:] in UNITS else ""
     try:
         return int(float(raw[: len(raw) - len(unit)]) * UNITS[unit])
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: "inf"
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 8M, 64MiB)") from None
 
 
@@ -106,8 +107,7 @@ def _session(args: argparse.Namespace) -> Iterator[Any]:
         options = Options.from_settings(settings, **overrides)
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from None
-    if options.concurrency < 1 or options.part_size < 5 * 1024 * 1024:
-        raise UsageError("--concurrency must be >= 1 and --part-size >= 5M")
+    _check_flags(options)
     client = client_for(settings)
     sink = progress.choose(bool(getattr(args, "json", False)))
     transfers = Transfers(client, options, sink)
@@ -117,6 +117,18 @@ def _session(args: argparse.Namespace) -> Iterator[Any]:
         transfers.close()
         client.close()
         sink.close()
+
+
+def _check_flags(options: Any) -> None:
+    """The flags within what ``[storage]`` accepts: OSS refuses parts over 5 GiB only
+    after the first one is sent, and thousands of threads would exhaust the machine."""
+    from guestagent.storage.settings import MAX_CONCURRENCY, MAX_PART, MIN_PART
+
+    if not MIN_PART <= options.part_size <= MAX_PART:
+        raise UsageError(f"--part-size: must be 5M..5G, got {options.part_size} bytes")
+    if not 1 <= options.concurrency <= MAX_CONCURRENCY:
+        raise UsageError(f"--concurrency: must be 1..{MAX_CONCURRENCY}, "
+                         f"got {options.concurrency}")
 
 
 def _kind(text: str) -> str:
@@ -131,37 +143,46 @@ def cmd_cp(args: argparse.Namespace) -> int:
 
 def _cp(args: argparse.Namespace) -> int:
     from guestagent.storage.errors import BadInput
-    from guestagent.storage.ossurl import OssUrl
 
     kinds = (_kind(args.src), _kind(args.dst))
     if kinds in (("oss", "oss"), ("local", "local")):
         raise BadInput("cp: one side must be oss://bucket/... and the other a local path")
     start = time.monotonic()
     with _session(args) as t:
-        if kinds == ("local", "oss"):
-            dest = OssUrl.parse(args.dst, "cp: destination")
-            src = Path(args.src)
-            if args.recursive:
-                if not src.is_dir():
-                    raise BadInput(f"cp -r: {src} is not a directory")
-                keys = t.upload_tree(src, OssUrl(dest.bucket, dest.prefix))
-                count = len(keys)
-            else:
-                if src.is_dir():
-                    raise BadInput(f"cp: {src} is a directory; use -r")
-                t.upload_file(src, dest)
-                count = 1
-        else:
-            source = OssUrl.parse(args.src, "cp: source")
-            local = Path(args.dst)
-            if args.recursive:
-                keys = t.download_tree(OssUrl(source.bucket, source.prefix), local)
-                count = len(keys)
-            else:
-                t.download_file(source, local)
-                count = 1
+        count = _cp_up(t, args) if kinds == ("local", "oss") else _cp_down(t, args)
     _summary(args, count, time.monotonic() - start)
     return EXIT_OK
+
+
+def _cp_up(t: Any, args: argparse.Namespace) -> int:
+    from guestagent.storage.errors import BadInput
+    from guestagent.storage.ossurl import OssUrl
+
+    dest = OssUrl.parse(args.dst, "cp: destination")
+    src = Path(args.src)
+    if args.recursive:
+        if not src.is_dir():
+            raise BadInput(f"cp -r: {src} is not a directory")
+        return len(t.upload_tree(src, OssUrl(dest.bucket, dest.prefix)))
+    if src.is_dir():
+        raise BadInput(f"cp: {src} is a directory; use -r")
+    t.upload_file(src, dest)
+    return 1
+
+
+def _cp_down(t: Any, args: argparse.Namespace) -> int:
+    from guestagent.storage.ossurl import OssUrl
+
+    source = OssUrl.parse(args.src, "cp: source")
+    local = Path(args.dst)
+    if args.recursive:
+        return len(t.download_tree(OssUrl(source.bucket, source.prefix), local))
+    if args.dst.endswith(("/", os.sep)) and not source.is_dir:
+        # 'out/' names a directory, as for cp(1) and the AWS CLI: the object goes in it
+        # (made if need be), never to a file called 'out'.
+        local = local / source.name
+    t.download_file(source, local)
+    return 1
 
 
 def _summary(args: argparse.Namespace, count: int, seconds: float) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from guestagent.storage import integrity
+from guestagent.storage import integrity, localdirs
 from guestagent.storage.errors import BadInput, NotFound, StorageError
 from guestagent.storage.ossurl import OssUrl, check_key
 from guestagent.storage.s3 import ObjectInfo, S3Client
@@ -171,7 +171,11 @@ def plan_download(remote: dict[str, ObjectInfo], src: OssUrl, root: Path
     targets = Targets(root)
     plan = []
     for rel, info in sorted(remote.items()):
-        plan.append((info, targets.target(rel, f"oss://{src.bucket}/{info.key}")))
+        where = f"oss://{src.bucket}/{info.key}"
+        if "//" in rel:  # 'a//b' and 'a/b' would both land on a/b, one over the other
+            raise BadInput(f"{where}: has an empty path segment ('//'); it cannot be "
+                           "downloaded as a tree")
+        plan.append((info, targets.target(rel, where)))
     dirs: set[str] = set()
     for rel in remote:
         parts = rel.split("/")[:-1]
@@ -181,6 +185,14 @@ def plan_download(remote: dict[str, ObjectInfo], src: OssUrl, root: Path
             raise BadInput(f"oss://{src.bucket}/{src.prefix}{rel}: is both an object and a "
                            "directory prefix; it cannot be downloaded as a tree")
     return plan
+
+
+def _check_local(plan: list[tuple[ObjectInfo, Path]], root: Path, where: str) -> None:
+    """Files where directories go, or directories where files go: named before any
+    directory is made (else the tree fails half-way, after others landed)."""
+    targets = [target for _, target in plan]
+    localdirs.check_dirs(sorted({root, *(t.parent for t in targets)}), where)
+    localdirs.check_files(targets, where)
 
 
 # -- unchanged? ----------------------------------------------------------------------------
@@ -287,8 +299,9 @@ def download_tree(
     """Download every object under the directory ``src`` into ``root``."""
     remote = list_remote(t.client, src)
     plan = plan_download(remote, src, root)  # every key checked before anything is made
+    _check_local(plan, root, str(src))
     if not dry_run:
-        root.mkdir(parents=True, exist_ok=True)
+        localdirs.make_dirs(root, str(src))
     summary = Summary()
     todo: list[tuple[ObjectInfo, Path]] = []
     for info, target in plan:
@@ -311,7 +324,7 @@ def download_tree(
         return summary
     check_space(root, summary.nbytes)
     for parent in sorted({target.parent for _, target in todo}):
-        parent.mkdir(parents=True, exist_ok=True)
+        localdirs.make_dirs(parent, str(src))
     t.progress.expect(summary.nbytes, len(todo))
     _run([_download_job(t, src, info, target) for info, target in todo],
          _workers(t, upload=False))
