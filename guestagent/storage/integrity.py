@@ -169,6 +169,8 @@ class FileSums:
 
     def through(self, end: int, stop: Callable[[], bool] = lambda: False) -> None:
         """Sum the file up to byte ``end`` (all of it landed), unless ``stop()``."""
+        if end <= self.pos:
+            return
         if self.idle:
             self.pos = end
         elif end - self.pos <= CHUNK:  # a small object: one read costs less than a mapping
@@ -191,6 +193,13 @@ class FileSums:
                   memoryview(window) as view, view[self.pos - base:] as block):
                 self._add(block)
             self.pos = base + length
+
+    def feed(self, offset: int, data: memoryview) -> None:
+        """Sum ``data``, just written at ``offset``, from memory (it is in order: the
+        file up to it has been summed)."""
+        self.through(offset)
+        self._add(data)
+        self.pos += len(data)
 
     def _add(self, block: memoryview) -> None:
         if self.digest is not None:

@@ -262,13 +262,13 @@ def test_full_disk_during_the_write(transfers: Transfers, bkt: str, tmp_path: Pa
     monkeypatch.setattr(transfer, "_fallocate", lambda: lambda fd, size: errno.EOPNOTSUPP)
     # The space is there when the download starts and gone while it writes.
     filler = small_fs / "filler"
-    original = transfers.client.get_range_into
+    original = transfers.client.get_range
 
     def fill_then_get(*args: Any, **kw: Any) -> Any:
         filler.write_bytes(b"\0" * (3 * MiB))
         return original(*args, **kw)
 
-    transfers.client.get_range_into = fill_then_get  # type: ignore[method-assign]
+    transfers.client.get_range = fill_then_get  # type: ignore[method-assign]
     with pytest.raises(StorageError) as info:
         transfers.download_file(OssUrl.parse("oss://bkt/f.bin"), small_fs / "f.bin")
     assert "No space left" in one_line(info.value)
