@@ -28,6 +28,7 @@ from guestagent.storage import nas
 from guestagent.storage.errors import BadInput, StorageError
 from guestagent.storage.keys import KeyProvider
 from guestagent.storage.mappings import MountEntry, NasSource, local_dir, parse_package_path
+from guestagent.storage.mountrefs import MountRefs, Record, process_user
 from guestagent.storage.mounts import Mount, MountTable, Options, RcloneRemote
 from guestagent.storage.nas import NasPlan
 from guestagent.storage.ossurl import OssUrl
@@ -86,9 +87,11 @@ class MountHandle:
     source: OssUrl
     dest: Path
     _table: MountTable
+    user: str = ""  # who it was counted in for (host-wide, see storage.mountrefs)
 
     def release(self) -> None:
-        self._table.release(self.dest)
+        """Count this user out; the last user (in any process) unmounts."""
+        self._table.release(self.dest, user=self.user or None)
 
     def healthy(self) -> bool:
         return any(m.dest == self.dest and m.check() == "ok" for m in self._table.mounts())
@@ -121,6 +124,7 @@ class Storage:
         self.package_limits = package_limits
         self.sessions: list[OutputSession] = []
         self._lock = threading.Lock()
+        self._watching: threading.Event | None = None
 
     @classmethod
     def from_settings(cls, settings: Any, keys: KeyProvider | None = None,
@@ -210,9 +214,17 @@ class Storage:
         self._transfers().upload_file(source, target)
         return target
 
+    @property
+    def refs(self) -> MountRefs | None:
+        """The host-wide counts of mount users (None when mounts are not configured)."""
+        return self.options.refs if self.options is not None else None
+
     def mount(self, source_url: str | OssUrl, dest: Path, write: bool = False, *,
-              origin: str = "task") -> MountHandle:
-        """A read-only, supervised mount of an OSS directory at ``dest``."""
+              origin: str = "task", user: str | None = None) -> MountHandle:
+        """A read-only, supervised mount of an OSS directory at ``dest``, counted in for
+        ``user`` (default: this process, for as long as it lives): joined if another user
+        (in any process) has the same source mounted there, refused in one line if it has
+        another source there, or a mount point inside or around ``dest``."""
         if write:
             raise BadInput(f"mount {source_url}: writable OSS mounts are not supported; "
                            "mount read-only and upload results with an OutputMapping")
@@ -221,8 +233,30 @@ class Storage:
         remote = self.rclone_remote()
         if self.options is None:
             raise StorageError("OSS mounts are not configured in this agent")
-        self.mounts.add(Mount(source, path, remote, self.options, origin=origin))
-        return MountHandle(source, path, self.mounts)
+        user = user or process_user(origin)
+        self.mounts.add(Mount(source, path, remote, self.options, origin=origin), user)
+        if origin == "task":
+            self._watch()
+        return MountHandle(source, path, self.mounts, user)
+
+    def _watch(self) -> None:
+        """Check (and, as their supervisor, heal) the task mounts from a thread of our own:
+        the daemon's storage service checks only its own table."""
+        with self._lock:
+            if self._watching is not None or self.options is None:
+                return
+            self._watching = threading.Event()
+            stop, interval = self._watching, self.options.check_interval
+        threading.Thread(target=self.mounts.watch, args=(stop, interval), daemon=True,
+                         name="storage-mount-watch").start()
+
+    def leave(self) -> None:
+        """An agent restart: mounts stay for their users, unsupervised by this process."""
+        with self._lock:
+            stop, self._watching = self._watching, None
+        if stop is not None:
+            stop.set()
+        self.mounts.let_go_all()
 
     def nas_plan(self, source_url: str, dest: Path, write: bool = False, *,
                  lock: bool | None = None) -> NasPlan:
@@ -267,6 +301,10 @@ class Storage:
             self.transfers.close()
         for session in list(self.sessions):
             self.close_output(session)
+        with self._lock:
+            stop, self._watching = self._watching, None
+        if stop is not None:
+            stop.set()
         self.mounts.stop_all()
 
 
@@ -328,6 +366,25 @@ def rclone_remote(settings: Any, environ: Mapping[str, str]) -> RcloneRemote:
                         rclone=rclonebin.locate(settings.storage.rclone))
 
 
+def unmount_record(run_dir: Path, record: Record) -> None:
+    """Undo a mount whose last user left, whoever made it: a NAS mount is unmounted (and
+    the directories made for it removed); an OSS one is unmounted and its rclone (found
+    by its record under ``run_dir``, the mount options' run dir) ended."""
+    where = Path(record.where)
+    if not record.source.startswith("oss://"):
+        nas.unmount(where)
+        remove_made(where, Path(record.made) if record.made else None)
+        return
+    from guestagent.storage.mounts import read_record
+
+    mount = Mount(OssUrl.parse(record.source), where, RcloneRemote("", ""),
+                  Options(run_dir=run_dir))
+    recorded = read_record(mount.record_path)
+    if recorded is not None:
+        mount.adopt(recorded)
+    mount.stop()
+
+
 def _make_dir(path: Path) -> Path | None:
     """Create ``path`` (and missing parents); the topmost directory created, if any."""
     top = None
@@ -360,4 +417,5 @@ def _oss_dir(url: str | OssUrl, where: str) -> OssUrl:
     return parsed
 
 
-__all__ = ["MountHandle", "NasHandle", "NasOptions", "Storage", "Transfers", "remove_made"]
+__all__ = ["MountHandle", "NasHandle", "NasOptions", "Storage", "Transfers", "remove_made",
+           "unmount_record"]

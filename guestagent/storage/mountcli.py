@@ -17,6 +17,7 @@ from typing import Any
 from guestagent.storage.errors import BadInput, StorageError
 
 EXIT_OK, EXIT_ABSENT, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+CLI_USER = "cli"  # the storage service's CLI_USER: the same user
 
 
 def register(sub: Any) -> None:
@@ -100,13 +101,16 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if args.source.startswith("nas://"):
         return cmd_nas_mount(args)
     from guestagent.storage.api import mount_options, rclone_remote
-    from guestagent.storage.mounts import Mount
+    from guestagent.storage.mounts import Mount, MountTable
 
     entry = _entry(args.source, args.dest, False)
     settings = _settings(args)
-    mount = Mount(entry.source, Path(entry.destination), rclone_remote(settings, os.environ),
-                  mount_options(settings), origin="cli")
-    mount.start()
+    # Counted in as "cli" until ``storage umount``: the mount outlives this command, and
+    # another user (a task, the daemon) sharing the directory keeps it after the umount.
+    mount = MountTable().add(Mount(entry.source, Path(entry.destination),
+                                   rclone_remote(settings, os.environ),
+                                   mount_options(settings), origin="cli"), CLI_USER)
+    mount.let_go()  # the daemon's storage service supervises it from now on
     if args.json:
         print(json.dumps(mount.describe()))
     else:
@@ -162,14 +166,27 @@ def cmd_umount(args: argparse.Namespace) -> int:
     dest = Path(args.dest).absolute()
     for mount in _recorded(_settings(args)):
         if mount.dest == dest:
-            mount.stop()
-            print(f"unmounted {dest}")
-            return EXIT_OK
+            return _count_out(mount)
     if mountinfo(dest) == "fuse.rclone":
         lazy_unmount(dest)
         print(f"unmounted {dest} (no record of it was kept)")
         return EXIT_OK
     return _fail(EXIT_ABSENT, f"{dest}: not a mount made by the agent")
+
+
+def _count_out(mount: Any) -> int:
+    """Count the CLI out of ``mount``; unmount only if no other user (a task, the
+    daemon's settings, a process) still reads it."""
+    where = str(mount.dest)
+    done = mount.refs.release(where, CLI_USER, lambda _record: mount.stop())
+    if done is None:  # a mount from before the counts: the CLI's alone
+        mount.stop()
+    elif not done:
+        users = ", ".join(mount.refs.users(where))
+        print(f"{where}: left mounted for its other users ({users})")
+        return EXIT_OK
+    print(f"unmounted {where}")
+    return EXIT_OK
 
 
 # -- NAS -----------------------------------------------------------------------------------

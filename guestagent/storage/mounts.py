@@ -36,6 +36,7 @@ from guestagent import detached, process
 from guestagent.files import atomic_write
 from guestagent.storage import rclonebin
 from guestagent.storage.errors import BadInput, StorageError
+from guestagent.storage.mountrefs import Claim, MountRefs, proc_start, process_user
 from guestagent.storage.ossurl import OssUrl
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,12 @@ class Options:
     stat_timeout: float = 2.0
     dir_cache_time: float = 30.0
     allow_other: bool = True
+    check_interval: float = 2.0  # how often a task's mounts are checked (and healed)
+
+    @property
+    def refs(self) -> MountRefs:
+        """The host-wide counts of who uses which mount point (beside the records)."""
+        return MountRefs(self.run_dir / "refs")
 
 
 # -- the kernel's view ---------------------------------------------------------------------
@@ -229,18 +236,6 @@ class _Adopted:
                 os.killpg(self._pid, signal.SIGKILL)
 
 
-def proc_start(pid: int) -> str:
-    """The start time of ``pid`` in clock ticks since boot ("" if gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    fields = stat.rpartition(")")[2].split()
-    if len(fields) < 20 or fields[0] == "Z":
-        return ""
-    return fields[19]
-
-
 # -- one mount -----------------------------------------------------------------------------
 
 class Mount:
@@ -260,6 +255,8 @@ class Mount:
         self._probe = _Probe()
         self._hung = 0
         self._lock = threading.Lock()
+        # This process's hold on the mount point's supervision (see :meth:`heal`).
+        self._supervisor: int | None = None
 
     def __repr__(self) -> str:
         return f"Mount({self.source} -> {self.dest})"
@@ -268,6 +265,13 @@ class Mount:
     def record_path(self) -> Path:
         digest = hashlib.sha256(str(self.dest).encode()).hexdigest()[:16]
         return self.options.run_dir / "mounts" / f"{digest}.json"
+
+    @property
+    def refs(self) -> MountRefs:
+        return self.options.refs
+
+    def claim(self, user: str) -> Claim:
+        return Claim(str(self.dest), str(self.source), "ro", user)
 
     @property
     def work_name(self) -> str:
@@ -356,6 +360,8 @@ class Mount:
 
     def check(self) -> str:
         """Current health: ok, not-mounted, disconnected, hung, process-dead, error: ..."""
+        if self.proc is not None and self._supervisor is None:
+            self.refresh()
         if self.proc is None:
             self.health = "stopped"
         elif not self.proc.alive():
@@ -367,26 +373,63 @@ class Mount:
         return self.health
 
     def heal(self) -> bool:
-        """Remount if unhealthy; True if a remount was made."""
-        with self._lock:
-            if self.proc is None or self.check() == "ok":
+        """Remount if unhealthy; True if a remount was made.
+
+        Several processes may use one mount point (see :mod:`guestagent.storage.mountrefs`);
+        only its supervisor remounts: the process holding the point's supervision flock,
+        first the one that made the mount, and once it lets go or dies (the kernel drops
+        the lock) whichever other user checks next. Two supervisors would each see the
+        other's fresh rclone as "not ours" and replace it in turn; the others only report.
+        A remount holds the point's record lock, so it never races the last user's
+        unmount, and happens only while some user still counts on the mount."""
+        if self.proc is None or not self.supervise():
+            return False
+        with self.refs.holding(str(self.dest)) as record, self._lock:
+            if record is None or not record.users or self.check() == "ok":
                 self._hung = 0
                 return False
-            if self.health == "hung":
-                # A slow answer is not yet a dead mount: remount after several in a row.
-                self._hung += 1
-                if self._hung < HUNG_CHECKS:
-                    return False
-            self._hung = 0
-            log.warning("mount %s at %s is %s: remounting", self.source, self.dest, self.health)
-            self.proc.stop(2.0)
-            try:
-                self._spawn()
-            except StorageError as exc:
-                self.last_error = str(exc)
+            return self._remount()
+
+    def _remount(self) -> bool:
+        assert self.proc is not None
+        if self.health == "hung":
+            # A slow answer is not yet a dead mount: remount after several in a row.
+            self._hung += 1
+            if self._hung < HUNG_CHECKS:
                 return False
-            self.remounts += 1
-            return True
+        self._hung = 0
+        log.warning("mount %s at %s is %s: remounting", self.source, self.dest, self.health)
+        self.proc.stop(2.0)
+        try:
+            self._spawn()
+        except StorageError as exc:
+            self.last_error = str(exc)
+            return False
+        self.remounts += 1
+        return True
+
+    def supervise(self) -> bool:
+        """True if this process supervises the mount (taking it over if nobody does)."""
+        if self._supervisor is None:
+            self._supervisor = self.refs.supervise(str(self.dest))
+            if self._supervisor is not None:
+                self.refresh()  # the last supervisor may have remounted since we looked
+        return self._supervisor is not None
+
+    def let_go(self) -> None:
+        """Stop supervising (another user's process takes over at its next check)."""
+        fd, self._supervisor = self._supervisor, None
+        if fd is not None:
+            os.close(fd)
+
+    def refresh(self) -> None:
+        """Follow the recorded rclone: another process may have remounted."""
+        record = read_record(self.record_path)
+        if record is None or record.get("dest") != str(self.dest):
+            return
+        pid = int(record.get("pid") or 0)
+        if self.proc is None or pid != self.proc.pid:
+            self.adopt(record)
 
     def stop(self, grace: float = 5.0) -> None:
         """Lazy unmount (busy files keep working until closed), then end rclone."""
@@ -402,6 +445,7 @@ class Mount:
             self.health = "stopped"
             with contextlib.suppress(FileNotFoundError):
                 self.record_path.unlink()
+            self.let_go()
             log.info("unmounted %s", self.dest)
 
     def adopt(self, record: Mapping[str, Any]) -> None:
@@ -422,7 +466,7 @@ class Mount:
             "source": str(self.source), "dest": str(self.dest), "kind": "oss",
             "origin": self.origin, "pid": pid, "started": proc_start(pid) if pid else "",
             "health": self.health, "remounts": self.remounts, "log": str(self.log_path),
-            "rclone": self.remote.rclone,
+            "rclone": self.remote.rclone, "users": self.refs.users(str(self.dest)),
         }
         if self.last_error:
             out["error"] = self.last_error
@@ -430,10 +474,12 @@ class Mount:
 
 
 class MountTable:
-    """The mounts one process supervises: made, checked, healed, released."""
+    """The mounts one process uses, each with the users it counts in for them (host-wide in
+    :class:`MountRefs`): made or joined, checked, healed (when supervising), released."""
 
     def __init__(self) -> None:
         self._mounts: dict[Path, Mount] = {}
+        self._users: dict[Path, list[str]] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -443,52 +489,116 @@ class MountTable:
         with self._lock:
             return list(self._mounts.values())
 
-    def add(self, mount: Mount) -> Mount:
-        """Start ``mount`` (or adopt the live one a record names) and supervise it."""
+    def add(self, mount: Mount, user: str | None = None) -> Mount:
+        """Count ``user`` (default: this process) in at ``mount.dest``: mount it if no one
+        has, else join the mount there (the same source, read-only) and adopt its rclone.
+        A conflicting or nested mount point is refused before anything is mounted. The
+        Mount object that serves ``user`` (an earlier one of this table's, if any)."""
+        user = user or process_user(mount.origin)
         with self._lock:
-            if mount.dest in self._mounts:
-                raise BadInput(f"{mount.dest}: already mounted by this agent "
-                               f"({self._mounts[mount.dest].source})")
-            self._mounts[mount.dest] = mount
+            held = self._mounts.setdefault(mount.dest, mount)
+            self._users.setdefault(mount.dest, [])
         try:
-            record = read_record(mount.record_path)
-            if record is not None and record.get("source") == str(mount.source):
-                mount.adopt(record)
-                if mount.check() == "ok":
-                    log.info("adopted mount %s at %s", mount.source, mount.dest)
-                    return mount
-                mount.heal()
-                if mount.health == "ok":
-                    return mount
-            mount.start()
+            _from_before_counts(held)
+            made = held.refs.acquire(mount.claim(user), lambda: _make(held),
+                                     lambda: mountinfo(held.dest) is not None)
         except BaseException:
             with self._lock:
-                self._mounts.pop(mount.dest, None)
+                if not self._users.get(held.dest):
+                    self._mounts.pop(held.dest, None)
+                    self._users.pop(held.dest, None)
             raise
-        return mount
-
-    def release(self, dest: Path, grace: float = 5.0) -> bool:
+        if not made and held.proc is None:
+            _join(held)
         with self._lock:
-            mount = self._mounts.pop(Path(dest), None)
-        if mount is None:
-            return False
-        mount.stop(grace)
+            self._mounts.setdefault(held.dest, held)
+            users = self._users.setdefault(held.dest, [])
+            if user not in users:
+                users.append(user)
+        return held
+
+    def release(self, dest: Path, grace: float = 5.0, user: str | None = None) -> bool:
+        """Count ``user`` (default: every user this table holds there) out of ``dest``; the
+        last user host-wide unmounts. False if this table holds nothing there."""
+        with self._lock:
+            mount = self._mounts.get(Path(dest))
+            if mount is None:
+                return False
+            held = self._users.get(mount.dest, [])
+            gone = [u for u in held if user in (None, u)]
+            left = [u for u in held if u not in gone]
+            self._users[mount.dest] = left
+            if not left:
+                self._mounts.pop(mount.dest, None)
+                self._users.pop(mount.dest, None)
+        for one in gone:
+            _count_out(mount, one, grace)
+        if not left:
+            mount.let_go()
         return True
 
     def check_all(self) -> int:
-        """Heal every unhealthy mount; the number remounted."""
+        """Heal every unhealthy mount this process supervises; the number remounted."""
         return sum(1 for m in self.mounts() if m.heal())
 
     def watch(self, stop: threading.Event, interval: float = 1.0) -> None:
         while not stop.wait(interval):
-            self.check_all()
+            try:
+                self.check_all()
+            except Exception as exc:  # a check must never end the watch
+                log.warning("mount check failed: %s", exc)
 
     def stop_all(self, grace: float = 5.0) -> None:
         for mount in self.mounts():
             self.release(mount.dest, grace)
 
+    def let_go_all(self) -> None:
+        """Leave every mount as it is, unsupervised by this process (an agent restart:
+        the next agent, or another user, takes over)."""
+        for mount in self.mounts():
+            mount.let_go()
+
     def describe(self) -> list[dict[str, Any]]:
         return [m.describe() for m in self.mounts()]
+
+
+def _make(mount: Mount) -> str | None:
+    """The first user's mount; it supervises it from now on."""
+    mount.start()
+    mount.supervise()
+    return None
+
+
+def _from_before_counts(mount: Mount) -> None:
+    """A live mount recorded by an agent from before the counts (an upgrade): ours, so
+    it gets a record with no user yet, which the users then join."""
+    record = read_record(mount.record_path)
+    if (record is not None and record.get("dest") == str(mount.dest)
+            and mountinfo(mount.dest) is not None
+            and mount.refs.record(str(mount.dest)) is None):
+        mount.refs.adopt(Claim(str(mount.dest), str(record.get("source")), "ro", ""))
+
+
+def _join(mount: Mount) -> None:
+    """Serve a mount another user made: follow its rclone; heal it now if it is unwell
+    and nobody else supervises it."""
+    mount.refresh()
+    if mount.proc is None:  # its process record is lost: supervised as a dead process
+        mount.proc = _Adopted(0, "")
+    if mount.check() == "ok":
+        log.info("adopted mount %s at %s (its rclone, pid %s)", mount.source, mount.dest,
+                 mount.proc.pid)
+        return
+    mount.heal()
+
+
+def _count_out(mount: Mount, user: str, grace: float) -> None:
+    def unmount(_record: object) -> None:
+        mount.refresh()
+        mount.stop(grace)
+
+    if mount.refs.release(str(mount.dest), user, unmount) is None:
+        mount.stop(grace)  # a mount made before the counts: ours alone
 
 
 def read_record(path: Path) -> dict[str, Any] | None:
@@ -529,4 +639,5 @@ def _short(text: str) -> str:
     return " ".join(text.split())[:300]
 
 
-__all__ = ["Mount", "MountTable", "Options", "RcloneRemote", "lazy_unmount", "mountinfo", "records"]
+__all__ = ["Mount", "MountTable", "Options", "RcloneRemote", "lazy_unmount", "mountinfo",
+           "proc_start", "records"]

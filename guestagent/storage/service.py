@@ -20,11 +20,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from guestagent.service import Service
-from guestagent.storage.api import Storage, mount_options
+from guestagent.storage.api import Storage, mount_options, unmount_record
 from guestagent.storage.errors import StorageError, Unavailable
 from guestagent.storage.keys import Keys, SourceKeys
 from guestagent.storage.mappings import (
@@ -33,11 +34,15 @@ from guestagent.storage.mappings import (
     parse_mount_spec,
     parse_output_spec,
 )
+from guestagent.storage.mountrefs import Record
 from guestagent.storage.ossurl import OssUrl
 
 log = logging.getLogger(__name__)
 
 RETRY_MIN, RETRY_MAX = 2.0, 60.0
+# Mount users (see storage.mountrefs) that outlive a process on purpose: the daemon's
+# declared mounts are adopted by the next agent; a CLI mount lasts until ``storage umount``.
+SETTINGS_USER, CLI_USER = "settings", "cli"
 UNMOUNT_RESERVE = 3.0  # seconds of a drain kept for the lazy unmounts
 
 
@@ -120,6 +125,7 @@ class StorageService(Service):
         # Leave the mounts: a restarted agent adopts them (see the module docstring).
         for session in list(self.storage.sessions):
             self.storage.close_output(session)
+        self.storage.mounts.let_go_all()
 
     def _tend(self, check: bool = False) -> None:
         with self._mounting:
@@ -155,7 +161,8 @@ class StorageService(Service):
                 if isinstance(d.entry.source, NasSource):
                     self._nas(d)
                 else:
-                    self.storage.mount(d.entry.source, dest, origin="settings")
+                    self.storage.mount(d.entry.source, dest, origin="settings",
+                                       user=SETTINGS_USER)
                 d.state, d.error, d.failures = "ok", "", 0
             except StorageError as exc:
                 d.failed(str(exc))
@@ -174,30 +181,40 @@ class StorageService(Service):
 
     def _adopt_recorded(self) -> None:
         """Supervise mounts made by ``storage mount`` (and by an earlier agent)."""
-        from guestagent.storage.mounts import Mount, records
+        from guestagent.storage.mounts import records
 
         declared = {Path(d.entry.destination) for d in self.declared}
         options = mount_options(self.settings)
         for record in records(options.run_dir):
             dest = Path(str(record.get("dest")))
-            if dest in declared:
-                continue  # _ensure adopts it through the table
             origin = str(record.get("origin", "cli"))
-            if origin == "task":
-                continue  # a task's input: its scheduler adopts it, and releases it
+            if dest in declared or origin == "task":
+                continue  # _ensure adopts it through the table; a task's, its scheduler
             try:
-                source = OssUrl.parse(str(record.get("source")))
-                remote = self.storage.rclone_remote()
-                mount = Mount(source, dest, remote, options, origin=origin)
-                if origin == "settings":
-                    # Declared by the settings an earlier agent ran with, not by ours.
-                    mount.adopt(record)
-                    mount.stop()
-                    log.warning("storage: unmounted %s: no longer in [storage] mounts", dest)
-                    continue
-                self.storage.mounts.add(mount)
+                self._adopt_one(record, dest, origin, options)
             except StorageError as exc:
                 log.warning("storage: cannot supervise the mount at %s: %s", dest, exc)
+
+    def _adopt_one(self, record: dict[str, Any], dest: Path, origin: str,
+                   options: Any) -> None:
+        from guestagent.storage.mounts import Mount
+
+        user = SETTINGS_USER if origin == "settings" else CLI_USER
+        users = options.refs.users(str(dest))
+        if options.refs.record(str(dest)) is not None and user not in users:
+            return  # counted out already (``storage umount``): the mount is its users'
+        source = OssUrl.parse(str(record.get("source")))
+        if origin == "settings":
+            # Declared by the settings an earlier agent ran with, not by ours: counted
+            # out; unmounted unless another user still reads it.
+            undo = partial(unmount_record, options.run_dir)
+            if options.refs.release(str(dest), SETTINGS_USER, undo) is None:
+                undo(Record(str(dest), str(source), "ro"))
+            log.warning("storage: %s no longer in [storage] mounts: counted out (users "
+                        "left: %s)", dest, ", ".join(options.refs.users(str(dest))) or "none")
+            return
+        mount = Mount(source, dest, self.storage.rclone_remote(), options, origin=origin)
+        self.storage.mounts.add(mount, CLI_USER)
 
     # -- drain -----------------------------------------------------------------------------
 

@@ -19,14 +19,15 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from guestagent.storage.mountrefs import MountRefs
 from guestagent.tasks import staging
 from guestagent.tasks.errors import TaskError
 from guestagent.tasks.events import Events
 from guestagent.tasks.model import Job, Task
-from guestagent.tasks.mountrefs import MountRefs
 from guestagent.tasks.runner import Handle, Launch, Runner
 from guestagent.tasks.settings import TasksSettings
 from guestagent.tasks.store import (
@@ -53,6 +54,9 @@ HOST_ENV_PASS = ("PATH", "HOME", "LANG", "LC_ALL", "USER", "LOGNAME", "TZ")
 STOP_POLL = 0.5
 # How long a finished job waits for the delivery of its notification events.
 EVENTS_FLUSH = 15.0
+# The mount user of a task's OSS inputs (job.task.inputs): never taken for an instance
+# (job.task.index, the index a number), whatever the task is named.
+INPUTS_USER = ".inputs"
 
 
 class Minter(Protocol):
@@ -168,7 +172,8 @@ class Scheduler:
         self._detached = threading.Event()
         self._starting = 0  # attempts between their start and their recorded ref
         self._starting_done = threading.Condition()
-        # Host-wide counts of the NAS mounts instances share (beside the task store).
+        # Host-wide counts of the NAS mounts instances share, when the storage facade
+        # keeps none (no OSS mounts configured); else the facade's, shared with OSS mounts.
         self.mount_refs = MountRefs(jobs_dir.parent / "mounts")
 
     # -- public -------------------------------------------------------------------------
@@ -179,6 +184,10 @@ class Scheduler:
         if self._storage is None:
             self._storage = self._storage_factory()
         return self._storage
+
+    def _refs(self, storage: staging.Storage | None) -> MountRefs:
+        refs = getattr(storage, "refs", None)
+        return refs if isinstance(refs, MountRefs) else self.mount_refs
 
     def run(self, job_id: str) -> str:
         """Run (or go on running) the job to its end; its final state."""
@@ -192,7 +201,7 @@ class Scheduler:
                 raise TaskError(f"{job_id} is already running")
             self._runs[job_id] = run
         try:
-            self.prune_mounts()
+            self._prune_for(job)
             return self._drive(run, row["state"])
         finally:
             # A restart leaves the input mounts to the instances still reading them: the
@@ -205,18 +214,41 @@ class Scheduler:
             with self._lock:
                 self._runs.pop(job_id, None)
 
+    def _prune_for(self, job: Job) -> None:
+        """Prune before any instance thread runs (one could be between two states), with
+        the storage facade built first when the job mounts, so its counts are pruned too."""
+        if any(staging.needs_storage(t) or t.input_mapping or t.mounts
+               for t in job.tasks.values()):
+            try:
+                self.storage(True)
+            except Exception as exc:  # said again, as the task's error, where it is used
+                log.warning("storage not available to prune mounts: %s", exc)
+        self.prune_mounts()
+
     def prune_mounts(self) -> list[str]:
         """Count out of the shared mounts every user whose instance no longer runs (it
         ended while no agent watched it, or its record outlived a crash); the last one
         out unmounts. An instance still Running is left to whoever adopts it."""
-        return self.mount_refs.prune(self._still_running, staging.unmount_nas)
+        dropped: list[str] = []
+        for refs in {self.mount_refs, self._refs(self._storage)}:
+            dropped += refs.prune(self._still_running,
+                                  partial(staging.unmount_record, refs.folder))
+        return dropped
 
     def _still_running(self, user: str) -> bool:
+        """Whether a task user (``job.task.index``: an instance's NAS mounts;
+        ``job.task.inputs``: a task's OSS inputs) still runs. Other users (the daemon's,
+        the CLI's, another process's) are not the store's to judge: kept."""
+        if not user.startswith("job-"):
+            return True
         job_id, _, rest = user.partition(".")
-        task, _, index = rest.rpartition(".")
         try:
+            if rest.endswith(INPUTS_USER):
+                task = rest.removesuffix(INPUTS_USER)
+                return str(self.store.tasks(job_id)[task]["state"]) == RUNNING
+            task, _, index = rest.rpartition(".")
             return self.store.instance(job_id, task, int(index)).state == RUNNING
-        except (TaskError, ValueError):
+        except (TaskError, ValueError, KeyError):
             return False
 
     def stop(self, job_id: str, reason: str = "stopped by the user") -> bool:
@@ -236,6 +268,9 @@ class Scheduler:
         next agent finds them by their ref, never half-started."""
         self._detached.set()
         self._wake_all()
+        leave = getattr(self._storage, "leave", None)
+        if leave is not None:  # its mounts stay for their instances, supervised by the next
+            leave()
         with self._starting_done:
             self._starting_done.wait_for(lambda: self._starting == 0, timeout)
 
@@ -386,7 +421,8 @@ class Scheduler:
             storage = self.storage(bool(task.input_mapping)
                                    or any(not m.is_nas for m in task.mounts))
             run.inputs[name] = staging.Inputs(self._job_dir(run), task, storage,
-                                              self._docker(task))
+                                              self._docker(task),
+                                              f"{run.job_id}.{name}{INPUTS_USER}")
         except Exception as exc:
             self._end_task(run, name, FAILED, f"inputs: {exc}")
             return f"task {name}: inputs could not be mapped: {exc}"
@@ -593,7 +629,7 @@ class Scheduler:
         launch = self._launch(run, task, inst.index, layout=layout, env=env, docker=docker,
                               name=name)
         try:
-            mounts = staging.NasMounts(layout, task, storage, docker, refs=self.mount_refs,
+            mounts = staging.NasMounts(layout, task, storage, docker, refs=self._refs(storage),
                                        user=name)
         except Exception as exc:  # a NAS source the storage layer refuses: one line
             return _Outcome(inst.task, inst.index, FAILED, None, f"Mounts: {exc}")
@@ -711,6 +747,10 @@ class Scheduler:
                 code = handle.stop(self.grace)
                 return FAILED, code, f"timed out after {task.timeout}s"
             code = handle.wait(min(left, 0.25))
+            if code is not None and self._detached.is_set():
+                # Detached while waiting: the next agent finds it ended and records it;
+                # recording it here too would race that agent over its mounts and state.
+                raise _Detached
             if code is not None:
                 if code == 0:
                     return FINISHED, 0, ""

@@ -17,9 +17,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
+from guestagent.storage.mountrefs import Claim, MountRefs, Record
 from guestagent.tasks.errors import TaskError
 from guestagent.tasks.model import MountEntry, Task
-from guestagent.tasks.mountrefs import Claim, MountRefs, Record
 from guestagent.tasks.runner import Bind
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,8 @@ class Storage(Protocol):
 
     def upload_file(self, local: Path, url: str, /) -> object: ...
 
-    def mount(self, source_url: str, dest: Path, write: bool = False, /) -> MountHandle: ...
+    def mount(self, source_url: str, dest: Path, write: bool = False, /, *,
+              user: str | None = None) -> MountHandle: ...
 
     def nas_plan(self, source_url: str, dest: Path, write: bool = False, *,
                  lock: bool | None = None) -> Any: ...
@@ -159,7 +160,7 @@ class NasMounts:
                                   partial(_nas_mounted, claim.where))
         except Exception as exc:  # the storage layer's errors are one line each
             self.release()
-            raise TaskError(str(exc)) from None
+            raise TaskError(f"Mounts: {exc}") from None
         except BaseException:
             self.release()
             raise
@@ -187,7 +188,8 @@ class NasMounts:
         unmounted whatever the records say: the instance's dir may be removed next."""
         for claim in self.claims:
             try:
-                self.refs.release(claim.where, claim.user, unmount_nas)
+                self.refs.release(claim.where, claim.user, partial(unmount_record,
+                                                                   self.refs.folder))
                 if self.docker:
                     _unmount_nas_at(claim.where)
             except Exception as exc:  # one line; the instance's outcome stands
@@ -206,12 +208,11 @@ def _unmount_nas_at(where: str) -> None:
     nas.unmount(Path(where))
 
 
-def unmount_nas(record: Record) -> None:
-    """Undo a NAS mount whose last user left: unmount, remove the directories made for it."""
-    from guestagent.storage.api import remove_made
+def unmount_record(folder: Path, record: Record) -> None:
+    """Undo a mount (NAS or OSS) whose last user left; ``folder`` holds its count."""
+    from guestagent.storage.api import unmount_record as undo
 
-    _unmount_nas_at(record.where)
-    remove_made(Path(record.where), Path(record.made) if record.made else None)
+    undo(folder.parent, record)
 
 
 def log_names(job_id: str, task: str, index: int) -> tuple[str, str]:
@@ -364,9 +365,12 @@ def _uploads(
 
 
 class Inputs:
-    """A task's input mappings, mounted read-only while any of its instances may run."""
+    """A task's input mappings, mounted read-only while any of its instances may run;
+    counted in host-wide as ``user`` (``job.task``), so another task, process or the
+    daemon sharing a directory keeps its mount when this task ends."""
 
-    def __init__(self, job_dir: Path, task: Task, storage: Storage | None, docker: bool) -> None:
+    def __init__(self, job_dir: Path, task: Task, storage: Storage | None, docker: bool,
+                 user: str) -> None:
         self.handles: list[MountHandle] = []
         mappings = task_inputs(job_dir, task, docker)
         if mappings and storage is None:
@@ -375,7 +379,7 @@ class Inputs:
             for url, host, _ in mappings:
                 host.mkdir(parents=True, exist_ok=True)
                 assert storage is not None
-                self.handles.append(storage.mount(url, host, False))
+                self.handles.append(storage.mount(url, host, False, user=user))
         except BaseException:
             self.release()
             raise

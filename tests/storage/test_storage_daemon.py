@@ -184,3 +184,67 @@ def test_kill_9_leaves_the_mount_to_the_next_agent_and_a_stop_unmounts(agent: An
     finally:
         reader.kill()
         reader.wait()
+
+
+def foreground_submit(agent: AgentProcess, tmp_path: Path, inputs: dict[str, str],
+                      command: str) -> subprocess.Popen[str]:
+    """``tasks submit --foreground`` of a one-task job in a process of its own, with the
+    daemon's settings (so the same run dir, credential server and mount counts)."""
+    job = tmp_path / f"job-{len(list(tmp_path.glob('job-*.json')))}.json"
+    job.write_text(json.dumps({"Name": "shared", "Type": "DAG", "DAG": {"Dependencies": {},
+                   "Tasks": {"t": {"InputMapping": inputs,
+                                   "Parameters": {"Command": {"CommandLine": command}}}}}}))
+    root = str(Path(__file__).resolve().parents[2])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GUESTAGENT_")}
+    env["PYTHONPATH"] = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
+    return subprocess.Popen([sys.executable, "-m", "guestagent", "--config",
+                             str(agent.config_path), "tasks", "submit", "--foreground",
+                             str(job)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_a_foreground_task_shares_the_daemons_mount_both_ways(agent: Any,
+                                                                tmp_path: Path) -> None:
+    daemon = agent.start()
+    pid = healthy_row(daemon, agent.dest)["pid"]
+    shared = {f"oss://{agent.bucket}/in/": f"{agent.dest}/"}
+    out, gate = tmp_path / "task-out", tmp_path / "gate"
+    out.mkdir()
+
+    # A task reading the daemon's mount ends first: the mount stays, the same rclone.
+    quick = foreground_submit(daemon, tmp_path, shared, f"cp {agent.dest}/data.txt {out}/q")
+    stdout, stderr = quick.communicate(timeout=180)
+    assert quick.returncode == 0, stderr
+    assert (out / "q").read_text() == "input for the task\n"
+    row = mount_row(daemon, agent.dest)
+    assert row["health"] == "ok" and row["pid"] == pid and row["users"] == ["settings"]
+    assert rclone_pids(agent.dest) == {pid}
+
+    # Another source at the daemon's directory: refused, naming both; the mount untouched.
+    other = foreground_submit(daemon, tmp_path, {f"oss://{agent.bucket}/": f"{agent.dest}/"},
+                              "true")
+    stdout, stderr = other.communicate(timeout=180)
+    assert other.returncode != 0
+    job_id = stdout.strip()
+    assert f"is in use by settings with oss://{agent.bucket}/in/" in stderr, stderr
+    assert f"{job_id}.t.inputs wants oss://{agent.bucket}/ " in stderr, stderr
+    assert mount_row(daemon, agent.dest)["pid"] == pid
+
+    # The daemon stops (its drain unmounts what it alone uses) while a task still reads:
+    # the mount stays for the task, and the task's end unmounts it.
+    reader = foreground_submit(
+        daemon, tmp_path, shared,
+        f"sh -c 'cat {agent.dest}/data.txt > {out}/before; while [ ! -e {gate} ]; "
+        f"do sleep 0.05; done; cat {agent.dest}/sub/b.bin > {out}/after'")
+    try:
+        wait_for((out / "before").exists, timeout=180)
+        wait_for(lambda: len(mount_row(daemon, agent.dest).get("users", [])) == 2, timeout=60)
+        assert daemon.stop(timeout=30) == 0
+        assert mountinfo(agent.dest) == "fuse.rclone" and rclone_pids(agent.dest) == {pid}
+    finally:
+        gate.touch()
+    stdout, stderr = reader.communicate(timeout=180)
+    assert reader.returncode == 0, stderr
+    assert (out / "after").read_bytes() == b"\x00\x01"
+    assert mountinfo(agent.dest) is None
+    wait_for(lambda: not rclone_pids(agent.dest), timeout=30)

@@ -167,6 +167,10 @@ def test_a_restart_in_the_middle_keeps_the_count(
     job_id, thread, result = start_two_readers(first, dirs, ganesha.url)
     first.detach()
     thread.join(60)
+    # Its instance threads notice the detach within a poll; none may outlive it to race
+    # the next agent (as a restarted process's cannot).
+    wait_for(lambda: not [t for t in threading.enumerate() if t.name.startswith("task-t-")],
+             timeout=60)
     assert result == ["Running"] and nas.mounted(dest)
 
     (gates / "0").touch()

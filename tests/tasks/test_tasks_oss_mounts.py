@@ -94,3 +94,66 @@ def test_a_restart_leaves_the_input_mount_to_the_running_instance(
     assert result == ["Running", "Finished"]
     assert (out / "after").read_text() == "input data\n"
     assert mountinfo(local) is None  # released when its task ended
+
+
+def test_two_jobs_share_an_input_dir_and_the_first_to_end_leaves_it(
+    tmp_path: Path, bucket: Any, storage: Any
+) -> None:
+    name = bucket({"in/data.txt": b"shared input\n"})
+    local = tmp_path / "input"
+    sched = make_scheduler(tmp_path / "state", storage=storage, max_parallel=2)
+    outs, gates = [tmp_path / "out-a", tmp_path / "out-b"], [tmp_path / "ga", tmp_path / "gb"]
+    jobs, results = [], []
+    for out, gate in zip(outs, gates, strict=True):
+        out.mkdir()
+        jobs.append(submit_doc(sched, job_doc({"t": gated_reader(
+            f"{local}/data.txt", out, gate, InputMapping={f"oss://{name}/in/": f"{local}/"})})))
+    threads = []
+    for job_id in jobs:
+        done: list[str] = []
+        results.append(done)
+        threads.append(threading.Thread(target=lambda j=job_id, d=done: d.append(sched.run(j)),
+                                        daemon=True))
+        threads[-1].start()
+    try:
+        wait_for(lambda: all((o / "before").exists() for o in outs), timeout=120)
+        assert len(storage.mounts.mounts()) == 1  # one mount, both jobs counted in
+        assert sorted(storage.refs.users(str(local))) == sorted(f"{j}.t.inputs" for j in jobs)
+        gates[0].touch()
+        threads[0].join(120)
+        assert results[0] == ["Finished"]
+        assert mountinfo(local) is not None, "the first job's end unmounted the other's input"
+    finally:
+        for gate in gates:
+            gate.touch()
+    threads[1].join(120)
+    assert results[1] == ["Finished"]
+    assert (outs[1] / "after").read_text() == "shared input\n"
+    assert mountinfo(local) is None and storage.refs.records() == []
+
+
+def test_a_nas_entry_inside_another_tasks_oss_input_is_refused(
+    tmp_path: Path, bucket: Any, storage: Any
+) -> None:
+    name = bucket({"in/data.txt": b"input\n"})
+    local, out, gate = tmp_path / "input", tmp_path / "out", tmp_path / "gate"
+    out.mkdir()
+    sched = make_scheduler(tmp_path / "state", storage=storage, max_parallel=2)
+    reader = submit_doc(sched, job_doc({"t": gated_reader(
+        f"{local}/data.txt", out, gate, InputMapping={f"oss://{name}/in/": f"{local}/"})}))
+    thread = threading.Thread(target=sched.run, args=(reader,), daemon=True)
+    thread.start()
+    try:
+        wait_for((out / "before").exists, timeout=120)
+        nas = "nas://0266e49fea-yio75.cn-beijing.nas.aliyuncs.com:/share/"
+        nested = submit_doc(sched, job_doc({"n": task("true", Mounts={"Entries": [
+            {"Source": nas, "Destination": f"{local}/nas/"}]})}))
+        assert sched.run(nested) == "Failed"
+        message = sched.store.instance(nested, "n", 0).message
+        assert "\n" not in message and f"{local}/nas is inside {local}" in message, message
+        assert f"{reader}.t.inputs" in message and f"{nested}.n.0" in message
+        assert mountinfo(local) is not None and not (local / "nas").exists()
+    finally:
+        gate.touch()
+    thread.join(120)
+    assert (out / "after").read_text() == "input\n"

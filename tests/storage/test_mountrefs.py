@@ -1,4 +1,4 @@
-"""The host-wide counts of shared mounts (tasks/mountrefs.py) on their own: the first user
+"""The host-wide counts of shared mounts (storage/mountrefs.py) on their own: the first user
 mounts, the last unmounts; a conflicting user is refused with both named before anything
 is mounted; the records hold across threads, processes and a kill -9 mid-mount."""
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from polling import wait_for
 
-from guestagent.tasks.errors import TaskError
-from guestagent.tasks.mountrefs import Claim, MountRefs, Record
+from guestagent.storage.errors import StorageError
+from guestagent.storage.mountrefs import Claim, MountConflict, MountRefs, Record
 
 SRC = "nas://0266e49fea-yio75.cn-beijing.nas.aliyuncs.com:/share/"
 RO = "vers=3,nolock,proto=tcp,hard,ro,_netdev"
@@ -91,13 +91,13 @@ def test_a_conflicting_user_is_refused_naming_both(tmp_path: Path, other: Claim,
     k.acquire(refs, claim("job-a.t.0"))
     before = (tmp_path / "mounts").glob("*.json")
     texts = {p: p.read_text() for p in before}
-    with pytest.raises(TaskError) as err:
+    with pytest.raises(MountConflict) as err:
         refs.check(other, lambda: k.mounted(other.where))
     message = str(err.value)
     assert "\n" not in message
     assert "job-a.t.0" in message and "job-b.u.0" in message and why in message
     assert SRC in message and other.source in message
-    with pytest.raises(TaskError, match=why):
+    with pytest.raises(MountConflict, match=why):
         k.acquire(refs, other)
     assert k.calls == ["mount /mnt/nas"]  # nothing mounted for the refused one
     assert {p: p.read_text() for p in texts} == texts  # and its record unchanged
@@ -106,7 +106,7 @@ def test_a_conflicting_user_is_refused_naming_both(tmp_path: Path, other: Claim,
 def test_a_mount_this_agent_did_not_make_is_refused(tmp_path: Path) -> None:
     refs, k = MountRefs(tmp_path / "mounts"), FakeKernel()
     k.points.add("/mnt/nas")  # e.g. an fstab mount of the administrator's
-    with pytest.raises(TaskError, match="did not make"):
+    with pytest.raises(MountConflict, match="did not make"):
         k.acquire(refs, claim("job-a.t.0"))
     assert refs.records() == [] and k.calls == []
 
@@ -115,9 +115,9 @@ def test_a_failed_first_mount_leaves_no_record(tmp_path: Path) -> None:
     refs = MountRefs(tmp_path / "mounts")
 
     def fail() -> str | None:
-        raise TaskError("mount failed: no NFS client")
+        raise StorageError("mount failed: no NFS client")
 
-    with pytest.raises(TaskError, match="no NFS client"):
+    with pytest.raises(StorageError, match="no NFS client"):
         refs.acquire(claim("job-a.t.0"), fail, lambda: False)
     assert refs.records() == []
 
@@ -171,7 +171,7 @@ def test_threads_sharing_one_mount_point_mount_and_unmount_once(tmp_path: Path) 
 CHILD = """
 import sys, time
 from pathlib import Path
-from guestagent.tasks.mountrefs import Claim, MountRefs
+from guestagent.storage.mountrefs import Claim, MountRefs
 
 refs = MountRefs(Path(sys.argv[1]))
 def mount():
@@ -199,3 +199,104 @@ def test_kill_9_mid_mount_leaves_a_record_a_restart_reconciles(tmp_path: Path) -
     # mount stays for the one that is.
     assert refs.prune(lambda user: user == "job-a.t.1", k.unmount) == ["job-a.t.0"]
     assert k.mounted("/mnt/nas") and refs.users("/mnt/nas") == ["job-a.t.1"]
+
+
+# -- users that live as long as a process; nested mount points; one supervisor -------------
+
+def test_a_process_user_is_dropped_when_its_process_dies(tmp_path: Path) -> None:
+    from guestagent.storage.mountrefs import process_user
+
+    refs, k = MountRefs(tmp_path / "mounts"), FakeKernel()
+    other = subprocess.Popen(["sleep", "600"])
+    try:
+        doomed = process_user("storage mount", other.pid)
+        k.acquire(refs, claim(doomed))
+        k.acquire(refs, claim(process_user("reader")))
+        assert refs.users("/mnt/nas") == [doomed, process_user("reader")]
+    finally:
+        other.kill()  # SIGKILL: it never counts itself out
+        other.wait()
+    # The survivor is the last user: its release unmounts.
+    assert refs.release("/mnt/nas", process_user("reader"), k.unmount) is True
+    assert k.calls == ["mount /mnt/nas", "umount /mnt/nas"] and refs.records() == []
+
+
+def test_a_dead_process_user_does_not_keep_a_conflict_alive(tmp_path: Path) -> None:
+    from guestagent.storage.mountrefs import process_user
+
+    refs, k = MountRefs(tmp_path / "mounts"), FakeKernel()
+    other = subprocess.Popen(["sleep", "600"])
+    k.acquire(refs, claim(process_user("old", other.pid)))
+    other.kill()
+    other.wait()
+    k.points.clear()  # its mount went with it (a reboot, a manual umount)
+    assert k.acquire(refs, claim("job-b.u.0", options=RW)) is True
+    assert refs.users("/mnt/nas") == ["job-b.u.0"]
+
+
+@pytest.mark.parametrize(("first", "second", "how"), [
+    ("/mnt/data", "/mnt/data/sub/dir", "inside"),
+    ("/mnt/data/sub", "/mnt/data", "around"),
+])
+def test_nested_mount_points_are_refused_naming_both(tmp_path: Path, first: str, second: str,
+                                                     how: str) -> None:
+    refs, k = MountRefs(tmp_path / "mounts"), FakeKernel()
+    k.acquire(refs, claim("job-a.t.0", where=first))
+    wanted = claim("job-b.u.0", where=second, source="oss://bucket/in/", options="ro")
+    for attempt in (lambda: refs.check(wanted, lambda: k.mounted(second)),
+                    lambda: k.acquire(refs, wanted)):
+        with pytest.raises(MountConflict) as err:
+            attempt()
+        message = str(err.value)
+        assert "\n" not in message and f"{second} is {how} {first}" in message
+        assert "job-a.t.0" in message and "job-b.u.0" in message
+        assert SRC in message and "oss://bucket/in/" in message
+    assert k.calls == [f"mount {first}"] and refs.users(second) == []
+
+
+def test_side_by_side_mount_points_are_not_nested(tmp_path: Path) -> None:
+    refs, k = MountRefs(tmp_path / "mounts"), FakeKernel()
+    k.acquire(refs, claim("job-a.t.0", where="/mnt/data"))
+    k.acquire(refs, claim("job-b.u.0", where="/mnt/data2"))  # a prefix, not a parent
+    k.acquire(refs, claim("job-b.u.0", where="/mnt/other"))
+    assert k.calls == ["mount /mnt/data", "mount /mnt/data2", "mount /mnt/other"]
+
+
+def test_a_mount_point_left_by_its_users_no_longer_blocks_a_nested_one(tmp_path: Path) -> None:
+    refs, k = MountRefs(tmp_path / "mounts"), FakeKernel()
+    k.acquire(refs, claim("job-a.t.0", where="/mnt/data"))
+    refs.release("/mnt/data", "job-a.t.0", k.unmount)
+    assert k.acquire(refs, claim("job-b.u.0", where="/mnt/data/sub")) is True
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from guestagent.storage.mountrefs import MountRefs
+
+fd = MountRefs(Path(sys.argv[1])).supervise("/mnt/oss")
+print("holding" if fd is not None else "refused", flush=True)
+time.sleep(600)
+"""
+
+
+def test_one_supervisor_at_a_time_and_a_killed_one_is_replaced(tmp_path: Path) -> None:
+    folder = tmp_path / "mounts"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    child = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], env=env,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "holding"
+        refs = MountRefs(folder)
+        assert refs.supervise("/mnt/oss") is None  # it supervises: we only report
+        other = refs.supervise("/mnt/other")  # another mount point is another matter
+        assert other is not None
+        os.close(other)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    fd = wait_for(lambda: refs.supervise("/mnt/oss"), timeout=30)
+    try:
+        assert refs.supervise("/mnt/oss") is None  # never two, even in one process
+    finally:
+        os.close(fd)
