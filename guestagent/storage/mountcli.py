@@ -151,9 +151,10 @@ def cmd_mounts(args: argparse.Namespace) -> int:
     if not rows:
         print("no mounts")
         return EXIT_OK
-    header = ("DEST", "SOURCE", "HEALTH", "PID", "REMOUNTS", "ORIGIN")
+    header = ("DEST", "SOURCE", "HEALTH", "PID", "REMOUNTS", "ORIGIN", "USERS")
     table = [header] + [(r["dest"], r["source"], r["health"], str(r["pid"] or "-"),
-                         str(r["remounts"]), r["origin"]) for r in rows]
+                         str(r["remounts"]), r["origin"], ",".join(r["users"]) or "-")
+                        for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

@@ -98,10 +98,10 @@ def users(creds: Any, s3: Any, tmp_path: Path) -> Iterator[Any]:
     started: list[User] = []
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
 
-    def start(url: str, dest: Path) -> User:
+    def start(url: str, dest: Path, run_dir: Path | None = None) -> User:
         proc = subprocess.Popen(
             [sys.executable, "-c", USER, s3.url, creds.aws_url, str(creds.token_file), url,
-             str(dest), str(tmp_path / "run-storage")],
+             str(dest), str(run_dir or tmp_path / "run-storage")],
             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         user = User(proc)
         started.append(user)
@@ -232,3 +232,33 @@ def test_a_mount_the_agent_did_not_make_is_refused_and_left_alone(
         assert refs(tmp_path).records() == []
     finally:
         subprocess.run(["umount", "-l", str(dest)], check=False)
+
+
+def test_storage_umount_leaves_a_directory_another_user_reads(
+    bucket: Any, creds: Any, s3: Any, tmp_path: Path, users: Any
+) -> None:
+    from urllib.parse import urlsplit
+
+    from test_mounts import run_cli
+
+    name = bucket({"in/a.txt": b"from the CLI\n"})
+    config = tmp_path / "cli.toml"
+    config.write_text(
+        f'[daemon]\nrun_dir = "{tmp_path}"\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[credentials]\ntcp_enabled = true\ntcp_port = {urlsplit(creds.aws_url).port}\n'
+        f'token_file = "{creds.token_file}"\n'
+        f'[storage]\nendpoint = "{s3.url}"\npath_style = true\nregion = "us-east-1"\n'
+        'mount_ready_timeout = 60.0\n')
+    dest = tmp_path / "mnt"
+    made = run_cli(config, "mount", f"oss://{name}/in/", str(dest))
+    assert made.returncode == 0, made.stderr
+    # The CLI's run dir is <[daemon] run_dir>/storage: the same counts as the reader's.
+    reader = users(f"oss://{name}/in/", dest, run_dir=tmp_path / "storage")
+    assert rclone_pids(dest) == {reader.rclone}  # it joined the CLI's mount
+    listed = run_cli(config, "mounts").stdout
+    assert "cli," in listed and "task@pid" in listed, listed
+    done = run_cli(config, "umount", str(dest))
+    assert done.returncode == 0 and "left mounted for its other users" in done.stdout
+    assert reader.read("a.txt") == "read from the CLI"
+    assert reader.ask("release") == "released"  # now the last user
+    assert mountinfo(dest) is None
