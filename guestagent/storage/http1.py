@@ -5,8 +5,9 @@ response, headers parsed by the ``email`` package, one ``putheader`` call per he
 against ~80 µs here, and downloads of many small objects are bound by that per-request
 cost (bench/storage.py). This module does only what S3 answers need: a status line and
 headers read with one buffer, bodies sized by ``Content-Length`` read straight into the
-caller's buffer (no copy through a reader), ``chunked`` and read-to-close bodies (error
-pages, some listings) read whole, ``HEAD``/204/304 without a body, 1xx skipped.
+caller's buffer (no copy through a reader) or spliced into the caller's file, ``chunked``
+and read-to-close bodies (error pages, some listings) read whole, ``HEAD``/204/304
+without a body, 1xx skipped.
 """
 
 from __future__ import annotations
