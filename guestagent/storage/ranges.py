@@ -167,15 +167,16 @@ def fetch(t: Transfers, src: OssUrl, info: ObjectInfo, partial: Path, local: Pat
     shape = f"aligned/{aligned}" if aligned else f"{first}/{streams}/{SPAN_MAX}"
     with t.state.unit("downloads", src.bucket, src.key, str(local.resolve())) as rec:
         d = rec.data
+        counts = _counts(d.get("got"), spans)
         resumed = (
             (d.get("etag"), d.get("size"), d.get("plan"), d.get("boot"))
             == (info.etag, size, shape, boot_id())
-            and isinstance(d.get("got"), list) and len(d["got"]) == len(spans)
+            and counts is not None
             and partial.exists() and partial.stat().st_size == size
         )
-        if resumed:
+        if resumed and counts is not None:
             fd = os.open(partial, os.O_RDWR)
-            got = [min(int(g), s[1]) for g, s in zip(d["got"], spans, strict=True)]
+            got = counts
         else:
             fd = _open_partial(partial)
             got = [0] * len(spans)
@@ -194,6 +195,16 @@ def fetch(t: Transfers, src: OssUrl, info: ObjectInfo, partial: Path, local: Pat
             os.close(fd)
         rec.remove()
     return resumed, problem
+
+
+def _counts(recorded: Any, spans: list[Span]) -> list[int] | None:
+    """The landed byte counts of a record, if they fit the ranges (else start over)."""
+    if not isinstance(recorded, list) or len(recorded) != len(spans):
+        return None
+    if not all(type(g) is int and 0 <= g <= n for g, (_, n) in zip(recorded, spans,
+                                                                    strict=True)):
+        return None
+    return list(recorded)
 
 
 class _Download:

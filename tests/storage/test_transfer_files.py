@@ -128,13 +128,15 @@ class _StopAfter:
         pass
 
 
-@pytest.mark.parametrize("rebooted", [False, True])
+@pytest.mark.parametrize("after", ["kill", "reboot", "a damaged record"])
 def test_an_interrupted_download_resumes_within_a_boot_only(
     client: Any, options: Any, bkt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture, rebooted: bool,
+    caplog: pytest.LogCaptureFixture, after: str,
 ) -> None:
     """Progress records are saved without fsync: trusted after kill -9 (same boot), not
-    after a reboot, when a power cut may have lost bytes that the record claims."""
+    after a reboot, when a power cut may have lost bytes that the record claims; a record
+    whose counts do not fit the object is not trusted either."""
+    import json
     import logging
 
     from guestagent.storage import ranges
@@ -146,10 +148,15 @@ def test_an_interrupted_download_resumes_within_a_boot_only(
     with Transfers(client, options, _StopAfter(12 * MiB)) as t, pytest.raises(KeyboardInterrupt):
         t.download_file(OssUrl.parse("oss://bkt/big.bin"), dest)
     assert not dest.exists() and dest.with_name("copy.bin.part").exists()
-    if rebooted:
+    if after == "reboot":
         monkeypatch.setattr(ranges, "boot_id", lambda: "another-boot")
+    elif after == "a damaged record":
+        [record] = (tmp_path / "state" / "downloads").glob("*.json")
+        data = json.loads(record.read_text())
+        data["got"] = [-5 for _ in data["got"]]
+        record.write_text(json.dumps(data))
     with caplog.at_level(logging.INFO), Transfers(client, options) as t:
         t.download_file(OssUrl.parse("oss://bkt/big.bin"), dest)
-    assert ("resuming download" in caplog.text) is not rebooted
+    assert ("resuming download" in caplog.text) is (after == "kill")
     assert md5(dest) == md5(src)
     assert not dest.with_name("copy.bin.part").exists()
