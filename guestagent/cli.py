@@ -103,8 +103,21 @@ def run_handler(handler: Handler, args: argparse.Namespace) -> int:
 
 
 def fail(code: int, message: str) -> int:
-    print(f"guestagent: {printable(message)}", file=sys.stderr)
+    print(f"guestagent: {clip(printable(message))}", file=sys.stderr)
     return code
+
+
+# A value of thousands of characters named in an error (a 64 KiB object key or bucket
+# name, a pasted file) is cut to its start and its length: the line stays readable and
+# the advice after the value stays on the screen.
+LONG_WORD, SHOWN = 300, 120
+
+
+def clip(message: str) -> str:
+    import re
+
+    return re.sub(rf"\S{{{LONG_WORD + 1},}}",
+                  lambda m: f"{m.group()[:SHOWN]}...[{len(m.group())} characters]", message)
 
 
 def printable(message: str) -> str:

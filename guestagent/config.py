@@ -22,6 +22,7 @@ from typing import Any, Literal
 from guestagent.checks import check_url
 from guestagent.credentials.settings import CredentialSettings
 from guestagent.daemon.settings import DaemonSettings
+from guestagent.files import read_input
 from guestagent.metadata.settings import MetadataSettings
 from guestagent.migrate.settings import MigrateSettings
 from guestagent.spot.settings import SpotSettings
@@ -76,7 +77,8 @@ def load(
     raw: dict[str, Any] = {}
     if file.exists():
         try:
-            raw = tomllib.loads(file.read_text())
+            # abspath: a settings file named "-" is that file, not standard input.
+            raw = tomllib.loads(read_input(os.path.abspath(file)).decode())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{file}: not valid TOML: {exc}") from exc
         except RecursionError:  # tomllib recurses per nesting level

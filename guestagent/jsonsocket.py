@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from guestagent import jsondoc
+
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 4096
@@ -90,7 +92,7 @@ class JsonServer:
 
     def _answer(self, data: bytes) -> dict[str, Any]:
         try:
-            request = json.loads(data.decode() or "{}")
+            request = jsondoc.loads(data.decode() or "{}")  # a repeated key: refused
             if not isinstance(request, dict):
                 raise ValueError("request must be a JSON object")
             return self.handler(request)

@@ -426,6 +426,9 @@ def run_once(settings: Settings, names: list[str], verbose: int = 0,
     it never races a running daemon, unless it is that daemon's own child (``in_daemon``)."""
     if not verbose:
         configure_logging(settings.daemon.log_level)
+    unknown = set(names) - {spec.name for spec in specs(settings)}
+    if unknown:  # before the lock, which creates the state and run directories
+        raise ValueError(f"no such enabled service: {', '.join(sorted(unknown))}")
     d = settings.daemon
     lock = DaemonLock(d.state_dir, d.run_dir)
     if not in_daemon:

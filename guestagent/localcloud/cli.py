@@ -49,8 +49,9 @@ def _help(parser: argparse.ArgumentParser) -> int:
 
 
 def _fail(code: int, message: str) -> int:
-    print(f"guestagent: {message}", file=sys.stderr)
-    return code
+    from guestagent.cli import fail  # one line, control characters escaped, long values cut
+
+    return fail(code, message)
 
 
 def _buckets(raw: str) -> str | int:
@@ -77,6 +78,12 @@ def _initial_env(args: argparse.Namespace, chosen: list[str]) -> dict[str, str] 
         # Printed with the exports: which buckets a new user can write to.
         env["GUESTAGENT_LOCALCLOUD_BUCKETS"] = buckets
     if args.scenario:
+        from guestagent.localcloud.emulator.scenario import ScenarioError, load_scenario
+
+        try:  # checked before the work directory or any component exists
+            load_scenario(args.scenario)
+        except ScenarioError as exc:
+            return _fail(EXIT_USAGE, f"localcloud: --scenario {exc}")
         env["GUESTAGENT_LOCALCLOUD_SCENARIO"] = str(Path(args.scenario).resolve())
     return env
 

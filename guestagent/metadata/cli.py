@@ -30,7 +30,9 @@ def register(sub: Any) -> None:
 
     ident = msub.add_parser("identity", help="the instance identity document")
     ident.add_argument("--json", action="store_true", help="print JSON")
-    ident.add_argument("--verify", action="store_true", help="check its pkcs7 against ca_cert")
+    ident.add_argument("--verify", action="store_true",
+                       help="check its pkcs7 against ca_cert; says so in a last line "
+                            "(on stderr with --json)")
     ident.add_argument("--ca", help="CA certificate (PEM) for --verify")
     ident.set_defaults(handler=_identity)
 
@@ -77,14 +79,15 @@ def _ca(option: str | None, configured: Path | None) -> bytes:
     not a bad answer from the service (3)."""
     from cryptography import x509
 
+    from guestagent.files import read_input
+
     where = f"--ca {option}" if option else f"[metadata] ca_cert {configured}"
     path = option or configured
     if path is None:
         raise UsageError("--verify needs the CA: --ca FILE or [metadata] ca_cert (the local "
                          "cloud's is at its control URL's /ca.pem)")
     try:
-        with open(path, "rb") as fh:
-            pem = fh.read()
+        pem = read_input(path)
         x509.load_pem_x509_certificate(pem)
     except OSError as exc:
         raise UsageError(f"{where}: {exc.strerror}") from None
@@ -95,8 +98,12 @@ def _ca(option: str | None, configured: Path | None) -> bytes:
 
 def _identity(args: argparse.Namespace) -> int:
     client = client_for(args)
+    verified = ""
     if args.verify:
-        doc = client.verify_identity(_ca(args.ca, client.settings.ca_cert))
+        pem = _ca(args.ca, client.settings.ca_cert)
+        doc = client.verify_identity(pem)
+        verified = (f"verified: the identity document of {doc.instance_id} is signed (pkcs7) "
+                    f"by a key certified by {_subject(pem)}")
     else:
         doc = client.identity()
     data = doc.to_json()
@@ -106,7 +113,17 @@ def _identity(args: argparse.Namespace) -> int:
         width = max(map(len, data))
         for key, value in data.items():
             print(f"{key:<{width}}  {value}")
+    if verified:
+        # Said, not implied by silence; with --json on stderr, so stdout stays one document.
+        print(verified if not args.json else f"guestagent: {verified}",
+              file=sys.stderr if args.json else sys.stdout)
     return EXIT_OK
+
+
+def _subject(pem: bytes) -> str:
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(pem).subject.rfc4514_string()
 
 
 def _credentials(args: argparse.Namespace) -> int:

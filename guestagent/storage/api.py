@@ -355,6 +355,9 @@ def rclone_remote(settings: Any, environ: Mapping[str, str]) -> RcloneRemote:
     if not cs.tcp_enabled:
         raise StorageError("OSS mounts need the credential server's loopback listener "
                            "(rclone reads keys over HTTP): set [credentials] tcp_enabled = true")
+    if not cs.tcp_port:  # the server's own choice, which rclone cannot be told
+        raise StorageError("OSS mounts need a fixed [credentials] tcp_port (0 means any "
+                           "free port, which rclone cannot be told); set one, e.g. 977")
     prefix = f"/{cs.path_secret}" if cs.path_secret else ""
     url = f"http://{cs.tcp_host}:{cs.tcp_port}{prefix}/v1/credentials/aws"
     ep = endpoint.resolve(settings.storage, environ,

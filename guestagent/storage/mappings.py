@@ -162,7 +162,8 @@ def parse_task(task: Mapping[str, Any], *, streaming: Iterable[str] = ()) -> Map
         inputs=parse_input_mapping(task.get("InputMapping")),
         outputs=parse_output_mapping(task.get("OutputMapping"), streaming=streaming),
         logs=parse_log_mapping(task.get("LogMapping")),
-        package=parse_package_path(package) if package else None,
+        # Only absent or "" mean no package: a 0 or false is a mistake, refused by name.
+        package=None if package in (None, "") else parse_package_path(package),
         stdout=parse_redirect(pick("StdoutRedirectPath"), "StdoutRedirectPath"),
         stderr=parse_redirect(pick("StderrRedirectPath"), "StderrRedirectPath"),
         mounts=parse_mount_entries(task.get("Mounts")),
@@ -235,9 +236,11 @@ def parse_config(raw: Any, where: str) -> MountConfig:
     unknown = set(table) - {"Locale", "Lock", "Entries"}
     if unknown:
         raise BadInput(f"{where}: unknown field {sorted(unknown)[0]!r} (known: Locale, Lock)")
-    locale = table.get("Locale") or ""
-    if not isinstance(locale, str):
-        raise BadInput(f"{where}.Locale: want a string such as \"UTF-8\"")
+    locale = table.get("Locale", "")
+    if locale is None:
+        locale = ""
+    if not isinstance(locale, str):  # a false or 0 is not "no locale": refused, not coerced
+        raise BadInput(f"{where}.Locale: want a string such as \"UTF-8\", got {locale!r}")
     if locale.strip().lower() not in UTF8_LOCALES:
         raise BadInput(f"{where}.Locale: {locale!r} is not supported; OSS and NAS names are "
                        "served as UTF-8 (set Locale to UTF-8 or leave it out)")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +78,9 @@ def _guard(fn: Any) -> Any:
 
 
 def _fail(code: int, message: str) -> int:
-    print(f"guestagent: {message}", file=sys.stderr)
-    return code
+    from guestagent.cli import fail  # one line, control characters escaped, long values cut
+
+    return fail(code, message)
 
 
 def _settings(args: argparse.Namespace) -> Any:

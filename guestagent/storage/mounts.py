@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import threading
@@ -635,8 +636,12 @@ def _last_line(path: Path) -> str:
     return lines[-1] if lines else ""
 
 
+_RCLONE_STAMP = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d [A-Z]+\s*: ")
+
+
 def _short(text: str) -> str:
-    return " ".join(text.split())[:300]
+    """One line of rclone's stderr without its date and level (noise in our message)."""
+    return _RCLONE_STAMP.sub("", " ".join(text.split()))[:300]
 
 
 __all__ = ["Mount", "MountTable", "Options", "RcloneRemote", "lazy_unmount", "mountinfo",

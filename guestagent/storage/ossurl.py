@@ -23,8 +23,10 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 def check_bucket(bucket: str, where: str = "bucket") -> str:
     if not _BUCKET.fullmatch(bucket):
+        shown = (repr(bucket) if len(bucket) <= 80
+                 else f"{bucket[:40]!r}... ({len(bucket)} characters)")
         raise BadInput(
-            f"{where}: bad bucket name {bucket!r}: use 3-63 lowercase letters, digits and "
+            f"{where}: bad bucket name {shown}: use 3-63 lowercase letters, digits and "
             "hyphens, starting and ending with a letter or digit"
         )
     return bucket
@@ -46,9 +48,12 @@ def check_key(key: str, where: str = "key", *, allow_dots: bool = False) -> str:
     if key.startswith(("/", "\\")):
         raise BadInput(f"{where}: object key {shown!r} must not start with '/' or '\\'")
     for segment in key.split("/"):
-        if len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES:
+        size = len(segment.encode("utf-8"))
+        if size > MAX_SEGMENT_BYTES:
+            # The segment's start and its size: the whole of it may be kilobytes long.
             raise BadInput(
-                f"{where}: a segment of object key {shown!r} is over {MAX_SEGMENT_BYTES} bytes"
+                f"{where}: object key segment {segment[:40]!r}... ({size} bytes) is over "
+                f"{MAX_SEGMENT_BYTES} bytes: OSS allows at most that between two '/'"
             )
         if not allow_dots and segment in (".", ".."):
             raise BadInput(

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GiB = 1024 ** 3
+NAME_MAX = 255
+PATH_MAX = 4095
 
 
 @dataclass(frozen=True)
@@ -54,11 +56,13 @@ def unpack(archive: Path, workdir: Path, limits: Limits = DEFAULT_LIMITS) -> Unp
     try:
         with tarfile.open(archive, "r:*") as tar:
             members, total = _check_members(tar, where, limits)
+            _read_to_end(tar)
     except tarfile.TarError as exc:
-        raise BadInput(f"{where}: not a tar or tar.gz archive ({exc}); "
+        raise BadInput(f"{where}: not a tar or tar.gz archive ({_first_line(exc)}); "
                        "build it with tar -czf") from None
-    except (EOFError, OSError) as exc:
-        raise BadInput(f"{where}: the archive is truncated or corrupt ({exc})") from None
+    except (EOFError, OSError, ValueError) as exc:  # zlib/lzma errors: ValueError-like
+        raise BadInput(f"{where}: the archive is truncated or corrupt "
+                       f"({_first_line(exc)})") from None
     workdir.mkdir(parents=True, exist_ok=True)
     _clashes(members, workdir, where)
     staging = Path(tempfile.mkdtemp(prefix=f".{workdir.name}.unpack-", dir=workdir.parent))
@@ -79,11 +83,33 @@ def unpack(archive: Path, workdir: Path, limits: Limits = DEFAULT_LIMITS) -> Unp
     return Unpacked(workdir, len(members), total)
 
 
+def _first_line(exc: BaseException) -> str:
+    """tarfile lists each method it tried on a line of its own: the first says it."""
+    lines = str(exc).strip().splitlines()
+    return lines[0].rstrip(":") if lines else type(exc).__name__
+
+
+def _read_to_end(tar: tarfile.TarFile) -> None:
+    """Read what follows the end-of-archive blocks: a compressed stream checks its CRC and
+    length only at its very end, so a cut-off .tar.gz is named here, not unpacked."""
+    import zlib
+
+    stream = tar.fileobj
+    if stream is None:
+        return
+    try:
+        while stream.read(1 << 20):
+            pass
+    except zlib.error as exc:
+        raise EOFError(str(exc)) from None
+
+
 def _check_members(
     tar: tarfile.TarFile, where: str, limits: Limits
 ) -> tuple[list[tarfile.TarInfo], int]:
     members: list[tarfile.TarInfo] = []
     links: set[PurePosixPath] = set()
+    seen: set[PurePosixPath] = set()  # what a hard link may name: an earlier member
     total = 0
     for member in tar:  # headers only: data is skipped, and we stop at the first breach
         name = _member_path(member.name, where)
@@ -99,8 +125,12 @@ def _check_members(
             raise BadInput(f"{where}: member {member.name!r} goes through the symlink "
                            f"{str(through)!r}; store the real path instead")
         _check_kind(member, name, where)
+        if member.islnk() and _member_path(member.linkname, where) not in seen:
+            raise BadInput(f"{where}: hard link {member.name!r} -> {member.linkname!r} names "
+                           "no earlier member; archive the file before its links")
         if member.issym():
             links.add(name)
+        seen.add(name)
         members.append(member)
     return members, total
 
@@ -116,7 +146,19 @@ def _member_path(raw: str, where: str) -> PurePosixPath:
     if ".." in parts:
         raise BadInput(f"{where}: member {raw!r} contains '..' and would land outside the "
                        "work dir; archive paths relative to the package root")
+    _check_length(raw, parts, where)
     return PurePosixPath(*parts) if parts else PurePosixPath(".")
+
+
+def _check_length(raw: str, parts: list[str], where: str) -> None:
+    """Linux's limits (255 bytes a name, 4095 a path), named before extraction: past them
+    the unpack would fail half-way with an OS error."""
+    def size(text: str) -> int:
+        return len(text.encode("utf-8", "surrogateescape"))
+
+    if any(size(p) > NAME_MAX for p in parts) or size(raw) > PATH_MAX:
+        raise BadInput(f"{where}: member {raw[:60]!r}... is too long (at most {NAME_MAX} "
+                       f"bytes a name, {PATH_MAX} in all); shorten it")
 
 
 def _check_kind(member: tarfile.TarInfo, name: PurePosixPath, where: str) -> None:
@@ -164,6 +206,9 @@ def _clashes(members: list[tarfile.TarInfo], workdir: Path, where: str) -> None:
             if (workdir / part).is_symlink():
                 raise BadInput(f"{where}: {workdir / part} is a symlink in the work dir; "
                                "the package would write through it (remove it first)")
+            if part != name and (workdir / part).exists() and not (workdir / part).is_dir():
+                raise BadInput(f"{where}: member {member.name!r} needs {workdir / part} to "
+                               "be a directory; it is a file (remove it or rename the member)")
         target = workdir / name
         if target.is_dir() and not member.isdir():
             raise BadInput(f"{where}: member {member.name!r} would replace the directory "

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote_plus
 from xml.etree import ElementTree
 
 from guestagent.storage import sigv4
@@ -308,7 +308,8 @@ class S3Client:
         self, bucket: str, key: str, data: Body, md5: bytes,
         meta: Mapping[str, str] | None = None,
     ) -> Response:
-        headers = {"content-md5": md5_b64(md5), "content-length": str(len(data))}
+        headers = {"content-md5": md5_b64(md5), "content-length": str(len(data)),
+                   "content-type": content_type(key)}
         headers.update({META_PREFIX + k: v for k, v in (meta or {}).items()})
         return self.call("PUT", bucket, key, headers=headers, body=data)
 
@@ -408,7 +409,9 @@ class S3Client:
             encoded = _text(root, "EncodingType") == "url"
 
             def dec(text: str, encoded: bool = encoded) -> str:
-                return unquote(text) if encoded else text
+                # Form-encoded, as botocore reads it: S3 and `rclone serve s3` send a space
+                # as '+' (a '+' of the key as %2B; OSS sends %20 and %2B, read alike).
+                return unquote_plus(text) if encoded else text
 
             for el in root.findall("Contents"):
                 yield ObjectInfo(
@@ -427,6 +430,7 @@ class S3Client:
 
     def create_multipart(self, bucket: str, key: str, meta: Mapping[str, str]) -> str:
         headers = {META_PREFIX + k: v for k, v in meta.items()}
+        headers["content-type"] = content_type(key)
         resp = self.call("POST", bucket, key, query={"uploads": ""}, headers=headers)
         return _text(_xml(resp.body), "UploadId")
 
@@ -588,6 +592,16 @@ def _error_code(body: bytes) -> str:
         return _text(_xml(body), "Code")
     except ElementTree.ParseError:
         return ""
+
+
+def content_type(key: str) -> str:
+    """The type by the object's name, as the AWS CLI, rclone and ossutil set it: without
+    one, OSS serves ``index.html`` or ``data.json`` as an octet stream to browsers and SDKs.
+    Never a Content-Encoding: ``.tar.gz`` stays the bytes it is."""
+    import mimetypes  # lazily: reads the system's type tables once
+
+    guessed, _encoding = mimetypes.guess_type(key.rsplit("/", 1)[-1])
+    return guessed or "application/octet-stream"
 
 
 def _info_from_headers(key: str, headers: Mapping[str, str]) -> ObjectInfo:

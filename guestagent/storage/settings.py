@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from guestagent.checks import check_url
 
@@ -69,6 +70,15 @@ class StorageSettings:
         self._check_mounts()
         self._check_endpoint()
         self._check_transfers()
+        self._check_places()
+
+    def _check_places(self) -> None:
+        if self.state_dir is not None and not self.state_dir.is_absolute():
+            # relative to wherever the CLI happens to run: a resume would not find it
+            raise ValueError(f"state_dir: must be an absolute path, got {str(self.state_dir)!r}")
+        for name, low in (("nas_port", 1), ("nas_mount_port", 0)):
+            if not low <= getattr(self, name) <= 65535:
+                raise ValueError(f"{name}: must be {low}..65535, got {getattr(self, name)}")
 
     def _check_mounts(self) -> None:
         for name in ("mount_check_interval", "mount_stat_timeout", "mount_ready_timeout"):
@@ -99,6 +109,7 @@ class StorageSettings:
 
     def _check_endpoint(self) -> None:
         if self.endpoint:
+            _check_endpoint_text(self.endpoint)
             check_url(self.endpoint, "endpoint")
         if self.region and not all(p.isalnum() for p in self.region.split("-")):
             raise ValueError(f"region: not a region id: {self.region!r}")
@@ -120,3 +131,21 @@ class StorageSettings:
             raise ValueError(f"retries: must be >= 0, got {self.retries}")
         if self.backoff_base <= 0 or self.backoff_max < self.backoff_base:
             raise ValueError("backoff_base: want 0 < backoff_base <= backoff_max")
+
+
+def _check_endpoint_text(url: str) -> None:
+    """Only ``scheme://host[:port]``: a path, query or ``user:password@`` would be dropped
+    without a word (requests go to the host's root, keys come from the credential
+    service), and a password written here would show in logs and ``config show``."""
+    if any(ch.isspace() or not ch.isprintable() for ch in url):
+        raise ValueError(f"endpoint: {url!r} contains whitespace or a control character")
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return  # check_url names it
+    if "@" in parts.netloc:  # the URL is not echoed: it may hold a password
+        raise ValueError("endpoint: must not carry a user or password; keys come from "
+                         "the agent's credential service")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"endpoint: {url!r}: want scheme://host[:port], without a path "
+                         "or query")

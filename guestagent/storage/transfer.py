@@ -117,7 +117,9 @@ class Transfers:
         if dest.is_dir:
             dest = dest.join(local.name)
         try:
-            fd = os.open(local, os.O_RDONLY)
+            # O_NONBLOCK: opening a FIFO would wait for a writer forever (it is refused
+            # below as not a regular file); reads of a regular file ignore the flag.
+            fd = os.open(local, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as exc:
             raise BadInput(f"{local}: cannot read: {exc.strerror}") from None
         try:

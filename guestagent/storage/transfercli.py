@@ -262,8 +262,9 @@ def _sync(args: argparse.Namespace) -> int:
                           "skipped": len(summary.skipped), "deleted": len(summary.deleted),
                           "bytes": summary.nbytes, "dry_run": args.dry_run}))
     else:
+        gone = "would delete" if args.dry_run else "deleted"
         print(f"{verb} {len(summary.copied)}, unchanged {len(summary.skipped)}, "
-              f"deleted {len(summary.deleted)}", file=sys.stderr)
+              f"{gone} {len(summary.deleted)}", file=sys.stderr)
     return EXIT_OK
 
 

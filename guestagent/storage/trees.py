@@ -7,11 +7,14 @@ parallel; each one is atomic on its own (see :mod:`guestagent.storage.transfer`)
 
 "Changed" means: sizes differ, or for a single-PUT object (ETag = MD5) the local MD5
 differs, or for a multipart object the local mtime differs from the one recorded in the
-object's metadata at upload.
+object's metadata at upload (rclone's whole-file MD5 or, for other writers, the object's
+time when there is none: see :func:`_same_multipart`).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import os
 import stat
@@ -25,7 +28,7 @@ from guestagent.storage import integrity, localdirs
 from guestagent.storage.errors import BadInput, NotFound, StorageError
 from guestagent.storage.ossurl import OssUrl, check_key
 from guestagent.storage.s3 import ObjectInfo, S3Client
-from guestagent.storage.transfer import Transfers, check_space
+from guestagent.storage.transfer import PART_SUFFIX, Transfers, check_space
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +187,10 @@ def plan_download(remote: dict[str, ObjectInfo], src: OssUrl, root: Path
         if rel in dirs:
             raise BadInput(f"oss://{src.bucket}/{src.prefix}{rel}: is both an object and a "
                            "directory prefix; it cannot be downloaded as a tree")
+        if rel + PART_SUFFIX in remote:  # its download's .part file is another's target
+            raise BadInput(f"oss://{src.bucket}/{src.prefix}{rel}{PART_SUFFIX}: would be "
+                           f"overwritten by the partial download of {rel}; download the two "
+                           "separately")
     return plan
 
 
@@ -199,21 +206,44 @@ def _check_local(plan: list[tuple[ObjectInfo, Path]], root: Path, where: str) ->
 
 
 def same(local: Path, size: int, mtime: float, info: ObjectInfo,
-         head: Callable[[], ObjectInfo | None]) -> bool:
+         head: Callable[[], ObjectInfo | None], *, upload: bool = False) -> bool:
     if size != info.size:
         return False
     if integrity.is_plain(info.etag):
-        fd = os.open(local, os.O_RDONLY)
+        return _md5_hex(local) == info.etag.lower()
+    return _same_multipart(local, mtime, head() or info, upload=upload)
+
+
+def _same_multipart(local: Path, mtime: float, full: ObjectInfo, *, upload: bool) -> bool:
+    """A multipart ETag is no MD5 of the bytes: what the writer recorded decides. We and
+    rclone record the source's mtime (``mtime``), rclone also the whole MD5 (``md5chksum``,
+    base64). Objects with neither (the AWS CLI, ossutil) are judged as the AWS CLI's sync
+    judges them: a download is unchanged while its mtime is still the object's (set at
+    download; HTTP dates have whole seconds), a local file while it is no newer than the
+    object (else every sync would copy them all again)."""
+    recorded = full.meta.get("mtime")
+    if recorded is not None:
         try:
-            return integrity.file_md5(fd).hex() == info.etag.lower()
-        finally:
-            os.close(fd)
-    full = head()
-    recorded = full.meta.get("mtime") if full else None
+            return abs(float(recorded) - mtime) < 0.001
+        except ValueError:
+            return False
+    md5 = full.meta.get("md5chksum")
+    if md5:
+        try:
+            return base64.b64decode(md5, validate=True).hex() == _md5_hex(local)
+        except binascii.Error:
+            return False
+    if upload:
+        return mtime <= full.mtime
+    return abs(mtime - full.mtime) < 1.0
+
+
+def _md5_hex(local: Path) -> str:
+    fd = os.open(local, os.O_RDONLY)
     try:
-        return recorded is not None and abs(float(recorded) - mtime) < 0.001
-    except ValueError:
-        return False
+        return integrity.file_md5(fd).hex()
+    finally:
+        os.close(fd)
 
 
 # -- operations ----------------------------------------------------------------------------
@@ -269,7 +299,8 @@ def upload_tree(
     for f in files:
         info = remote.get(f.rel)
         if info is not None and only_changed and same(
-            f.path, f.size, f.mtime, info, partial(t.client.head_object, dest.bucket, info.key)
+            f.path, f.size, f.mtime, info, partial(t.client.head_object, dest.bucket, info.key),
+            upload=True,
         ):
             summary.skipped.append(f.rel)
         else:

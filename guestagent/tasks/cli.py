@@ -57,27 +57,35 @@ def register(sub: Any) -> None:
 
 
 def _local(args: argparse.Namespace) -> Any:
+    """Settings and the state store, for the commands that only read it. With no store
+    yet there is no job to show: nothing is created for a question (the answer is absent)."""
     from guestagent.tasks import service
 
     settings = load_settings(args)
-    return settings, service.open_store(settings)
+    return settings, service.open_store(settings, create=False)
 
 
 def _submit(args: argparse.Namespace) -> int:
     from guestagent.cli import UsageError
-    from guestagent.tasks import jobcfg, service
+    from guestagent.tasks import jobcfg, service, submit
     from guestagent.tasks.errors import JobError, TaskError
 
-    settings, store = _local(args)
-    flags = jobcfg.Flags(args.read_mount, args.write_mount, args.docker, args.env)
     if bool(args.file) == bool(args.resume):
         raise UsageError("tasks submit: give a job file, or --resume JOB")
+    settings = load_settings(args)
+    flags = jobcfg.Flags(args.read_mount, args.write_mount, args.docker, args.env)
     try:
+        # The job is read and checked before the state store exists: a refused job
+        # leaves no trace (no tasks.db, no job directory).
         if args.resume:
+            store = service.open_store(settings, create=False)
             store.job(args.resume)
             job_id, notices = args.resume, list[str]()
         else:
-            job_id, notices = service.submit_file(settings, store, Path(args.file), flags)
+            job, doc = jobcfg.load_job(Path(args.file), flags, settings.tasks.max_timeout)
+            store = service.open_store(settings)
+            job_id, notices = submit.create_from(store, service.jobs_dir(settings), job, doc,
+                                                 settings.tasks.max_timeout)
     except (JobError, TaskError) as exc:
         raise UsageError(str(exc)) from None
     for notice in notices:

@@ -24,6 +24,7 @@ redirect dirs). ``pack`` is a local directory or tarball (relative to the file) 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,11 +53,25 @@ class Flags:
 
 
 def load(path: Path, flags: Flags | None = None) -> dict[str, Any]:
+    return parse(read_text(path), base_dir(path), flags or Flags(), source=str(path))
+
+
+def read_text(path: Path) -> str:
+    """The job file's text (``-``: standard input), or one JobError line saying why not."""
     try:
-        text = read_input(path).decode()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise JobError(f"{path}: cannot read the job file: {exc}") from None
-    return parse(text, path.parent, flags or Flags(), source=str(path))
+        return read_input(path).decode()
+    except OSError as exc:
+        raise JobError(f"{path}: cannot read the job file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise JobError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+
+
+def base_dir(path: Path) -> Path:
+    """Where a job.cfg's relative ``pack`` is found: beside the file, or the current
+    directory for standard input and ``<(cmd)`` (whose /dev/fd/N has no directory)."""
+    if str(path) == "-" or str(path).startswith(("/dev/fd/", "/proc/")):
+        return Path.cwd()
+    return path.parent
 
 
 def parse(text: str, base: Path, flags: Flags, source: str = "job.cfg") -> dict[str, Any]:
@@ -88,8 +103,8 @@ def parse(text: str, base: Path, flags: Flags, source: str = "job.cfg") -> dict[
         "Type": "DAG",
         "Description": default.get("description", ""),
         "Priority": _intval(default.get("priority", "0"), "priority", source),
-        "JobFailOnInstanceFail": default.get("job_fail_on_instance_fail", "true").lower()
-        not in ("false", "no", "0", "off"),
+        "JobFailOnInstanceFail": _boolval(default.get("job_fail_on_instance_fail", "true"),
+                                          "job_fail_on_instance_fail", source),
         "DAG": {"Tasks": tasks, "Dependencies": deps},
     }
     return doc
@@ -100,10 +115,22 @@ def path_stem(source: str) -> str:
 
 
 def _intval(text: str, key: str, where: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise JobError(f"{where}: {key}={text!r} must be an integer") from None
+    # Plain digits only: int() would also take "1_000" or "٣" (other scripts' digits).
+    stripped = text.strip()
+    if not re.fullmatch(r"-?[0-9]{1,9}", stripped):
+        raise JobError(f"{where}: {key}={text!r} must be an integer")
+    return int(stripped)
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _boolval(text: str, key: str, where: str) -> bool:
+    # As configparser's getboolean reads it: any other word is a mistake, not "true".
+    word = text.strip().lower()
+    if word not in _TRUE + _FALSE:
+        raise JobError(f"{where}: {key}={text!r} must be true or false")
+    return word in _TRUE
 
 
 def _task(
@@ -240,23 +267,37 @@ def _deps(text: str, tasks: dict[str, Any], source: str) -> dict[str, list[str]]
 def load_job(path: Path, flags: Flags | None = None,
              max_timeout: int | None = None) -> tuple[Job, dict[str, Any]]:
     """The checked job and its JSON document, from a job JSON or a job.cfg file."""
-    import json
-
     from guestagent.tasks.model import DEFAULT_MAX_TIMEOUT
 
     flags = flags or Flags()
-    if path.suffix == ".json":
+    text = read_text(path)
+    if is_json(path, text):
         if flags != Flags():
             raise JobError(f"{path}: -r/-w/--docker/-e apply to a job.cfg, not to a job JSON")
-        try:
-            doc = json.loads(read_input(path).decode())
-        except (OSError, UnicodeDecodeError) as exc:
-            raise JobError(f"{path}: cannot read the job file: {exc}") from None
-        except ValueError as exc:
-            raise JobError(f"{path}: not valid JSON: {exc}") from None
-        except RecursionError:
-            raise JobError(f"{path}: not valid JSON: nested too deeply") from None
+        doc = parse_json(text, path)
     else:
-        doc = load(path, flags)
+        doc = parse(text, base_dir(path), flags, source=str(path))
     job = Job.parse(doc, max_timeout=max_timeout or DEFAULT_MAX_TIMEOUT)
     return job, doc
+
+
+def is_json(path: Path, text: str) -> bool:
+    """A job JSON by its name, or, with no telling name (``-``, ``<(cmd)``), by its first
+    character: a job.cfg starts with a section or a comment, never with ``{``."""
+    if path.suffix in (".json", ".cfg"):
+        return path.suffix == ".json"
+    return text.lstrip("\ufeff \t\r\n").startswith("{")
+
+
+def parse_json(text: str, path: Path) -> Any:
+    """A job JSON document; a repeated key is refused (json would keep the last silently)."""
+    from guestagent import jsondoc
+
+    try:
+        return jsondoc.loads(text)
+    except jsondoc.DuplicateKey as exc:
+        raise JobError(f"{path}: {exc}") from None
+    except ValueError as exc:
+        raise JobError(f"{path}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise JobError(f"{path}: not valid JSON: nested too deeply") from None

@@ -124,7 +124,7 @@ def _obj(value: object, where: str) -> Mapping[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise JobError(f"{where}: must be an object, got {type(value).__name__}")
+        raise JobError(f"{where}: must be an object, got {rules.json_type(value)}")
     return value
 
 
@@ -138,7 +138,7 @@ def _int(value: object, where: str, lo: int, hi: int, default: int) -> int:
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
-        raise JobError(f"{where}: must be an integer, got {value!r}")
+        raise JobError(f"{where}: must be an integer, got {rules.json_type(value)} {value!r}")
     if not lo <= value <= hi:
         raise JobError(f"{where}: must be between {lo} and {hi}, got {value}")
     return value
@@ -148,7 +148,7 @@ def _str(value: object, where: str, default: str = "") -> str:
     if value is None:
         return default
     if not isinstance(value, str):
-        raise JobError(f"{where}: must be a string, got {type(value).__name__}")
+        raise JobError(f"{where}: must be a string, got {rules.json_type(value)}")
     return value
 
 
@@ -195,9 +195,10 @@ def _parse_notification(value: object) -> Notification:
     _known(topic, {"Name", "Endpoint", "Events"}, "Notification.Topic")
     events = topic.get("Events", [])
     if not isinstance(events, list):
-        raise JobError("Notification.Topic.Events: must be a list of event names")
+        raise JobError("Notification.Topic.Events: must be a list of event names, got "
+                       f"{rules.json_type(events)}")
     for ev in events:
-        if ev not in JOB_EVENTS:
+        if not isinstance(ev, str) or ev not in JOB_EVENTS:
             raise JobError(
                 f"Notification.Topic.Events: unknown event {ev!r} (known: {', '.join(JOB_EVENTS)})"
             )
@@ -313,14 +314,19 @@ def _dir(path: PurePosixPath) -> str:
 def _parse_deps(value: object, tasks: Mapping[str, Task]) -> dict[str, tuple[str, ...]]:
     deps = _obj(value, "DAG.Dependencies")
     out: dict[str, tuple[str, ...]] = {}
-    for before, raw in deps.items():
+    for before, after in deps.items():
         where = f"DAG.Dependencies.{before}"
         if before not in tasks:
             raise JobError(f"{where}: unknown task {before!r} (tasks: {', '.join(sorted(tasks))})")
-        after = [raw] if isinstance(raw, str) else raw
+        # The guide's form only: task -> list of tasks. A bare string is refused rather than
+        # read as a one-element list (it may as well be a typo for a key).
         if not isinstance(after, list):
-            raise JobError(f"{where}: must be a list of task names")
+            raise JobError(f"{where}: must be a list of task names such as [\"merge\"], got "
+                           f"{rules.json_type(after)}")
         for name in after:
+            if not isinstance(name, str):
+                raise JobError(f"{where}: task names must be strings, got "
+                               f"{rules.json_type(name)}")
             if name not in tasks:
                 raise JobError(
                     f"{where}: unknown task {name!r} (tasks: {', '.join(sorted(tasks))})"

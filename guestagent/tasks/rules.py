@@ -8,6 +8,7 @@ rules (``guestagent.storage.ossurl``, ``guestagent.storage.mappings``), applied 
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,12 +60,28 @@ def env_name(name: str, where: str) -> str:
 
 
 def env_value(value: object, where: str) -> str:
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise JobError(f"{where}: value must be a string, got {type(value).__name__}")
-    text = str(value)
-    if "\x00" in text:
+    # EnvVars is a map of string to string (the guide; its SDKs' addEnvVars(String, String)).
+    # A number or boolean is refused, not turned into text: 1e3, 1.0 or true would reach
+    # the program as "1000.0", "1.0" or "True", not as written.
+    if not isinstance(value, str):
+        hint = f" (quote it: \"{json.dumps(value)}\")" if isinstance(value, int | float) else ""
+        raise JobError(f"{where}: value must be a string, got {json_type(value)}{hint}")
+    if "\x00" in value:
         raise JobError(f"{where}: value contains a NUL byte")
-    return text
+    return value
+
+
+def json_type(value: object) -> str:
+    """``value``'s type as JSON names it (a user wrote JSON, not Python)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
 
 
 def oss_dir(url: object, where: str) -> str:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from guestagent.service import Service
-from guestagent.tasks import jobcfg, submit
 from guestagent.tasks.errors import TaskError
 from guestagent.tasks.runner import HostRunner, Runner
 from guestagent.tasks.scheduler import Identity, Scheduler
@@ -42,13 +41,13 @@ def jobs_dir(settings: Settings) -> Path:
     return tasks_dir(settings) / "jobs"
 
 
-def open_store(settings: Settings) -> Store:
-    return Store(tasks_dir(settings) / "tasks.db")
-
-
-def submit_file(settings: Settings, store: Store, path: Path,
-                flags: jobcfg.Flags) -> tuple[str, list[str]]:
-    return submit.create(store, jobs_dir(settings), path, flags, settings.tasks.max_timeout)
+def open_store(settings: Settings, *, create: bool = True) -> Store:
+    """The state store; ``create=False`` (a command that only reads or names a job) opens
+    an empty in-memory store when none exists yet, so asking leaves nothing behind."""
+    path = tasks_dir(settings) / "tasks.db"
+    if not create and not path.exists():
+        return Store(None)
+    return Store(path)
 
 
 def identity(settings: Settings, region: str = "", worker: str = "") -> Identity:

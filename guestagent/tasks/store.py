@@ -85,21 +85,25 @@ class Instance:
 
 
 class Store:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | None) -> None:
+        """The store at ``path``, created if absent; ``None``: an empty one in memory (what
+        a read-only command sees before any job was submitted)."""
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.RLock()
         self._depth = 0  # nesting of open transactions (see batch)
         try:
-            self._db = sqlite3.connect(str(path), timeout=30, check_same_thread=False,
-                                       isolation_level=None)
+            self._db = sqlite3.connect(":memory:" if path is None else str(path), timeout=30,
+                                       check_same_thread=False, isolation_level=None)
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise TaskError(f"{path}: cannot open the task state: {exc}") from None
-        os.chmod(path, 0o600)
+        if path is not None:
+            os.chmod(path, 0o600)
 
     def close(self) -> None:
         with self._lock:

@@ -98,7 +98,12 @@ def _measure(
 
 def load(text: str | bytes, where: str = "cloud-config") -> dict[str, Any]:
     """Parse a cloud-config document; it must be a mapping. Bounded (aliases, depth,
-    expanded size) before anything is expanded."""
+    expanded size) before anything is expanded.
+
+    A key repeated in one mapping keeps its last value, unlike the job and control JSON
+    we refuse it in: cloud-init loads user-data with PyYAML's safe loader, which does
+    exactly that, and the same #cloud-config must mean the same thing to us as to an
+    enabled cloud-init (which may apply it instead of us)."""
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")

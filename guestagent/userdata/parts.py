@@ -144,15 +144,44 @@ def classify(content: bytes, name: str, mime: str = "") -> Part:
             raise UserdataError(
                 f"{name}: {what} user-data is not supported by guestagent (use cloud-init)"
             )
+    raise _unknown(body, first, name)
+
+
+def _unknown(body: bytes, first: bytes, name: str) -> UserdataError:
+    """Why a part of no known type is refused, as the user would say it."""
     if body[:2] == b"\x1f\x8b":
-        raise UserdataError(
+        return UserdataError(
             f"{name}: gzip inside a part is not supported; gzip the whole user-data"
         )
+    at = binary_at(body)
+    if at is not None:  # quoting its "first line" would only print garbage
+        return UserdataError(
+            f"{name}: not text: binary data at byte {at} (a program, image or archive?); "
+            "user-data is a #!/bin/sh script, #cloud-config or MIME multipart"
+        )
     shown = first[:40].decode("utf-8", errors="replace")
-    raise UserdataError(
+    return UserdataError(
         f"{name}: unknown user-data type (first line {shown!r}); "
         "want #!/bin/sh, #cloud-config or MIME multipart"
     )
+
+
+_TEXT_CONTROLS = frozenset(b"\t\n\r\f\v")
+
+
+def binary_at(data: bytes, window: int = 4096) -> int | None:
+    """The offset of the first byte in ``data``'s first ``window`` bytes that text does
+    not have (NUL, another control character, invalid UTF-8), or None."""
+    head = data[:window]
+    found = [i for i, byte in enumerate(head)
+             if (byte < 0x20 and byte not in _TEXT_CONTROLS) or byte == 0x7F][:1]
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # A character cut in two by the window's end is not an error in the data.
+        if not (len(head) < len(data) and exc.reason == "unexpected end of data"):
+            found.append(exc.start)
+    return min(found, default=None)
 
 
 def _split_mime(data: bytes) -> list[Part]:

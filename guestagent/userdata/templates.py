@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from guestagent.files import read_input
 from guestagent.userdata import checks
 from guestagent.userdata.errors import UserdataError
 
@@ -131,7 +132,11 @@ def parse_params(tpl: Template, pairs: Sequence[str]) -> dict[str, Any]:
             )
         if value.startswith("@"):
             try:
-                value = Path(value[1:]).expanduser().read_text().strip()
+                value = read_input(Path(value[1:]).expanduser()).decode().strip()
+            except UnicodeDecodeError as exc:
+                raise UserdataError(
+                    f"--param {key}: {value[1:]} is not UTF-8 text (byte {exc.start})"
+                ) from None
             except OSError as exc:
                 raise UserdataError(
                     f"--param {key}: cannot read {value[1:]}: {exc.strerror}"

@@ -126,6 +126,16 @@ def test_control_errors(
     assert status == 400 and body["code"] == code and body["message"]
 
 
+def test_a_repeated_key_in_a_control_body_is_refused_and_changes_nothing(
+        emulator: Any) -> None:
+    assert control(emulator, "GET", "/state")[1]["spot"] is None
+    status, body = control(emulator, "POST", "/spot", None,
+                           raw=b'{"in_seconds": 600, "in_seconds": 0}')
+    assert status == 400 and body["code"] == "BadJson"
+    assert "key 'in_seconds' appears twice" in body["message"]
+    assert control(emulator, "GET", "/state")[1]["spot"] is None  # no notice was set
+
+
 def test_unknown_endpoint(emulator: Any) -> None:
     status, body = control(emulator, "GET", "/nope")
     assert status == 404 and body["code"] == "NotFound"
@@ -207,6 +217,15 @@ def test_scenario_file_errors(tmp_path: Path) -> None:
         load_scenario(tmp_path / "absent.toml")
     assert "top level must be a mapping" in _bad(tmp_path, "- 1\n", "s.yaml")
     assert "nested too deeply" in _bad(tmp_path, "a = " + "[" * 3000 + "]" * 3000 + "\n")
+
+
+def test_a_repeated_key_in_a_scenario_is_refused_in_one_line(tmp_path: Path) -> None:
+    # YAML kept the last value silently (TOML already refused it).
+    message = _bad(tmp_path, "instance:\n  instance_id: i-a\n  instance_id: i-b\n", "s.yaml")
+    assert message.endswith("s.yaml: not valid YAML at line 3: key 'instance_id' appears "
+                            "twice in one mapping: keep one")
+    assert "\n" not in message
+    assert "Cannot overwrite a value" in _bad(tmp_path, "[instance]\nx = 1\nx = 2\n")  # TOML
 
 
 def test_user_data_file_and_overrides(tmp_path: Path) -> None:

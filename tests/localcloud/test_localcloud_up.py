@@ -105,6 +105,20 @@ def test_unknown_component_is_refused(arg: str, tmp_path: Path) -> None:
     assert "unknown component" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("scenario", ["missing.toml", "broken.toml"])
+def test_a_bad_scenario_is_one_line_before_the_workdir_exists(scenario: str,
+                                                              tmp_path: Path) -> None:
+    # It was a traceback, after the work directory had been made.
+    (tmp_path / "broken.toml").write_text("x = [\n")
+    proc = _up("--scenario", str(tmp_path / scenario), "--workdir", str(tmp_path / "w"),
+               cwd=tmp_path)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err
+    assert err.startswith(f"guestagent: localcloud: --scenario {tmp_path / scenario}: ")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "w").exists()
+
+
 def test_the_daemon_never_imports_the_local_cloud() -> None:
     code = ("import sys, guestagent.cli as c; c.build_parser(['run']); "
             "import guestagent.daemon.agent; "

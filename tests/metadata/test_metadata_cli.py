@@ -36,6 +36,15 @@ def test_identity_verify_with_ca(emulator: Any, tmp_path: Any) -> None:
     ca.write_bytes(emulator.ca_cert_pem)
     out = run_cli(emulator.url, "identity", "--verify", "--ca", str(ca))
     assert out.returncode == 0, out.stderr
+    # Success is said, in one line naming what was checked (silence used to be all).
+    instance = out.stdout.split("instance-id", 1)[1].split()[0]
+    last = out.stdout.splitlines()[-1]
+    assert last.startswith(f"verified: the identity document of {instance} is signed (pkcs7)")
+    assert "CN=" in last
+    as_json = run_cli(emulator.url, "identity", "--verify", "--json", "--ca", str(ca))
+    assert json.loads(as_json.stdout)["instance-id"] == instance  # stdout: the document only
+    assert as_json.stderr.startswith(f"guestagent: verified: the identity document of {instance}")
+    assert as_json.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("ca", ["none", "not-pem", "missing", "other-ca"])

@@ -98,6 +98,12 @@ BAD = {
     "blockdev": ([entry("sda", tarfile.BLKTYPE)], "is a device file"),
     "fifo": ([entry("pipe", tarfile.FIFOTYPE)], "is a special file"),
     "control": ([file("a\x07b")], "control character"),
+    # tarfile's own errors (KeyError, ENAMETOOLONG) were tracebacks after extraction began
+    "hardlink-to-nothing": ([entry("h", tarfile.LNKTYPE, "nothere")], "names no earlier member"),
+    "hardlink-before-file": ([entry("h", tarfile.LNKTYPE, "later"), file("later")],
+                             "names no earlier member"),
+    "name-too-long": ([file("x" * 256)], "is too long (at most 255 bytes a name"),
+    "path-too-long": ([file("/".join(["d" * 200] * 21))], "4095 in all"),
     # Each link stays inside on its own; followed, z -> y/../.. -> the work dir's parent.
     "symlink-chain": ([entry("d1", tarfile.DIRTYPE), entry("d1/d2", tarfile.DIRTYPE),
                        entry("d1/d2/y", tarfile.SYMTYPE, "../.."),
@@ -161,3 +167,40 @@ def test_a_symlink_in_the_work_dir_is_not_written_through(tmp_path, workdir):
     with pytest.raises(BadInput, match="is a symlink in the work dir"):
         unpack(archive, workdir)
     assert list(outside.iterdir()) == []
+
+
+@pytest.mark.parametrize("cut", ["half", "trailer"])
+def test_a_truncated_gzip_is_refused(cut, tmp_path, workdir):
+    """Cut in its data or only its CRC/length trailer (the tar inside still complete):
+    refused, as gzip -t would, before anything is written."""
+    whole = make_tar(tmp_path / "w.tar.gz", [file("a.bin", os.urandom(50_000)), file("b")])
+    data = whole.read_bytes()
+    archive = tmp_path / "cut.tar.gz"
+    archive.write_bytes(data[: len(data) // 2] if cut == "half" else data[:-6])
+    before = snapshot(workdir)
+    with pytest.raises(BadInput) as err:
+        unpack(archive, workdir)
+    assert "truncated or corrupt" in str(err.value) and "\n" not in str(err.value)
+    assert snapshot(workdir) == before
+
+
+@pytest.mark.parametrize("content", [b"", b"\x1f\x8b\x08\x00junk", b"plain text\n" * 50],
+                         ids=["empty", "gzip-junk", "text"])
+def test_not_an_archive_is_one_line(content, tmp_path, workdir):
+    """tarfile lists every method it tried, one per line: the message keeps one line."""
+    junk = tmp_path / "worker.tar.gz"
+    junk.write_bytes(content)
+    before = snapshot(workdir)
+    with pytest.raises(BadInput) as err:
+        unpack(junk, workdir)
+    assert "\n" not in str(err.value) and "worker.tar.gz" in str(err.value)
+    assert snapshot(workdir) == before
+
+
+def test_a_file_in_the_work_dir_where_the_package_needs_a_directory(tmp_path, workdir):
+    archive = make_tar(tmp_path / "w.tar.gz", [file("a-first.txt"), file("kept.txt/inner")])
+    before = snapshot(workdir)
+    with pytest.raises(BadInput) as err:
+        unpack(archive, workdir)
+    assert "needs" in str(err.value) and "kept.txt to be a directory" in str(err.value)
+    assert snapshot(workdir) == before  # a-first.txt was not moved in either

@@ -112,8 +112,16 @@ def start_two_readers(sched: Scheduler, dirs: tuple[Path, Path, Path],
     job_id = submit_doc(sched, with_source(
         job_doc({"t": reader(dest, out, gates, InstanceCount=2)}), source))
     thread, result = run_in_thread(sched, job_id)
-    wait_for(lambda: (out / "before.0").exists() and (out / "before.1").exists(), timeout=120)
+    # Written, not only created: the shell makes the file before cat writes into it.
+    wait_for(lambda: all(_text(out / f"before.{i}") for i in (0, 1)), timeout=120)
     return job_id, thread, result
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
 
 
 def run_in_thread(sched: Scheduler, job_id: str) -> tuple[threading.Thread, list[str]]:

@@ -32,6 +32,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from guestagent import jsondoc
 from guestagent.localcloud.emulator.server import BaseHandler
 
 Body = dict[str, Any]
@@ -91,7 +92,8 @@ class ControlHandler(BaseHandler):
         if not raw.strip():
             return {}
         try:
-            body = json.loads(raw, parse_float=_finite, parse_constant=_finite)
+            # A repeated key is refused: a scripted fault must do what the test wrote.
+            body = jsondoc.loads(raw, parse_float=_finite, parse_constant=_finite)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ControlError(400, "BadJson", f"body is not valid JSON: {exc}") from exc
         if not isinstance(body, dict):

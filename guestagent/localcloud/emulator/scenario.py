@@ -59,6 +59,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from guestagent.files import read_input
+
 FAULT_KINDS = ("status", "latency", "reset", "hang", "truncate", "body")
 
 
@@ -205,16 +207,39 @@ def load_scenario(
         source = str(file)
         base_dir = file.parent
         try:
-            text = file.read_text(encoding="utf-8")
+            text = read_input(file).decode("utf-8")
         except FileNotFoundError as exc:
             raise ScenarioError(f"{file}: scenario file not found") from exc
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ScenarioError(f"{file}: cannot read: {exc}") from exc
+        except OSError as exc:
+            raise ScenarioError(f"{file}: cannot read: {exc.strerror or exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ScenarioError(f"{file}: not UTF-8 text (byte {exc.start})") from exc
         fmt = "yaml" if file.suffix in (".yaml", ".yml") else "toml"
         data = _merge(data, _parse(text, source, fmt))
     if overrides:
         data = _merge(data, overrides)
     return scenario_from_mapping(data, base_dir=base_dir, source=source)
+
+
+def _unique_keys_loader(yaml: Any) -> Any:
+    """PyYAML's safe loader, refusing a key repeated in one mapping (it keeps the last
+    silently; TOML scenarios already refuse it). Scenarios are our own format: unlike
+    cloud-config, no other reader's semantics to keep."""
+
+    class Loader(yaml.SafeLoader):  # type: ignore[misc]
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen and key != "<<":
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice in one mapping: keep one",
+                        key_node.start_mark)
+                if isinstance(key, str | int | float | bool):
+                    seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return Loader
 
 
 def _parse(text: str, source: str, fmt: str) -> dict[str, Any]:
@@ -224,9 +249,12 @@ def _parse(text: str, source: str, fmt: str) -> dict[str, Any]:
         except ImportError as exc:
             raise ScenarioError(f"{source}: YAML scenarios need PyYAML; use TOML") from exc
         try:
-            loaded = yaml.safe_load(text)
+            loaded = yaml.load(text, Loader=_unique_keys_loader(yaml))  # noqa: S506 (safe)
         except yaml.YAMLError as exc:
-            raise ScenarioError(f"{source}: not valid YAML: {exc}") from exc
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ScenarioError(f"{source}: not valid YAML{at}: {problem}") from exc
         if loaded is None:
             return {}
         if not isinstance(loaded, dict):
