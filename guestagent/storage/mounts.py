@@ -57,7 +57,9 @@ class RcloneRemote:
     """How rclone reaches OSS (S3 API) and the credential server."""
 
     endpoint: str  # http(s)://host[:port] of the S3-compatible API
-    credentials_url: str  # .../v1/credentials/aws on the local credential server (TCP)
+    # .../v1/credentials/aws on the local credential server (TCP); with a path_secret the
+    # path is a capability: kept out of repr (and so out of any log of a mount).
+    credentials_url: str = field(repr=False)
     region: str = ""
     path_style: bool = False
     token: str = field(default="", repr=False)  # AWS_CONTAINER_AUTHORIZATION_TOKEN

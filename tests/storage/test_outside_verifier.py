@@ -418,3 +418,15 @@ def test_objects_named_like_anothers_partial_download_are_refused(
     assert "in/f1.part: would be overwritten by the partial download of f1" in one_line(
         info.value)
     assert not dest.exists()
+
+
+def test_the_credential_path_secret_is_not_in_a_mounts_repr() -> None:
+    from guestagent.config import from_mapping
+    from guestagent.storage.api import rclone_remote
+
+    secret = "CapabilityPath_0123456789"
+    settings = from_mapping({"credentials": {"path_secret": secret},
+                             "storage": {"endpoint": "http://127.0.0.1:9000"}})
+    remote = rclone_remote(settings, {})
+    assert secret in remote.credentials_url  # rclone needs it (in its environment only)
+    assert secret not in repr(remote) and secret not in " ".join(remote.path(OssUrl("bk1")))
