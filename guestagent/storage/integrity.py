@@ -16,17 +16,19 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import mmap
 import os
 import re
-import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
-
-from guestagent.storage.errors import StorageError
 
 log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024  # read back in cache-sized blocks (see s3.READ_CHUNK)
+# A download's sums read the page cache through a mapping of this size at most (mapped
+# pages count in the RSS while mapped).
+WINDOW = 16 * 1024 * 1024
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map the window at once: no fault per page
 _PLAIN_ETAG = re.compile(r"^[0-9a-f]{32}$")
 _MULTI_ETAG = re.compile(r"^[0-9a-f]{32}-(\d+)$")
 
@@ -39,14 +41,19 @@ def file_md5(fd: int, offset: int = 0, length: int | None = None) -> bytes:
     """MD5 of ``length`` bytes of an open file from ``offset`` (to the end if None)."""
     h = md5()
     end = os.fstat(fd).st_size if length is None else offset + length
-    pos = offset
+    update_from_file(h, fd, offset, end - offset)
+    return bytes(h.digest())
+
+
+def update_from_file(h: Any, fd: int, offset: int, length: int) -> None:
+    """Feed ``length`` bytes of an open file from ``offset`` to the hash ``h``."""
+    pos, end = offset, offset + length
     while pos < end:
         chunk = os.pread(fd, min(CHUNK, end - pos), pos)
         if not chunk:
             raise OSError(f"file shrank while reading (at byte {pos})")
         h.update(chunk)
         pos += len(chunk)
-    return bytes(h.digest())
 
 
 def is_plain(etag: str) -> bool:
@@ -138,79 +145,75 @@ def check_crc64(fd: int, header: str | None, where: str) -> str | None:
     return crc64_problem(file_crc64(fd), header, where)
 
 
-class StreamCrc:
-    """OSS's CRC64 of a body written in order, taken as it arrives when the server is
-    known (or seen, in the answer's headers) to send one; else checked from the file."""
+class FileSums:
+    """MD5 and/or OSS's CRC64 of a file that is being written in order, read back from the
+    page cache as far as it has landed. The CRC64 is taken when the server is known
+    (``expected``), or seen in the answer's headers (``begin``), to send one; otherwise it
+    is left to :func:`check_crc64`."""
 
-    def __init__(self, expected: str | None) -> None:
-        self.update_fn = crc64_function()
-        self.value: int | None = 0 if expected and self.update_fn else None
-        self.next = 0  # the offset the running value has reached
+    def __init__(self, fd: int, *, want_md5: bool, expected: str | None = None) -> None:
+        self.fd = fd
+        self.digest = md5() if want_md5 else None
+        self.crc_fn = crc64_function()
+        self.crc: int | None = 0 if expected and self.crc_fn else None
+        self.pos = 0  # bytes summed from the start of the file
 
     def begin(self, headers: Mapping[str, str]) -> None:
-        if self.value is None and self.next == 0 and self.update_fn and headers.get(
+        if self.crc is None and self.pos == 0 and self.crc_fn and headers.get(
                 "x-oss-hash-crc64ecma"):
-            self.value = 0
+            self.crc = 0
 
-    def update(self, offset: int, data: memoryview) -> None:
-        if self.value is not None and self.update_fn is not None:
-            if offset != self.next:  # not in order after all: check from the file
-                self.value = None
-                return
-            self.value = self.update_fn(data, self.value)
-            self.next += len(data)
+    @property
+    def idle(self) -> bool:
+        return self.digest is None and self.crc is None
 
-    def problem(self, fd: int, header: str | None, where: str) -> str | None:
+    def through(self, end: int, stop: Callable[[], bool] = lambda: False) -> None:
+        """Sum the file up to byte ``end`` (all of it landed), unless ``stop()``."""
+        if end <= self.pos:
+            return
+        if self.idle:
+            self.pos = end
+        elif end - self.pos <= CHUNK:  # a small object: one read costs less than a mapping
+            data = os.pread(self.fd, end - self.pos, self.pos)
+            if len(data) != end - self.pos:
+                raise OSError(f"file shrank while being checked (at byte {self.pos})")
+            self._add(memoryview(data))
+            self.pos = end
+        else:
+            self._mapped(end, stop)
+
+    def _mapped(self, end: int, stop: Callable[[], bool]) -> None:
+        """The page cache is mapped a window at a time and summed in place: no copy, and
+        one call (the GIL released) per window, not per block, so other threads run."""
+        while self.pos < end and not stop():
+            base = self.pos - self.pos % mmap.ALLOCATIONGRANULARITY
+            length = min(end, base + WINDOW) - base
+            with (mmap.mmap(self.fd, length, mmap.MAP_SHARED | _POPULATE, mmap.PROT_READ,
+                            offset=base) as window,
+                  memoryview(window) as view, view[self.pos - base:] as block):
+                self._add(block)
+            self.pos = base + length
+
+    def feed(self, offset: int, data: memoryview) -> None:
+        """Sum ``data``, just written at ``offset``, from memory (it is in order: the
+        file up to it has been summed)."""
+        self.through(offset)
+        self._add(data)
+        self.pos += len(data)
+
+    def _add(self, block: memoryview) -> None:
+        if self.digest is not None:
+            self.digest.update(block)
+        if self.crc is not None and self.crc_fn is not None:
+            self.crc = self.crc_fn(block, self.crc)
+
+    def md5_hex(self) -> str | None:
+        return self.digest.hexdigest() if self.digest is not None else None
+
+    def crc_problem(self, header: str | None, where: str) -> str | None:
+        """The CRC64 check, from the running value when it covers the whole file."""
         if not header:
             return None
-        if self.value is not None and self.next == os.fstat(fd).st_size:
-            return crc64_problem(self.value, header, where)
-        return check_crc64(fd, header, where)
-
-
-class Follower:
-    """Sums a file being downloaded in parts (MD5 and/or OSS's CRC64), in order, as far as
-    the done parts reach. One thread sums at a time; the others go back to downloading.
-    It reads the page cache into one reused buffer (no allocation per chunk)."""
-
-    def __init__(self, fd: int, part: int, size: int, done: Mapping[int, str], *,
-                 want_md5: bool, want_crc: bool) -> None:
-        self.fd, self.part, self.size, self.done = fd, part, size, done
-        self.digest = md5() if want_md5 else None
-        self.crc_fn = crc64_function() if want_crc else None
-        self.crc = 0
-        self.next = 1
-        self._lock = threading.Lock()
-        self._buf = bytearray(CHUNK)
-
-    def catch_up(self, *, wait: bool) -> None:
-        if not self._lock.acquire(blocking=wait):
-            return
-        try:
-            view = memoryview(self._buf)
-            while self.next in self.done:
-                pos = (self.next - 1) * self.part
-                end = min(pos + self.part, self.size)
-                while pos < end:
-                    n = os.preadv(self.fd, [view[:min(len(view), end - pos)]], pos)
-                    if not n:
-                        raise StorageError("download shrank while being checked")
-                    if self.digest is not None:
-                        self.digest.update(view[:n])
-                    if self.crc_fn is not None:
-                        self.crc = self.crc_fn(view[:n], self.crc)
-                    pos += n
-                self.next += 1
-        finally:
-            self._lock.release()
-
-    def finish(self) -> str:
-        self.catch_up(wait=True)
-        return str(self.digest.hexdigest()) if self.digest is not None else ""
-
-    def crc_problem(self, fd: int, header: str | None, where: str) -> str | None:
-        """The CRC64 check, from the running value when this follower took it."""
-        if self.crc_fn is None:
-            return check_crc64(fd, header, where)
-        self.catch_up(wait=True)
-        return crc64_problem(self.crc, header, where)
+        if self.crc is not None and self.pos == os.fstat(self.fd).st_size:
+            return crc64_problem(self.crc, header, where)
+        return check_crc64(self.fd, header, where)

@@ -33,7 +33,7 @@ from guestagent.storage.errors import (
     StorageError,
     Unavailable,
 )
-from guestagent.storage.http1 import Connection, Disconnected, ProtocolError
+from guestagent.storage.http1 import Connection, Disconnected, FileWriteError, ProtocolError
 from guestagent.storage.http1 import Response as HttpResponse
 from guestagent.storage.keys import KeyProvider
 
@@ -327,7 +327,27 @@ class S3Client:
         """GET bytes ``start..end-1`` into ``write(offset, data)``, resuming after a failure
         where it stopped. ``etag`` (If-Match) fails the call if the object changed;
         ``begin`` sees each answer's headers before its body."""
-        got = _RangeGet(start, end, write, begin)
+        return self._get(_RangeGet(start, end, write, begin), bucket, key, etag)
+
+    def get_range_into(
+        self,
+        bucket: str,
+        key: str,
+        start: int,
+        end: int,
+        *,
+        fd: int,
+        landed: Callable[[int, int], None],
+        etag: str = "",
+        begin: Callable[[Mapping[str, str]], None] | None = None,
+    ) -> Mapping[str, str]:
+        """GET bytes ``start..end-1`` into the open file ``fd`` at the same offsets (no
+        copy through Python on plain HTTP), calling ``landed(offset, count)`` after each
+        block is there; otherwise as :meth:`get_range`."""
+        return self._get(_RangeGet(start, end, None, begin, fd=fd, landed=landed),
+                         bucket, key, etag)
+
+    def _get(self, got: _RangeGet, bucket: str, key: str, etag: str) -> Mapping[str, str]:
         headers: dict[str, str] = {}
         if etag:
             headers["if-match"] = f'"{etag}"'
@@ -494,15 +514,16 @@ def _exchange(
 
 class _RangeGet:
     """Where a ranged GET stands: each answer's body is written from ``pos`` on, and every
-    attempt, also the client's own retries, asks from there."""
+    attempt, also the client's own retries, asks from there. The body goes to ``write``
+    through a buffer, or with ``fd`` straight into that file (then ``landed`` is told)."""
 
     def __init__(
-        self, start: int, end: int, write: Callable[[int, memoryview], None],
-        begin: Callable[[Mapping[str, str]], None] | None,
+        self, start: int, end: int, write: Callable[[int, memoryview], None] | None,
+        begin: Callable[[Mapping[str, str]], None] | None, *, fd: int = -1,
+        landed: Callable[[int, int], None] | None = None,
     ) -> None:
         self.start, self.end, self.pos = start, end, start
-        self.write, self.begin = write, begin
-        self.view = memoryview(bytearray(min(READ_CHUNK, max(1, end - start))))
+        self.write, self.begin, self.fd, self.landed = write, begin, fd, landed
 
     def update(self, headers: dict[str, str]) -> None:
         if self.end > self.start:
@@ -512,7 +533,27 @@ class _RangeGet:
         _skip_to(resp, self.pos)
         if self.begin is not None:
             self.begin(resp.headers)
-        view, end, write = self.view, self.end, self.write
+        try:
+            if self.landed is not None:
+                self._into_file(resp, self.landed)
+            else:
+                self._through_buffer(resp)
+        except FileWriteError as exc:
+            raise LocalWriteError(f"cannot write: {exc}") from None
+        resp.read()  # the (empty) rest, so the connection can be reused
+
+    def _into_file(self, resp: HttpResponse, landed: Callable[[int, int], None]) -> None:
+        while self.pos < self.end:
+            n = resp.take_file(self.fd, self.pos, self.end - self.pos)
+            if not n:
+                raise ProtocolError(f"the answer ended {self.end - self.pos} bytes short")
+            landed(self.pos, n)
+            self.pos += n
+
+    def _through_buffer(self, resp: HttpResponse) -> None:
+        assert self.write is not None
+        view = memoryview(bytearray(min(READ_CHUNK, max(1, self.end - self.pos))))
+        end, write = self.end, self.write
         while self.pos < end:
             n = resp.readinto(view[: min(len(view), end - self.pos)])
             if not n:
@@ -522,7 +563,6 @@ class _RangeGet:
             except OSError as exc:
                 raise LocalWriteError(f"cannot write: {exc.strerror or exc}") from exc
             self.pos += n
-        resp.read()  # the (empty) rest, so the connection can be reused
 
 
 def _skip_to(resp: HttpResponse, pos: int) -> None:

@@ -4,9 +4,9 @@
   server). Above it a multipart upload whose id and done parts are kept in the state dir;
   after kill -9 the same command resumes it (the server's ListParts is the truth, each part
   re-checked against the local bytes). A multipart object is invisible until Complete.
-- Download: into ``<name>.part``, ranges fetched in parallel (aligned with the uploader's
-  parts when known, so the multipart ETag can be checked), renamed over ``<name>`` only
-  when complete and verified. The record of done ranges lets kill -9 resume.
+- Download: into ``<name>.part``, renamed over ``<name>`` only when complete and verified.
+  Large objects come in parallel ranges (:mod:`guestagent.storage.ranges`) whose record
+  of landed bytes lets kill -9 resume.
 
 Trees, sync and remove live in :mod:`guestagent.storage.trees` and are re-exported here.
 """
@@ -41,7 +41,7 @@ from guestagent.storage.s3 import (
     info_from_headers,
 )
 from guestagent.storage.settings import MAX_PARTS, MiB, StorageSettings
-from guestagent.storage.state import Record, StateDir, boot_id
+from guestagent.storage.state import Record, StateDir
 
 log = logging.getLogger(__name__)
 
@@ -344,28 +344,30 @@ class Transfers:
         return Outcome(local, src, info.size, resumed=resumed)
 
     def _get_whole(self, src: OssUrl, info: ObjectInfo, partial: Path) -> Mapping[str, str]:
+        from guestagent.storage.ranges import whole_md5
+
         fd = _open_partial(partial)
         try:
             _reserve(fd, info.size)
-            # Both sums are taken as the bytes arrive (one pass; hashlib and fastcrc let
-            # the other threads run meanwhile), MD5 only for an ETag that is one.
-            digest = integrity.md5() if integrity.is_plain(info.etag) else None
-            crc = integrity.StreamCrc(info.crc64)
+            # One pass: each block is summed while still in the CPU's cache, right after
+            # it is written (the body arrives in order). Splicing it into the file and
+            # summing it back from the page cache, as large objects do, was not faster
+            # here under load (bench/storage.py, 100 x 10 MiB).
+            want = whole_md5(info)
+            sums = integrity.FileSums(fd, want_md5=want is not None, expected=info.crc64)
 
             def write(offset: int, data: memoryview) -> None:
                 os.pwrite(fd, data, offset)
-                if digest is not None:
-                    digest.update(data)
-                crc.update(offset, data)
+                sums.feed(offset, data)
                 self.progress.advance(len(data))
 
             headers = self.client.get_range(
-                src.bucket, src.key, 0, info.size, write, etag=info.etag, begin=crc.begin
+                src.bucket, src.key, 0, info.size, write, etag=info.etag, begin=sums.begin
             )
             problem = None
-            if digest is not None and digest.hexdigest() != info.etag.lower():
-                problem = f"{src}: MD5 {digest.hexdigest()} does not match ETag {info.etag}"
-            problem = problem or crc.problem(fd, headers.get(CRC64_HEADER), str(src))
+            if want is not None and sums.md5_hex() != want:
+                problem = f"{src}: MD5 {sums.md5_hex()} does not match ETag {info.etag}"
+            problem = problem or sums.crc_problem(headers.get(CRC64_HEADER), str(src))
         finally:
             os.close(fd)
         if problem:
@@ -374,105 +376,14 @@ class Transfers:
         return headers
 
     def _get_ranges(self, src: OssUrl, info: ObjectInfo, partial: Path, local: Path) -> bool:
-        size = info.size
-        aligned = _uploader_part(info)
-        part = aligned or self.options.part_size_for(size)
-        count = math.ceil(size / part)
-        with self.state.unit("downloads", src.bucket, src.key, str(local.resolve())) as rec:
-            d = rec.data
-            resumed = (
-                (d.get("etag"), d.get("size"), d.get("part_size"), d.get("boot"))
-                == (info.etag, size, part, boot_id())
-                and partial.exists()
-                and partial.stat().st_size == size
-            )
-            done: dict[int, str] = {int(k): v for k, v in d.get("done", {}).items()}
-            if not resumed:
-                done = {}
-                rec.data = {"bucket": src.bucket, "key": src.key, "etag": info.etag,
-                            "size": size, "part_size": part, "done": {}, "boot": boot_id()}
-                fd = _open_partial(partial)
-                try:
-                    _reserve(fd, size)
-                except BaseException:
-                    os.close(fd)
-                    raise
-                rec.save(durable=False)
-            else:
-                fd = os.open(partial, os.O_RDWR)
-                log.info("%s: resuming download, %d of %d parts already here", src,
-                         len(done), count)
-            try:
-                self.progress.advance(sum(_span(n, part, size)[1] for n in done))
-                follower = self._fetch_parts(src, info, fd, part, count=count, done=done,
-                                             rec=rec, per_part=bool(aligned))
-                problem = self._verify(src, info, fd, done if aligned else None, follower)
-                if follower is not None:
-                    problem = problem or follower.crc_problem(fd, info.crc64, str(src))
-                else:
-                    problem = problem or integrity.check_crc64(fd, info.crc64, str(src))
-            finally:
-                os.close(fd)
-            rec.remove()
+        from guestagent.storage import ranges
+
+        resumed, problem = ranges.fetch(self, src, info, partial, local,
+                                       aligned=_uploader_part(info))
         if problem:
             partial.unlink()
             raise IntegrityError(problem)
         return resumed
-
-    def _fetch_parts(
-        self, src: OssUrl, info: ObjectInfo, fd: int, part: int, *,
-        count: int, done: dict[int, str], rec: Record, per_part: bool,
-    ) -> integrity.Follower | None:
-        """Fetch the missing parts. With ``per_part`` each range is hashed as it arrives
-        (for a multipart ETag); otherwise, for a plain-MD5 ETag, a follower hashes the file
-        in order behind the downloads, so little is left to hash at the end (it also takes
-        OSS's CRC64 when the object has one)."""
-        lock = threading.Lock()
-        md5 = not per_part and integrity.is_plain(info.etag)
-        crc = bool(info.crc64) and integrity.crc64_function() is not None
-        follower = None
-        if md5 or crc:
-            follower = integrity.Follower(fd, part, info.size, done, want_md5=md5,
-                                          want_crc=crc)
-
-        def one(n: int) -> None:
-            offset, length = _span(n, part, info.size)
-            digest = integrity.md5() if per_part else None
-
-            def write(pos: int, data: memoryview) -> None:
-                os.pwrite(fd, data, pos)
-                if digest is not None:
-                    digest.update(data)
-                self.progress.advance(len(data))
-
-            self.client.get_range(src.bucket, src.key, offset, offset + length, write,
-                                  etag=info.etag)
-            with lock:
-                done[n] = digest.hexdigest() if digest is not None else ""
-                rec.data["done"] = {str(k): v for k, v in done.items()}
-                rec.save(force=False, durable=False)  # trusted within this boot only
-            if follower is not None:
-                follower.catch_up(wait=False)
-
-        self._run_all(one, [n for n in range(1, count + 1) if n not in done])
-        return follower
-
-    def _verify(
-        self, src: OssUrl, info: ObjectInfo, fd: int, part_md5: Mapping[int, str] | None,
-        follower: integrity.Follower | None,
-    ) -> str | None:
-        etag = info.etag.lower()
-        if part_md5 is not None and integrity.parts_of(etag) == len(part_md5):
-            got = integrity.composite(bytes.fromhex(part_md5[n]) for n in sorted(part_md5))
-            return None if got == etag else f"{src}: multipart ETag {etag}, computed {got}"
-        if integrity.is_plain(etag):
-            if follower is not None and follower.digest is not None:
-                got = follower.finish()
-            else:
-                got = integrity.file_md5(fd).hex()
-            return None if got == etag else f"{src}: MD5 {got} does not match ETag {etag}"
-        log.debug("%s: ETag %s cannot be checked; size checked only", src, etag)
-        return None
 
 
 def _is_regular(mode: int) -> bool:
