@@ -90,10 +90,10 @@ def _submit(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     for notice in notices:
         print(f"guestagent: note: {notice}", file=sys.stderr)
-    handed = False if args.foreground else service.hand_to_daemon(settings, job_id,
-                                                                   bool(args.resume))
-    if args.resume and not handed:
-        store.reset_unfinished(job_id)
+    try:
+        handed = _hand_over(args, settings, store, job_id)
+    except TaskError as exc:
+        return fail(EXIT_UNAVAILABLE, str(exc))
     print(job_id, flush=True)
     if handed:
         if not args.wait:
@@ -108,6 +108,17 @@ def _submit(args: argparse.Namespace) -> int:
         message = store.job(job_id)["message"]
         return fail(EXIT_JOB_FAILED, f"{job_id} {state}" + (f": {message}" if message else ""))
     return EXIT_OK
+
+
+def _hand_over(args: argparse.Namespace, settings: Any, store: Any, job_id: str) -> bool:
+    """True when a running daemon took the job; else it is ready to run here."""
+    from guestagent.tasks import service
+
+    handed = not args.foreground and service.hand_to_daemon(settings, job_id,
+                                                            bool(args.resume))
+    if args.resume and not handed:
+        store.reset_unfinished(job_id)
+    return handed
 
 
 def _wait(store: Any, job_id: str) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -117,12 +118,33 @@ def run_foreground(settings: Settings, store: Store, job_id: str) -> str:
     return result[0]
 
 
+# How long a submit waits for a running daemon's tasks service to listen (it starts after
+# the daemon's other services, and later still under load) before giving up.
+HANDOFF_WAIT = 60.0
+
+
 def hand_to_daemon(settings: Settings, job_id: str, resume: bool) -> bool:
-    """Ask a running daemon to run the job; False when no daemon listens."""
+    """Ask a running daemon to run the job; False when no daemon runs the tasks service.
+
+    A daemon that runs but does not listen yet is waited for: running the job in the
+    foreground beside it would leave two schedulers over one store."""
+    from guestagent.daemon.lock import holder
     from guestagent.tasks.handoff import ask
 
     path = settings.daemon.run_dir / SOCKET_NAME
-    reply = ask(path, {"command": "run", "job": job_id, "resume": resume})
+    request = {"command": "run", "job": job_id, "resume": resume}
+    reply = ask(path, request)
+    deadline = time.monotonic() + HANDOFF_WAIT
+    while reply is None and settings.tasks.enabled:
+        pid = holder(settings.daemon.run_dir)
+        if pid is None:
+            return False
+        if time.monotonic() > deadline:
+            raise TaskError(f"the daemon (pid {pid}) runs but its tasks service has not "
+                            f"answered at {path} for {HANDOFF_WAIT:.0f} s: see "
+                            "'guestagent status'")
+        time.sleep(0.2)
+        reply = ask(path, request)
     if reply is None:
         return False
     if "error" in reply:
