@@ -14,8 +14,9 @@ import os
 from pathlib import Path
 
 from guestagent.files import atomic_write
+from guestagent.flocks import DAEMON_LOCK
 
-LOCK_NAME = "daemon.lock"
+LOCK_NAME = DAEMON_LOCK
 
 
 class AlreadyRunning(Exception):
@@ -71,23 +72,3 @@ class DaemonLock:
             os.close(fd)  # closing drops the flock
         self._fds = []
 
-
-def holder(run_dir: Path) -> int | None:
-    """The pid of the daemon holding ``run_dir``'s lock, or None when none does.
-
-    Read from /proc/locks, never by taking the lock: even a brief shared lock here could
-    make a daemon starting at that instant believe another one runs."""
-    try:
-        st = (run_dir / LOCK_NAME).stat()
-        with open("/proc/locks", encoding="ascii", errors="replace") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    for line in lines:
-        fields = line.split()
-        # "1: FLOCK  ADVISORY  WRITE 1234 00:1a:5678 0 EOF" (blocked waiters say "->")
-        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == want:
-            with contextlib.suppress(ValueError):
-                return int(fields[4])
-    return None

@@ -128,7 +128,7 @@ def hand_to_daemon(settings: Settings, job_id: str, resume: bool) -> bool:
 
     A daemon that runs but does not listen yet is waited for: running the job in the
     foreground beside it would leave two schedulers over one store."""
-    from guestagent.daemon.lock import holder
+    from guestagent.flocks import daemon_holder
     from guestagent.tasks.handoff import ask
 
     path = settings.daemon.run_dir / SOCKET_NAME
@@ -136,7 +136,7 @@ def hand_to_daemon(settings: Settings, job_id: str, resume: bool) -> bool:
     reply = ask(path, request)
     deadline = time.monotonic() + HANDOFF_WAIT
     while reply is None and settings.tasks.enabled:
-        pid = holder(settings.daemon.run_dir)
+        pid = daemon_holder(settings.daemon.run_dir)
         if pid is None:
             return False
         if time.monotonic() > deadline:

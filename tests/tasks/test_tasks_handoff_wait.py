@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from guestagent import config
-from guestagent.daemon.lock import DaemonLock, holder
+from guestagent.daemon.lock import DaemonLock
+from guestagent.flocks import daemon_holder
 from guestagent.tasks import service
 from guestagent.tasks.errors import TaskError
 from guestagent.tasks.handoff import HandoffServer
@@ -25,14 +26,14 @@ def settings_in(tmp_path: Path) -> Any:
 
 
 def test_the_lock_holder_is_read_without_taking_the_lock(tmp_path: Path) -> None:
-    assert holder(tmp_path) is None
+    assert daemon_holder(tmp_path) is None
     lock = DaemonLock(tmp_path, tmp_path)
     lock.acquire()
     try:
-        assert holder(tmp_path) == os.getpid()
+        assert daemon_holder(tmp_path) == os.getpid()
     finally:
         lock.release()
-    assert holder(tmp_path) is None
+    assert daemon_holder(tmp_path) is None
 
 
 def test_no_daemon_means_the_foreground(tmp_path: Path) -> None:
